@@ -1,0 +1,80 @@
+"""`reclora` entry point: one sub-command per stage, plus `run` and `synth`.
+
+Each stage module exposes `add_arguments(parser)` and `main(args) -> int`; modules are imported
+only when their command runs, so `reclora --help` stays fast and a stage's heavy imports
+(torch, ray, transformers) are paid by the stage that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from reclora_ray.config import ConfigError
+from reclora_ray.rundir import StageOutputExists
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("reclora_ray.data.prepare", "parse, label, k-core filter and split a raw log"),
+    "synth": ("reclora_ray.data.synth", "write a synthetic raw log in the ML-25M format"),
+    "embed": ("reclora_ray.retrieval.embed", "semantic item embeddings (LLM hidden states + PCA)"),
+    "retrieve": ("reclora_ray.retrieval.retrieve", "long/short history retrieval per sample"),
+    "pretrain-crm": ("reclora_ray.crm.train", "train a conventional recommender on Ray Train"),
+    "tune": ("reclora_ray.llm.tune", "Few2Many tuning of the personalized LoRA"),
+    "score": ("reclora_ray.llm.score", "batch scoring with Ray Data"),
+    "report": ("reclora_ray.report", "tables and plots of every scored model"),
+    "run": ("reclora_ray.pipeline", "every stage in order, skipping finished ones"),
+    "serve": ("reclora_ray.serve.app", "online personalized scoring with Ray Serve"),
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    """Arguments every stage takes: the config, overrides and the run directory."""
+    parser.add_argument("--config", default="quickstart", help="packaged config name or YAML path")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set crm.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--out", required=out_required, help="the run directory (DESIGN.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of another config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reclora", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The command name is parsed first; its module then declares the rest of the arguments.
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    known = build_parser().parse_args(argv[: split + 1])
+    module = importlib.import_module(known._module)
+    cmd_parser = argparse.ArgumentParser(prog=f"reclora {known.command}", description=module.__doc__)
+    cmd_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[split + 1:])
+    setup_logging(args.verbose or known.verbose)
+    try:
+        return int(module.main(args) or 0)
+    except (ConfigError, StageOutputExists, FileNotFoundError, ValueError) as exc:
+        logging.getLogger("reclora").error("%s", exc)
+        return 2
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

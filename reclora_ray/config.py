@@ -1,0 +1,379 @@
+"""Typed run configuration: one dataclass section per stage, loaded from YAML.
+
+A config file only states what differs from the defaults below (the paper's settings).
+`extends: <name or path>` inherits another config first. Unknown keys, wrong types and bad
+values fail loudly with the dotted path of the offending key. `--set a.b=value` overrides any
+key after loading; the value is parsed as YAML (`--set crm.lr=1e-3`, `--set lora.target_modules=[q_proj]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PACKAGED_CONFIGS = ("quickstart", "tiny", "ml-1m", "ml-25m", "goodreads")
+DATASETS = ("ml-100k", "ml-1m", "ml-25m", "goodreads")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 42
+    ray_address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local Ray
+    num_cpus: Optional[int] = None  # local Ray only; None lets Ray count the cores
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads"] = "ml-100k"
+    raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
+    label_threshold: Optional[float] = None  # None: the paper's rule (>= 4, or > 3.0 on ML-25M)
+    k_core: int = 5  # 0 disables; repeated until stable
+    min_history: int = 0  # ReLLa protocol: a user's first N behaviours are history only
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    test_subsample: Optional[int] = None  # fixed random subsample of the test split (seed run.seed)
+    blocks: Optional[int] = None  # Ray Data parallelism for the heavy steps; None: automatic
+
+
+@dataclass
+class EmbedConfig:
+    model: Optional[str] = None  # None: the tuning LLM (llm.model)
+    pooling: Literal["mean", "last"] = "mean"
+    pca_dim: int = 512
+    max_length: int = 64
+    batch_size: int = 32
+    concurrency: int = 1  # actors in the Ray Data pool
+    num_gpus: float = 0.0  # per actor
+
+
+@dataclass
+class RetrieveConfig:
+    k_long: int = 60
+    k_short: int = 10
+    long_mode: Literal["semantic", "recent"] = "semantic"
+    short_mode: Literal["semantic", "recent"] = "semantic"
+    batch_size: int = 4096
+
+
+@dataclass
+class SIMConfig:
+    attention_layers: int = 1
+
+
+@dataclass
+class DINConfig:
+    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
+
+
+@dataclass
+class DeepFMConfig:
+    dnn_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+
+
+@dataclass
+class AutoIntConfig:
+    attention_layers: int = 3
+    attention_size: int = 64
+    heads: int = 1
+
+
+@dataclass
+class DCNv2Config:
+    cross_layers: int = 3
+    dnn_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+
+
+@dataclass
+class GRU4RecConfig:
+    gru_layers: int = 1
+    gru_hidden: int = 64
+
+
+@dataclass
+class CaserConfig:
+    vertical_kernels: int = 4
+    horizontal_kernels: int = 8
+
+
+@dataclass
+class SASRecConfig:
+    heads: int = 1
+    attention_layers: int = 2
+
+
+@dataclass
+class CRMConfig:
+    model: Literal["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"] = "sim"
+    history: Literal["long", "recent"] = "long"  # retrieved hist_long, or the recent k_long
+    embed_dim: int = 32
+    mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # the head; R_c is its input
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    epochs: int = 10
+    patience: int = 2  # early stopping on validation AUC
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 2
+    sim: SIMConfig = field(default_factory=SIMConfig)
+    din: DINConfig = field(default_factory=DINConfig)
+    deepfm: DeepFMConfig = field(default_factory=DeepFMConfig)
+    autoint: AutoIntConfig = field(default_factory=AutoIntConfig)
+    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
+    caser: CaserConfig = field(default_factory=CaserConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+
+
+@dataclass
+class LLMConfig:
+    model: str = "lmsys/vicuna-7b-v1.3"  # HF id, local dir, or "smollm2-packaged"
+    gguf_file: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    load_in_8bit: bool = True
+    chat_template: bool = False
+    max_length: int = 1024
+    cache_dir: Optional[str] = None  # where converted GGUF checkpoints are kept
+
+
+@dataclass
+class LoRAConfig:
+    variant: Literal["plora", "lora", "lora_same_params"] = "plora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    n_meta: int = 16
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    gate_hidden: int = 60
+    gate_dropout: float = 0.1
+    temperature: float = 10.0
+    mixing: Literal["paper", "weights"] = "paper"
+    gate: Literal["shared", "per_layer"] = "shared"
+
+
+@dataclass
+class TuneConfig:
+    variants: list[str] = field(default_factory=lambda: ["reclora", "rella", "tallrec"])
+    few_shot: int = 70000
+    epochs: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    micro_batch: int = 8
+    grad_accum: int = 16
+    zero_stage: int = 2
+    num_workers: int = 1
+    use_gpu: bool = True
+    max_failures: int = 2
+    valid_subsample: Optional[int] = 2000
+
+
+@dataclass
+class ScoreConfig:
+    batch_size: int = 16
+    concurrency: int = 1
+    num_gpus: float = 1.0
+    zero_shot: bool = True
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.01
+    max_candidates: int = 200
+    max_body_bytes: int = 1_000_000
+    num_replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    num_gpus: float = 0.0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    crm: CRMConfig = field(default_factory=CRMConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections: a stage's outputs are valid for it."""
+        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(name_or_path: str = "quickstart", overrides: list[str] | None = None) -> Config:
+    """Build a Config from a packaged name or a YAML path, then apply `a.b=value` overrides."""
+    raw = _read_with_extends(name_or_path, seen=())
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. crm.lr=1e-3")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return _build(Config, raw, path="")
+
+
+def _read_with_extends(name_or_path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    text, origin = _read_source(name_or_path)
+    if origin in seen:
+        raise ConfigError(f"{origin}: 'extends' cycle through {' -> '.join(seen)}")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_with_extends(str(parent), seen + (origin,))
+    return _deep_merge(base, raw)
+
+
+def _read_source(name_or_path: str) -> tuple[str, str]:
+    if name_or_path in PACKAGED_CONFIGS:
+        ref = resources.files("reclora_ray.configs") / f"{name_or_path}.yaml"
+        return ref.read_text(), f"packaged config '{name_or_path}'"
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path.read_text(), str(path)
+    raise ConfigError(
+        f"unknown config {name_or_path!r}: use a packaged name ({', '.join(PACKAGED_CONFIGS)}) "
+        "or a path to a .yaml file"
+    )
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    where = path or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {_join(path, close[0])}?)" if close else ""
+            raise ConfigError(f"{_join(path, key)}: unknown key{hint}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], _join(path, name))
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], {}, _join(path, name))
+    obj = cls(**values)
+    _validate(obj, path)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def _validate(obj: Any, path: str) -> None:
+    """Range checks that a type alone cannot express."""
+    if isinstance(obj, DataConfig):
+        if len(obj.split) != 3 or any(s <= 0 for s in obj.split) or abs(sum(obj.split) - 1) > 1e-6:
+            raise ConfigError(f"{_join(path, 'split')}: three positive fractions summing to 1")
+        if obj.k_core < 0 or obj.min_history < 0:
+            raise ConfigError(f"{path}: k_core and min_history must be >= 0")
+    if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
+        raise ConfigError(f"{path}: k_long and k_short must be >= 1")
+    if isinstance(obj, LoRAConfig) and (obj.r < 1 or obj.n_meta < 1 or obj.temperature <= 0):
+        raise ConfigError(f"{path}: r and n_meta must be >= 1 and temperature > 0")
+    if isinstance(obj, TuneConfig) and obj.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)

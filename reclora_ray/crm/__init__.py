@@ -1,0 +1,1 @@
+"""Conventional recommendation models (the CRM zoo) and their Ray Train loop."""

@@ -1,0 +1,1 @@
+"""Raw readers, the prepare pipeline, the synthetic log generator and text templates."""

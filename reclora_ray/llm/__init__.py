@@ -1,0 +1,1 @@
+"""Base-model loading, personalized LoRA, prompts, tuning and batch scoring."""

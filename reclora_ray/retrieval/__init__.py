@@ -1,0 +1,1 @@
+"""Semantic item embeddings and the Long-Short Modality Retriever."""

@@ -1,0 +1,38 @@
+"""Process-level helpers every stage shares: its config, Ray start-up, the resolved config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from reclora_ray.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def save_resolved_config(cfg: Config, directory: Path) -> Path:
+    """Write the fully resolved config beside a stage's outputs, so a run says how it was made."""
+    path = Path(directory) / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray once."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray (num_cpus=%s)", cfg.run.num_cpus or "all")
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)

@@ -1,0 +1,1 @@
+"""Online personalized scoring with Ray Serve."""
