@@ -1,0 +1,65 @@
+import re
+
+import pytest
+
+from reclora_ray.config import PACKAGED_CONFIGS, ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", PACKAGED_CONFIGS)
+def test_packaged_configs_load(name):
+    cfg = load_config(name)
+    assert cfg.retrieve.k_long > cfg.retrieve.k_short
+
+
+def test_extends_and_override():
+    tiny = load_config("tiny", ["crm.lr=3e-4", "lora.target_modules=[q_proj]"])
+    assert tiny.data.dataset == "ml-100k"  # inherited from quickstart
+    assert tiny.llm.model == "tiny-random"
+    assert tiny.crm.lr == pytest.approx(3e-4)
+    assert tiny.lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("crm.embed_dimm=3", "crm.embed_dimm: unknown key (did you mean crm.embed_dim?)"),
+        ("crm.model=foo", "crm.model: 'foo' is not one of"),
+        ("lora.r=x", "lora.r: expected an integer"),
+        ("crm.use_gpu=1", "crm.use_gpu: expected true or false"),
+        ("data.split=[0.5,0.5,0.5]", "data.split: three positive fractions"),
+        ("nosuchsection.x=1", "nosuchsection: unknown key"),
+        ("crm", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [override])
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("crm:\n  epochs: 2\n  dropuot: 0.1\n")
+    with pytest.raises(ConfigError, match=r"crm.dropuot: unknown key \(did you mean crm.dropout\?\)"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        load_config("nope")
+    cyc = tmp_path / "cyc.yaml"
+    cyc.write_text(f"extends: {cyc}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(cyc))
+
+
+def test_section_hash_tracks_only_named_sections():
+    a = load_config("tiny")
+    b = load_config("tiny", ["crm.lr=0.5"])
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("crm") != b.section_hash("crm")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config("tiny", ["tune.few_shot=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
