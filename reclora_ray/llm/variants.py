@@ -1,0 +1,69 @@
+"""The LLM-based models the paper compares (Table 2, Table 3) as data, not code paths.
+
+A variant fixes which adapter the LLM gets, whether the frozen CRM drives a gate, and how the
+long (ID) and short (text) histories are chosen. Tuning, scoring and serving all read it here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from reclora_ray.config import Config, LoRAConfig
+
+HistoryMode = Literal["semantic", "recent"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    adapter: Optional[Literal["plora", "lora", "lora_same_params"]]  # None: the frozen base LLM
+    short_mode: HistoryMode  # the text history in the prompt
+    long_mode: HistoryMode  # the ID history the CRM reads (only when the adapter is plora)
+    description: str
+
+    @property
+    def uses_crm(self) -> bool:
+        """Only the personalized LoRA reads R_c: its gate is what the CRM drives."""
+        return self.adapter == "plora"
+
+    @property
+    def crm_history(self) -> Literal["long", "recent"]:
+        return "long" if self.long_mode == "semantic" else "recent"
+
+    def lora_config(self, base: LoRAConfig) -> LoRAConfig:
+        if self.adapter is None:
+            raise ValueError(f"variant {self.name!r} has no adapter")
+        return dataclasses.replace(base, variant=self.adapter)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("zero-shot", None, "semantic", "semantic", "the frozen base LLM, ReLLa-style prompt"),
+        Variant("tallrec", "lora", "recent", "semantic", "TALLRec: LoRA r, recent history in text"),
+        Variant("rella", "lora", "semantic", "semantic", "ReLLa: LoRA r, retrieved history in text"),
+        Variant("reclora", "plora", "semantic", "semantic", "RecLoRA: personalized LoRA + CRM gate"),
+        Variant("wo-meta-lora", "lora", "semantic", "semantic",
+                "Table 3: a single LoRA of rank r instead of the meta-LoRA bank"),
+        Variant("wo-meta-lora-same-params", "lora_same_params", "semantic", "semantic",
+                "Table 3: a single LoRA of rank N_m*r (same parameter count)"),
+        Variant("wo-long-retriever", "plora", "semantic", "recent",
+                "Table 3: the CRM reads the recent history instead of the retrieved long list"),
+        Variant("wo-short-retriever", "plora", "recent", "semantic",
+                "Table 3: the prompt holds the recent history instead of the retrieved short list"),
+        Variant("wo-both-retrievers", "plora", "recent", "recent", "Table 3: recent histories only"),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def crm_name(cfg: Config, variant: Variant) -> str:
+    """The CRM checkpoint a variant needs: OUT/crm/<model> or OUT/crm/<model>-recent."""
+    return cfg.crm.model if variant.crm_history == "long" else f"{cfg.crm.model}-recent"
