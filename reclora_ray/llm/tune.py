@@ -1,0 +1,277 @@
+"""`reclora tune`: Few2Many stage 2 on Ray Train + DeepSpeed.
+
+The base LLM and the pretrained CRM stay frozen; only the gate and the meta-LoRAs (or the
+plain LoRA of a baseline variant) train, on a few-shot sample of the training split. Each Ray
+Train worker runs a DeepSpeed engine (ZeRO stage, precision, micro-batch and accumulation from
+`tune`/`llm`; gloo on CPU, NCCL on GPU, using the process group Ray Train sets up). Every epoch
+is validated (AUC on a fixed validation subsample) and checkpointed (trainable parameters and
+their optimizer state only); a failed run resumes from its last checkpoint. The best epoch's
+adapter lands in OUT/adapter/<variant>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reclora_ray.cli import add_common_arguments
+from reclora_ray.config import Config
+from reclora_ray.data.prepared import PreparedData
+from reclora_ray.llm.examples import few_shot_sample, needs_retrieval
+from reclora_ray.llm.variants import Variant, crm_name, get_variant
+from reclora_ray.rundir import RunDir, check_can_write, staged_output
+from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+
+
+def fingerprint(cfg: Config, variant: Variant) -> str:
+    sections = ["data", "retrieve", "llm", "lora", "tune", "run"]
+    if variant.uses_crm or needs_retrieval(variant):
+        sections += ["embed", "crm"]
+    return f"{variant.name}-{cfg.section_hash(*sections)}"
+
+
+def load_split_with_retrieval(run: RunDir, split: str, variant: Variant) -> pd.DataFrame:
+    """Samples of a split, with hist_long / hist_short when the variant needs them."""
+    data_dir = run.data
+    samples = pd.read_parquet(data_dir / "samples" / f"{split}.parquet")
+    if needs_retrieval(variant):
+        from reclora_ray.retrieval.retrieve import load_retrieval
+
+        retrieval = load_retrieval(run.root, split)
+        if len(retrieval) != len(samples) or not np.array_equal(
+            retrieval["sample_id"].to_numpy(), samples["sample_id"].to_numpy()
+        ):
+            raise ValueError(f"{run.retrieval}/{split}.parquet does not match samples/{split}.parquet; "
+                             "re-run `reclora retrieve --overwrite`")
+        samples = samples.assign(hist_long=retrieval["hist_long"].to_numpy(),
+                                 hist_short=retrieval["hist_short"].to_numpy())
+    return samples
+
+
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
+    t, precision = cfg.tune, cfg.llm.dtype
+    warmup = int(t.warmup_ratio * total_steps)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "scheduler": {  # linear warm-up then linear decay to 0, the paper's "linear scheduler"
+            "type": "WarmupDecayLR",
+            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
+                       "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_type": "linear"},
+        },
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bfloat16"},
+        "fp16": {"enabled": precision == "float16", "loss_scale": 0, "initial_scale_power": 16},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class BatchAssembler:
+    """Pandas rows -> model inputs (prompt tokens, answer labels, CRM features)."""
+
+    def __init__(self, cfg: Config, data: PreparedData, variant: Variant, tokenizer, encoder):
+        from reclora_ray.llm.collate import PromptCollator
+        from reclora_ray.llm.examples import ExampleBuilder
+
+        self.builder = ExampleBuilder(cfg, data, variant, tokenizer)
+        self.collator = PromptCollator(tokenizer, cfg.llm.max_length)
+        self.encoder = encoder
+
+    def crm_batch(self, rows: pd.DataFrame, long_history):
+        if long_history is None:
+            return None
+        return self.encoder.encode(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
+                                   rows["timestamp"].to_numpy(), long_history.item_ids, long_history.ratings)
+
+    def training(self, rows: pd.DataFrame) -> dict:
+        ex = self.builder.build(rows)
+        batch = self.collator.training_batch(self.collator.encode(ex.prompts), rows["label"].to_numpy())
+        batch["crm_batch"] = self.crm_batch(rows, ex.long_history)
+        return batch
+
+    def scoring(self, rows: pd.DataFrame) -> dict:
+        ex = self.builder.build(rows)
+        batch = self.collator.scoring_batch(self.collator.encode(ex.prompts))
+        batch["crm_batch"] = self.crm_batch(rows, ex.long_history)
+        return batch
+
+
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif isinstance(value, dict):
+            out[key] = _to_device(value, device)
+        else:
+            out[key] = value
+    return out
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: a DeepSpeed engine over this worker's shard of the few-shot set."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from reclora_ray.llm import plora
+    from reclora_ray.llm.collate import p_yes
+    from reclora_ray.llm.model import build_model
+    from reclora_ray.metrics import binary_metrics
+
+    cfg: Config = loop_config["cfg"]
+    variant = get_variant(loop_config["variant"])
+    run = RunDir(loop_config["out"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed)
+
+    data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
+    model, tokenizer, encoder = build_model(cfg, run, variant, device=device)
+    assembler = BatchAssembler(cfg, data, variant, tokenizer, encoder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=trainable, dist_init_required=False,
+        config=deepspeed_config(cfg, world, loop_config["total_steps"]),
+    )
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag="engine", load_module_strict=False)
+            start_epoch = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["epoch"] + 1
+        log.info("rank %d resumed from the checkpoint of epoch %d", rank, start_epoch - 1)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    for epoch in range(start_epoch, cfg.tune.epochs):
+        engine.train()
+        losses = []
+        for rows in train_shard.iter_batches(batch_size=cfg.tune.micro_batch, batch_format="pandas",
+                                             drop_last=True, local_shuffle_buffer_size=cfg.tune.micro_batch * 8,
+                                             local_shuffle_seed=cfg.run.seed + epoch):
+            batch = _to_device(assembler.training(rows), device)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+
+        engine.eval()
+        labels, probs = [], []
+        for rows in valid_shard.iter_batches(batch_size=cfg.score.batch_size, batch_format="pandas"):
+            batch = _to_device(assembler.scoring(rows), device)
+            logits = engine.module.last_logits(**batch)
+            probs.append(p_yes(logits, assembler.collator.yes_id, assembler.collator.no_id).cpu().numpy())
+            labels.append(rows["label"].to_numpy())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (np.concatenate(labels), np.concatenate(probs)))
+        valid = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "val_auc": valid["auc"], "val_logloss": valid["logloss"]}
+
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
+            if rank == 0:
+                plora.save_adapter(engine.module.llm, Path(tmp) / "adapter")
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0:
+            log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f",
+                     epoch, metrics["train_loss"], metrics["val_auc"], metrics["val_logloss"])
+
+
+def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
+    """Tune one variant; returns OUT/adapter/<variant> (skipped when already done)."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    variant = get_variant(variant_name)
+    if variant.adapter is None:
+        raise ValueError(f"variant {variant.name!r} has nothing to tune")
+    out = run.adapter(variant.name)
+    fp = fingerprint(cfg, variant)
+    if not check_can_write(out, fp, overwrite):
+        return out
+    if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():
+        raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
+
+    train = few_shot_sample(load_split_with_retrieval(run, "train", variant), cfg.tune.few_shot, cfg.run.seed)
+    valid = load_split_with_retrieval(run, "valid", variant)
+    if cfg.tune.valid_subsample and cfg.tune.valid_subsample < len(valid):
+        valid = valid.sample(n=cfg.tune.valid_subsample, random_state=cfg.run.seed).reset_index(drop=True)
+    world = cfg.tune.num_workers
+    steps_per_epoch = len(train) // (cfg.tune.micro_batch * cfg.tune.grad_accum * world)
+    total_steps = max(1, steps_per_epoch) * cfg.tune.epochs
+    log.info("tuning %s (%s) on %d few-shot samples, %d validation samples, %d worker(s), %d optimizer steps",
+             variant.name, variant.description, len(train), len(valid), world, total_steps)
+
+    init_ray(cfg)
+    storage = (run.root / "ray_results").resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
+                           "total_steps": total_steps},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
+        datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
+        run_config=RunConfig(
+            name=f"tune-{fp}", storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_auc",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    result = trainer.fit()
+    best = _best_checkpoint(result)
+    with best.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
+        shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        (tmp / "train_metrics.json").write_text(json.dumps(state, indent=2))
+        save_resolved_config(cfg, tmp)
+    log.info("best epoch %d (valid AUC %.4f) -> %s", state["epoch"], state["val_auc"], out)
+    return out
+
+
+def _best_checkpoint(result):
+    ranked = [(m.get("val_auc"), c) for c, m in result.best_checkpoints if m.get("val_auc") is not None]
+    ranked = [(auc, c) for auc, c in ranked if not math.isnan(auc)]
+    if ranked:
+        return max(ranked, key=lambda pair: pair[0])[1]
+    if result.checkpoint is None:
+        raise RuntimeError("tuning finished without a checkpoint")
+    return result.checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--variant", action="append", help="variant(s) to tune (default: tune.variants)")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    run = RunDir(args.out)
+    for name in args.variant or [v for v in cfg.tune.variants if get_variant(v).adapter]:
+        tune_variant(cfg, run, name, overwrite=args.overwrite)
+    return 0
