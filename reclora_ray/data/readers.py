@@ -532,7 +532,8 @@ class GoodReads(Source):
         return json_files_dataset(self._glob("goodreads_interactions*.json.gz"), parse_goodreads_interactions)
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        frames = [_goodreads_books(str(p)) for p in self._glob("goodreads_books*.json.gz")]
+        wanted = pa.array(raw_ids, type=pa.int64())
+        frames = [_goodreads_books(str(p), wanted) for p in self._glob("goodreads_books*.json.gz")]
         books = pd.concat(frames, ignore_index=True).drop_duplicates("raw_id")
         authors_path = self.raw_dir / "goodreads_book_authors.json.gz"
         names = _goodreads_author_names(str(authors_path)) if authors_path.is_file() else {}
