@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from reclora_ray.config import DATASETS, Config, DataConfig
 from reclora_ray.data import text
 from reclora_ray.data.prepared import SPLITS
-from reclora_ray.data.readers import RawDataError, Source, open_source
+from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
 from reclora_ray.rundir import RunDir, check_can_write, staged_output
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
@@ -110,11 +110,12 @@ def read_behaviours(source: Source, blocks: int | None) -> dict:
     tables = []
     rows = 0
     try:
-        for table in source.read_log(blocks).iter_batches(batch_size=None, batch_format="pyarrow"):
-            tables.append(table)
-            rows += table.num_rows
-    except Exception as exc:  # a worker's RawDataError arrives wrapped in Ray's task error
-        raise _raw_data_error(exc) or exc
+        with quiet_ray_data_errors():
+            for table in source.read_log(blocks).iter_batches(batch_size=None, batch_format="pyarrow"):
+                tables.append(table)
+                rows += table.num_rows
+    except RawDataError as exc:  # raised in a Ray task: arrives wrapped in Ray's task error
+        raise unwrap_raw_data_error(exc) from None
     if rows == 0:
         raise EmptyDatasetError(f"{source.describe()}: the {source.name} log holds no ratings")
     log.info("parsed %d ratings in %d blocks", rows, len(tables))
@@ -126,15 +127,6 @@ def read_behaviours(source: Source, blocks: int | None) -> dict:
         "rating": table["rating"].to_numpy(),
         "timestamp": table["timestamp"].to_numpy(),
     }
-
-
-def _raw_data_error(exc: BaseException) -> RawDataError | None:
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, RawDataError):
-            return RawDataError(str(seen).splitlines()[-1] if "\n" in str(seen) else str(seen))
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def dense_codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -330,12 +322,7 @@ def write_sequences(path: Path, b: dict, blocks: int | None) -> None:
                 "rating": b["rating"][rows], "label": b["label"][rows], "timestamp": b["timestamp"][rows],
             }))
     del by_user
-    try:
-        ray.data.from_arrow(shards).map_batches(
-            group_user_rows, batch_size=None, batch_format="pyarrow"
-        ).write_parquet(str(path))
-    except Exception as exc:
-        raise _raw_data_error(exc) or exc
+    ray.data.from_arrow(shards).map_batches(group_user_rows, batch_size=None, batch_format="pyarrow").write_parquet(str(path))
 
 
 # --------------------------------------------------------------------------- meta

@@ -16,6 +16,8 @@ import gzip
 import importlib.util
 import io
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -168,9 +170,47 @@ def read_delimited_log(path: Path, fmt: DelimitedFormat, blocks: int | None):
 
     require_file(path)
     tasks = byte_ranges(path, TARGET_CHUNK_BYTES, min_ranges=blocks or 1)
-    return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+    return raising_original_errors(ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt), batch_size=1, batch_format="pyarrow"
-    )
+    ))
+
+
+def raising_original_errors(dataset):
+    """Let a worker's RawDataError reach the driver as itself, not as a generic UDF failure."""
+    dataset.context.raise_original_map_exception = True
+    return dataset
+
+
+class _DropRayDataErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+# The Ray Data loggers that print a failed task's traceback (and call it an internal error).
+RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+@contextmanager
+def quiet_ray_data_errors() -> Iterator[None]:
+    """Keep Ray Data's own pages of traceback for a failed task off the console: the caller
+    reports a RawDataError in one line (Ray's session log still holds the full trace)."""
+    drop = _DropRayDataErrors()
+    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def unwrap_raw_data_error(exc: BaseException) -> RawDataError | None:
+    """The RawDataError a Ray task raised, with Ray's traceback and notes stripped."""
+    if not isinstance(exc, RawDataError):
+        return None
+    original = getattr(exc, "cause", None) or exc  # Ray's task error keeps the worker's exception
+    return RawDataError(str(original).splitlines()[0])
 
 
 # --------------------------------------------------------------------------- gzipped JSON lines
@@ -197,7 +237,10 @@ def json_line_chunks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[tuple[i
         yield line, rest
 
 
-def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema) -> pa.Table:
+def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema,
+                     required: tuple[str, ...] | None = None) -> pa.Table:
+    """The fields of `schema` from whole JSON lines; `required` ones (default: all) must be set."""
+    required = schema.names if required is None else required
     try:
         table = pjson.read_json(
             io.BytesIO(data),
@@ -205,8 +248,8 @@ def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema)
             parse_options=pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
     except pa.ArrowInvalid as exc:
-        raise RawDataError(_first_bad_json_line(path, first_line, data, schema) or f"{path}: {exc}") from None
-    for name in schema.names:
+        raise RawDataError(_first_bad_json_line(path, first_line, data, schema, required) or f"{path}: {exc}") from None
+    for name in required:
         nulls = table.column(name).is_null()
         if pc.any(nulls).as_py():
             index = pc.index(nulls, True).as_py()
@@ -214,7 +257,7 @@ def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema)
     return table
 
 
-def _first_bad_json_line(path: str, first_line: int, data: bytes, schema: pa.Schema) -> str | None:
+def _first_bad_json_line(path: str, first_line: int, data: bytes, schema: pa.Schema, required) -> str | None:
     for index, raw in enumerate(data.split(b"\n")):
         if not raw.strip():
             continue
@@ -222,11 +265,14 @@ def _first_bad_json_line(path: str, first_line: int, data: bytes, schema: pa.Sch
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
             return f"{path}, line {first_line + index}: not valid JSON ({exc.msg})"
+        if not isinstance(record, dict):
+            return f"{path}, line {first_line + index}: not a JSON object"
         for name in schema.names:
-            value = record.get(name) if isinstance(record, dict) else None
+            value = record.get(name)
             if value is None:
-                return f"{path}, line {first_line + index}: field {name!r} is missing"
-            if pa.types.is_integer(schema.field(name).type) and not isinstance(value, int):
+                if name in required:
+                    return f"{path}, line {first_line + index}: field {name!r} is missing"
+            elif pa.types.is_integer(schema.field(name).type) and not isinstance(value, int):
                 return f"{path}, line {first_line + index}: field {name!r} is not an integer: {value!r}"
     return None
 
@@ -272,9 +318,9 @@ def json_files_dataset(paths: list[Path], parse: Callable[[str], Iterator[pa.Tab
     import ray
 
     items = [{"path": str(p)} for p in paths]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    return raising_original_errors(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         lambda batch: parse(batch["path"][0].as_py()), batch_size=1, batch_format="pyarrow"
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- small files
@@ -541,28 +587,27 @@ class GoodReads(Source):
         return books[["raw_id", "title", "year", "genres", "authors"]]
 
 
+GOODREADS_BOOK_SCHEMA = pa.schema([
+    ("book_id", pa.string()), ("title", pa.string()), ("publication_year", pa.string()),
+    ("authors", pa.list_(pa.struct([("author_id", pa.string())]))),
+    ("popular_shelves", pa.list_(pa.struct([("count", pa.string()), ("name", pa.string())]))),
+])
+
+
 def _goodreads_books(path: str, wanted: pa.Array) -> pd.DataFrame:
-    schema = pa.schema([("book_id", pa.string()), ("title", pa.string())])
-    extra = pa.schema([
-        ("publication_year", pa.string()),
-        ("authors", pa.list_(pa.struct([("author_id", pa.string())]))),
-        ("popular_shelves", pa.list_(pa.struct([("count", pa.string()), ("name", pa.string())]))),
-    ])
     frames = []
     for first_line, data in json_line_chunks(path):
-        table = parse_json_lines(path, first_line, data, schema)
+        table = parse_json_lines(path, first_line, data, GOODREADS_BOOK_SCHEMA, required=("book_id", "title"))
         book_ids = to_int64(table["book_id"], path, first_line, "book_id")
         keep = pc.is_in(book_ids, value_set=wanted)
-        more = pjson.read_json(io.BytesIO(data), parse_options=pjson.ParseOptions(
-            explicit_schema=extra, unexpected_field_behavior="ignore")).filter(keep)
-        table = table.filter(keep)
-        years = pd.to_numeric(pd.Series(more["publication_year"].to_pylist(), dtype="string"), errors="coerce")
+        table = table.filter(keep)  # only now do the kept books become Python objects
+        years = pd.to_numeric(pd.Series(table["publication_year"].to_pylist(), dtype="string"), errors="coerce")
         frames.append(pd.DataFrame({
             "raw_id": book_ids.filter(keep).to_numpy(),
             "title": table["title"].to_pylist(),
             "year": years.astype("Int64"),
-            "genres": [_shelf_genres(s or []) for s in more["popular_shelves"].to_pylist()],
-            "author_ids": [[a["author_id"] for a in (authors or [])] for authors in more["authors"].to_pylist()],
+            "genres": [_shelf_genres(s or []) for s in table["popular_shelves"].to_pylist()],
+            "author_ids": [[a["author_id"] for a in (authors or [])] for authors in table["authors"].to_pylist()],
         }))
     return pd.concat(frames, ignore_index=True)
 
