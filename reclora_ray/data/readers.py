@@ -68,6 +68,45 @@ def require_file(path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- errors raised in Ray tasks
+
+
+def raising_original_errors(dataset):
+    """Let a worker's RawDataError reach the driver as itself, not as a generic UDF failure."""
+    dataset.context.raise_original_map_exception = True
+    return dataset
+
+
+class _DropRayDataErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+# The Ray Data loggers that print a failed task's traceback (and call it an internal error).
+RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+@contextmanager
+def quiet_ray_data_errors() -> Iterator[None]:
+    """Keep Ray Data's own pages of traceback for a failed task off the console: the caller
+    reports a RawDataError in one line (Ray's session log still holds the full trace)."""
+    drop = _DropRayDataErrors()
+    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def unwrap_raw_data_error(exc: RawDataError) -> RawDataError:
+    """The RawDataError a Ray task raised, with Ray's traceback and notes stripped."""
+    original = getattr(exc, "cause", None) or exc  # Ray's task error keeps the worker's exception
+    return RawDataError(str(original).splitlines()[0])
+
+
 # --------------------------------------------------------------------------- delimited logs
 
 
@@ -173,44 +212,6 @@ def read_delimited_log(path: Path, fmt: DelimitedFormat, blocks: int | None):
     return raising_original_errors(ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt), batch_size=1, batch_format="pyarrow"
     ))
-
-
-def raising_original_errors(dataset):
-    """Let a worker's RawDataError reach the driver as itself, not as a generic UDF failure."""
-    dataset.context.raise_original_map_exception = True
-    return dataset
-
-
-class _DropRayDataErrors(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
-# The Ray Data loggers that print a failed task's traceback (and call it an internal error).
-RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
-
-
-@contextmanager
-def quiet_ray_data_errors() -> Iterator[None]:
-    """Keep Ray Data's own pages of traceback for a failed task off the console: the caller
-    reports a RawDataError in one line (Ray's session log still holds the full trace)."""
-    drop = _DropRayDataErrors()
-    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(drop)
-
-
-def unwrap_raw_data_error(exc: BaseException) -> RawDataError | None:
-    """The RawDataError a Ray task raised, with Ray's traceback and notes stripped."""
-    if not isinstance(exc, RawDataError):
-        return None
-    original = getattr(exc, "cause", None) or exc  # Ray's task error keeps the worker's exception
-    return RawDataError(str(original).splitlines()[0])
 
 
 # --------------------------------------------------------------------------- gzipped JSON lines
