@@ -40,12 +40,12 @@ class RunConfig:
 class DataConfig:
     dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads"] = "ml-100k"
     raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
-    label_threshold: Optional[float] = None  # None: the paper's rule (>= 4, or > 3.0 on ML-25M)
+    label_threshold: Optional[float] = None  # None: the paper's rule (>= 4, or > 3.0 on ML-25M); t: rating >= t
     k_core: int = 5  # 0 disables; repeated until stable
     min_history: int = 0  # ReLLa protocol: a user's first N behaviours are history only
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    test_subsample: Optional[int] = None  # fixed random subsample of the test split (seed run.seed)
-    blocks: Optional[int] = None  # Ray Data parallelism for the heavy steps; None: automatic
+    test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
+    blocks: Optional[int] = None  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
 
 
 @dataclass

@@ -4,11 +4,18 @@ On disk (one directory, usually OUT/data):
   meta.json                     dataset, label rule, k-core, split, counts, field vocabularies
   items.parquet                 item_id, raw_id, title, year, genres (list), text, [dataset fields]
   users.parquet                 user_id, raw_id, profile fields (strings, may be null), profile_text
-  sequences.parquet             user_id, item_ids, ratings, labels, timestamps (lists, chronological)
+  sequences.parquet             user_id, item_ids, ratings, labels, timestamps (lists, chronological);
+                                a folder of parquet shards (any pyarrow/pandas reader takes it)
   samples/{train,valid,test}.parquet
                                 sample_id, user_id, item_id, label, rating, timestamp, pos
 A sample's history is sequences[user][:pos]; it is never copied per sample. In memory the
 sequences are held in CSR form (offsets + flat arrays), so ML-25M fits on one machine.
+
+sample_id numbers every sample in global time order (timestamp, then user raw id, then item raw
+id); the splits are consecutive ranges of it. When data.test_subsample is set, test.parquet holds
+only that fixed random subsample (meta.json: test_subsample, splits.test.rows_before_subsample);
+the sequences always keep every behaviour. With data.min_history = N a user's first N behaviours
+are in the sequence but are not samples. Ids: int64; label int8; rating float32; pos int32.
 """
 
 from __future__ import annotations

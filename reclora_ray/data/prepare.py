@@ -1,0 +1,381 @@
+"""Prepare a raw rating log: parse, label, k-core filter, split by global time, group per user.
+
+    reclora prepare --config quickstart --out runs/q                       # packaged ML-100K
+    reclora prepare --config ml-1m --raw-dir ~/data/ml-1m --out runs/ml1m
+
+Writes the prepared-dataset contract (reclora_ray/data/prepared.py) into OUT/data. Ray Data
+reads and parses the log in parallel (byte ranges of a text log, one task per gzipped file)
+and writes the per-user sequences as sharded parquet; the global steps (id re-indexing, k-core
+counting, the global sort and split, each behaviour's position in its user's sequence) are
+columnar numpy on the driver: a few arrays of one number per behaviour, never Python objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reclora_ray.config import DATASETS, Config, DataConfig
+from reclora_ray.data import text
+from reclora_ray.data.prepared import SPLITS
+from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
+from reclora_ray.rundir import RunDir, check_can_write, staged_output
+from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_SHARD_ROWS = 4_000_000  # behaviours per sequences shard (one Ray Data block each)
+
+
+class EmptyDatasetError(ValueError):
+    """Nothing (or an empty split) is left after filtering."""
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from reclora_ray.cli import add_common_arguments
+
+    add_common_arguments(parser)
+    parser.add_argument("--dataset", choices=DATASETS, help="overrides data.dataset")
+    parser.add_argument("--raw-dir", help="folder of the raw files; overrides data.raw_dir")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dataset:
+        cfg.data.dataset = args.dataset
+    if args.raw_dir:
+        cfg.data.raw_dir = args.raw_dir
+    out = prepare_dataset(cfg, RunDir(args.out).data, overwrite=args.overwrite)
+    log.info("prepared dataset in %s", out)
+    return 0
+
+
+def fingerprint(cfg: Config) -> str:
+    """What the prepared data depends on: the data section (less the parallelism knob) and,
+    when the test split is subsampled, the seed."""
+    data = dataclasses.asdict(cfg.data)
+    data.pop("blocks")
+    payload = {"data": data, "seed": cfg.run.seed if cfg.data.test_subsample else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Prepare cfg.data into out_dir (normally OUT/data); a no-op when it is already there."""
+    out_dir = Path(out_dir)
+    fp = fingerprint(cfg)
+    if not check_can_write(out_dir, fp, overwrite):
+        return out_dir
+    source = open_source(cfg.data.dataset, cfg.data.raw_dir)
+    started = time.perf_counter()
+    init_ray(cfg)
+    log.info("reading the %s log from %s", source.name, source.describe())
+    behaviours = read_behaviours(source, cfg.data.blocks)
+    split = split_behaviours(behaviours, cfg.data, source, seed=cfg.run.seed)
+    items = item_table(source, behaviours["item_raw"])
+    users = user_table(source, behaviours["user_raw"])
+    with staged_output(out_dir, fp) as tmp:
+        log.info("writing %s", out_dir)
+        items.to_parquet(tmp / "items.parquet", index=False)
+        users.to_parquet(tmp / "users.parquet", index=False)
+        write_samples(tmp / "samples", split)
+        write_sequences(tmp / "sequences.parquet", split, cfg.data.blocks)
+        meta = build_meta(cfg, fp, source, split, items, users)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        save_resolved_config(cfg, tmp)
+    log.info("prepared %s in %.1f s: %d behaviours, %d users, %d items; samples %s",
+             source.name, time.perf_counter() - started, meta["n_rows"], meta["n_users"], meta["n_items"],
+             " / ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS))
+    return out_dir
+
+
+# --------------------------------------------------------------------------- read
+
+
+def read_behaviours(source: Source, blocks: int | None) -> dict:
+    """The parsed log, gathered block by block into flat columns on the driver."""
+    tables = []
+    rows = 0
+    try:
+        with quiet_ray_data_errors():
+            for table in source.read_log(blocks).iter_batches(batch_size=None, batch_format="pyarrow"):
+                tables.append(table)
+                rows += table.num_rows
+    except RawDataError as exc:  # raised in a Ray task: arrives wrapped in Ray's task error
+        raise unwrap_raw_data_error(exc) from None
+    if rows == 0:
+        raise EmptyDatasetError(f"{source.describe()}: the {source.name} log holds no ratings")
+    log.info("parsed %d ratings in %d blocks", rows, len(tables))
+    table = pa.concat_tables(tables)
+    user, user_raw = dense_codes(table["user"])
+    item, item_raw = dense_codes(table["item"])
+    return {
+        "user": user, "user_raw": user_raw, "item": item, "item_raw": item_raw,
+        "rating": table["rating"].to_numpy(),
+        "timestamp": table["timestamp"].to_numpy(),
+    }
+
+
+def dense_codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dense int32 codes numbered in raw-id order, and the raw id of each code."""
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    order = pc.sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank[encoded.indices.to_numpy()], encoded.dictionary.take(pa.array(order))
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def label_rule(data: DataConfig, source: Source) -> tuple[str, float]:
+    if data.label_threshold is not None:
+        return ">=", float(data.label_threshold)
+    return (">" if source.label_strict else ">="), source.default_label_threshold
+
+
+def k_core_mask(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int, k: int) -> np.ndarray:
+    """Rows kept by k-core filtering, repeated until every user and item has >= k rows."""
+    keep = np.ones(len(user), dtype=bool)
+    rounds = 0
+    while True:
+        rounds += 1
+        users_ok = np.bincount(user[keep], minlength=n_users) >= k
+        items_ok = np.bincount(item[keep], minlength=n_items) >= k
+        drop = keep & ~(users_ok[user] & items_ok[item])
+        if not drop.any():
+            log.info("%d-core filtering: stable after %d rounds, %d of %d rows kept", k, rounds, keep.sum(), len(keep))
+            return keep
+        keep &= ~drop
+
+
+def _compact(codes: np.ndarray, raw: pa.Array, n: int) -> tuple[np.ndarray, pa.Array]:
+    present = np.bincount(codes, minlength=n) > 0
+    remap = np.cumsum(present, dtype=np.int64).astype(np.int32) - 1
+    return remap[codes], raw.filter(pa.array(present))
+
+
+def split_behaviours(b: dict, data: DataConfig, source: Source, seed: int) -> dict:
+    """Label, filter and split in place of `b`; adds everything the writers need.
+
+    Global order = (timestamp, user raw id, item raw id): ties broken by ids, never by file order.
+    """
+    op, threshold = label_rule(data, source)
+    b["label"] = ((b["rating"] > threshold) if op == ">" else (b["rating"] >= threshold)).astype(np.int8)
+    n_read = len(b["user"])
+    if data.k_core > 0:
+        keep = k_core_mask(b["user"], b["item"], len(b["user_raw"]), len(b["item_raw"]), data.k_core)
+        for name in ("user", "item", "rating", "timestamp", "label"):
+            b[name] = b[name][keep]
+        if len(b["user"]) == 0:
+            raise EmptyDatasetError(
+                f"{source.name}: no ratings left after {data.k_core}-core filtering of {n_read} rows; lower data.k_core"
+            )
+        b["user"], b["user_raw"] = _compact(b["user"], b["user_raw"], len(b["user_raw"]))
+        b["item"], b["item_raw"] = _compact(b["item"], b["item_raw"], len(b["item_raw"]))
+    b["n_read"] = n_read
+
+    order = np.lexsort((b["item"], b["user"], b["timestamp"]))
+    for name in ("user", "item", "rating", "timestamp", "label"):
+        b[name] = b[name][order]
+    del order
+    n_users = len(b["user_raw"])
+    # Each user's behaviours in global order: a stable sort by user keeps time order inside.
+    b["by_user"] = np.argsort(b["user"], kind="stable")
+    b["offsets"] = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(b["user"], minlength=n_users), out=b["offsets"][1:])
+    pos = np.empty(len(b["user"]), dtype=np.int32)
+    pos[b["by_user"]] = np.arange(len(pos), dtype=np.int64) - b["offsets"][b["user"][b["by_user"]]]
+    b["pos"] = pos
+
+    sample_rows = np.flatnonzero(pos >= data.min_history)  # global order
+    n_samples = len(sample_rows)
+    bounds = np.floor(np.cumsum(data.split) * n_samples + 1e-9).astype(np.int64)
+    bounds[-1] = n_samples
+    starts = np.concatenate([[0], bounds[:-1]])
+    b["splits"] = {}
+    for name, start, stop in zip(SPLITS, starts, bounds):
+        if stop <= start:
+            raise EmptyDatasetError(
+                f"{source.name}: the {name} split is empty ({n_samples} samples after filtering, "
+                f"min_history {data.min_history}, split {data.split})"
+            )
+        b["splits"][name] = {"rows": sample_rows[start:stop], "first_sample_id": int(start)}
+    test = b["splits"]["test"]
+    test["rows_before_subsample"] = len(test["rows"])
+    if data.test_subsample is not None and data.test_subsample < len(test["rows"]):
+        chosen = np.random.default_rng(seed).choice(len(test["rows"]), size=data.test_subsample, replace=False)
+        test["sample_offsets"] = np.sort(chosen)
+    return b
+
+
+# --------------------------------------------------------------------------- items and users
+
+
+def item_table(source: Source, raw_ids: pa.Array) -> pd.DataFrame:
+    meta = source.read_items(raw_ids.to_numpy()).drop_duplicates("raw_id").set_index("raw_id")
+    wanted = pd.Index(raw_ids.to_numpy())
+    missing = wanted.difference(meta.index)
+    if len(missing):
+        raise RawDataError(
+            f"{source.describe()}: {len(missing)} rated items have no record in the {source.name} item file "
+            f"(e.g. id {missing[0]})"
+        )
+    items = meta.loc[wanted].reset_index()
+    items.insert(0, "item_id", np.arange(len(items), dtype=np.int64))
+    if source.kind == "book":
+        items["text"] = [text.book_text(t, a, g) for t, a, g in zip(items["title"], items["authors"], items["genres"])]
+    else:
+        items["text"] = [text.movie_text(t, g) for t, g in zip(items["title"], items["genres"])]
+    return items
+
+
+def user_table(source: Source, raw_ids: pa.Array) -> pd.DataFrame:
+    users = pd.DataFrame({"user_id": np.arange(len(raw_ids), dtype=np.int64), "raw_id": raw_ids.to_pandas()})
+    profiles = source.read_users()
+    if profiles is None:
+        users["profile_text"] = ""
+        return users
+    profiles = profiles.drop_duplicates("raw_id").set_index("raw_id")
+    missing = pd.Index(users["raw_id"]).difference(profiles.index)
+    if len(missing):
+        raise RawDataError(
+            f"{source.describe()}: {len(missing)} users have no record in the {source.name} user file (e.g. id {missing[0]})"
+        )
+    users = users.join(profiles, on="raw_id")
+    return text.add_profile_text(users)
+
+
+# --------------------------------------------------------------------------- write
+
+
+def split_samples(b: dict, name: str) -> pa.Table:
+    split = b["splits"][name]
+    rows = split["rows"]
+    sample_id = np.arange(len(rows), dtype=np.int64) + split["first_sample_id"]
+    if "sample_offsets" in split:
+        rows, sample_id = rows[split["sample_offsets"]], sample_id[split["sample_offsets"]]
+    return pa.table({
+        "sample_id": sample_id,
+        "user_id": b["user"][rows].astype(np.int64),
+        "item_id": b["item"][rows].astype(np.int64),
+        "label": b["label"][rows],
+        "rating": b["rating"][rows],
+        "timestamp": b["timestamp"][rows],
+        "pos": b["pos"][rows],
+    })
+
+
+def write_samples(directory: Path, b: dict) -> None:
+    directory.mkdir()
+    for name in SPLITS:
+        pq.write_table(split_samples(b, name), directory / f"{name}.parquet")
+
+
+def group_user_rows(block: pa.Table) -> pa.Table:
+    """One row per user from that user's consecutive behaviour rows (a block never splits a user)."""
+    users = block["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    offsets = pa.array(np.r_[starts, len(users)].astype(np.int32))
+
+    def lists(column: str) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, block[column].combine_chunks())
+
+    return pa.table({
+        "user_id": users[starts],
+        "item_ids": lists("item_id"), "ratings": lists("rating"),
+        "labels": lists("label"), "timestamps": lists("timestamp"),
+    })
+
+
+def write_sequences(path: Path, b: dict, blocks: int | None) -> None:
+    """sequences.parquet as a folder of shards: the driver hands Ray Data user-aligned blocks in
+    (user, time) order; Ray Data tasks build the per-user lists and write the shards."""
+    import ray
+
+    by_user = b.pop("by_user")
+    offsets = b["offsets"]
+    n = len(by_user)
+    n_shards = max(blocks or 1, -(-n // SEQUENCE_SHARD_ROWS))
+    # Shard edges at user boundaries near equal row counts.
+    edges = np.unique(np.searchsorted(offsets, np.linspace(0, n, n_shards + 1).astype(np.int64)))
+    edges[-1] = len(offsets) - 1
+    shards = []
+    for first_user, stop_user in zip(edges[:-1], edges[1:]):
+        rows = by_user[offsets[first_user]:offsets[stop_user]]
+        if len(rows):
+            shards.append(pa.table({
+                "user_id": b["user"][rows].astype(np.int64), "item_id": b["item"][rows],
+                "rating": b["rating"][rows], "label": b["label"][rows], "timestamp": b["timestamp"][rows],
+            }))
+    del by_user
+    ray.data.from_arrow(shards).map_batches(group_user_rows, batch_size=None, batch_format="pyarrow").write_parquet(str(path))
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def split_counts(b: dict, name: str, n_users: int, n_items: int) -> dict:
+    table = split_samples(b, name)
+    counts = {
+        "rows": table.num_rows,
+        "users": int(np.count_nonzero(np.bincount(table["user_id"].to_numpy(), minlength=n_users))),
+        "items": int(np.count_nonzero(np.bincount(table["item_id"].to_numpy(), minlength=n_items))),
+        "positive_rate": float(pc.mean(table["label"]).as_py()),
+        "first_sample_id": b["splits"][name]["first_sample_id"],
+    }
+    if name == "test":
+        counts["rows_before_subsample"] = b["splits"]["test"]["rows_before_subsample"]
+    return counts
+
+
+def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFrame, users: pd.DataFrame) -> dict:
+    op, threshold = label_rule(cfg.data, source)
+    n_users, n_items = len(users), len(items)
+    user_fields = [c for c in ("gender", "age", "occupation", "zip") if c in users]
+    item_fields = [c for c in items.columns if c not in ("item_id", "raw_id", "text")]
+    vocab = {c: int(users[c].nunique()) for c in user_fields}
+    vocab["year"] = int(items["year"].nunique())
+    vocab["genres"] = len({g for gs in items["genres"] for g in gs})
+    if "authors" in items:
+        vocab["authors"] = len({a for authors in items["authors"] for a in authors})
+    return {
+        "dataset": source.name,
+        "source": source.describe(),
+        "fingerprint": fp,
+        "label_rule": f"rating {op} {threshold:g}",
+        "label_threshold": threshold,
+        "label_op": op,
+        "k_core": cfg.data.k_core,
+        "min_history": cfg.data.min_history,
+        "split": list(cfg.data.split),
+        "split_order": "global time: timestamp, then user raw id, then item raw id",
+        "timestamp_field": source.timestamp_field,
+        "n_read": b["n_read"],
+        "n_rows": len(b["user"]),
+        "n_samples": sum(len(s["rows"]) for s in b["splits"].values()),
+        "n_users": n_users,
+        "n_items": n_items,
+        "splits": {s: split_counts(b, s, n_users, n_items) for s in SPLITS},
+        "test_subsample": (
+            {"size": len(b["splits"]["test"]["sample_offsets"]), "seed": cfg.run.seed,
+             "applied": "samples/test.parquet holds only the subsample; sequences keep every behaviour"}
+            if "sample_offsets" in b["splits"]["test"] else None
+        ),
+        "user_fields": user_fields,
+        "item_fields": item_fields,
+        "vocab": vocab,
+    }
