@@ -47,7 +47,7 @@ class Gate(nn.Module):
         self.fc2 = nn.Linear(hidden, n_meta)
 
     def forward(self, crm_repr: torch.Tensor) -> torch.Tensor:
-        crm_repr = crm_repr.to(self.fc1.weight.dtype)
+        crm_repr = crm_repr.to(self.fc1.weight)  # dtype and device of the gate
         if self.arch == "paper":
             hidden = torch.relu(self.norm(self.fc1(crm_repr)))
         else:
