@@ -161,8 +161,11 @@ class LoRAConfig:
     gate_hidden: int = 60
     gate_dropout: float = 0.1
     temperature: float = 10.0
+    # paper: sum_k alpha_k A_k B_k^T (Eq. 11); weights: (sum_k alpha_k A_k)(sum_k alpha_k B_k)^T (authors' code)
     mixing: Literal["paper", "weights"] = "paper"
-    gate: Literal["shared", "per_layer"] = "shared"
+    gate: Literal["shared", "per_layer"] = "shared"  # one gate for all wrapped layers, or one per layer
+    # paper: Linear -> LayerNorm -> ReLU -> Linear (Eq. 13); authors: LayerNorm -> Linear -> ReLU -> Linear
+    gate_arch: Literal["paper", "authors"] = "paper"
 
 
 @dataclass

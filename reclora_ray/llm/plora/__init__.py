@@ -1,0 +1,24 @@
+"""Personalized LoRA (paper section 3.2): a plug-in module for any Hugging Face causal LM.
+
+    model = PersonalizedLoRAModel(hf_causal_lm, cfg.lora, crm_dim)   # freezes the base, wraps targets
+    out = model(input_ids, attention_mask, crm_repr=R_c, labels=labels)
+    model.save_adapter(dir); model = load_adapter(fresh_base, dir)
+    export_user_adapter(model, R_c[i], dir)   # one user's adapter as a standard PEFT LoRA
+"""
+
+from reclora_ray.llm.plora.io import export_user_adapter, load_adapter, read_adapter_config, save_adapter
+from reclora_ray.llm.plora.layer import Gate, PLoRALinear
+from reclora_ray.llm.plora.model import PersonalizedLoRAModel, trainable_state_dict, unwrap, wrap_lora_layers
+
+__all__ = [
+    "Gate",
+    "PLoRALinear",
+    "PersonalizedLoRAModel",
+    "export_user_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_state_dict",
+    "unwrap",
+    "wrap_lora_layers",
+]
