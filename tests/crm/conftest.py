@@ -112,3 +112,10 @@ def crm_cfg():
     """The tiny config, sized for seconds-long training on the fixture data."""
     return load_config("tiny", ["crm.num_workers=2", "crm.cpus_per_worker=0.5", "run.num_cpus=2",
                                 "crm.batch_size=256", "crm.chunk_rows=2000"])
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A fresh run directory of the fixture data that a test may modify."""
+    write_prepared(tmp_path / "run")
+    return tmp_path / "run"

@@ -50,7 +50,7 @@ class FeatureEmbedding(nn.Module):
         def table(name: str, shape: tuple[int, int]) -> torch.Tensor:
             if tables is None:  # filled by load_state_dict
                 return torch.zeros(shape, dtype=torch.long)
-            return torch.as_tensor(tables[name], dtype=torch.long)
+            return torch.tensor(tables[name], dtype=torch.long)  # a copy: Ray hands out read-only arrays
 
         self.register_buffer("user_table", table("user_table", (spec.n_users + 1, len(user_sizes))))
         self.register_buffer("item_table", table("item_table", (spec.n_items + 1, len(item_sizes))))
@@ -85,6 +85,11 @@ class FeatureEmbedding(nn.Module):
 
     def items(self, codes: torch.Tensor) -> torch.Tensor:
         """Item codes of any shape (...) -> (..., n_item_fields, embed_dim)."""
+        # A batch of histories repeats few distinct items: embed each once (bags are costly).
+        unique, inverse = torch.unique(codes, return_inverse=True)
+        return self._item_fields(unique)[inverse]
+
+    def _item_fields(self, codes: torch.Tensor) -> torch.Tensor:
         fields = [self.item_embedding(self.item_table[codes] + self.item_offsets)]
         for i, name in enumerate(self.bag_names):
             bag = getattr(self, f"bag_{name}")[codes]

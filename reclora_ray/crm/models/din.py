@@ -11,13 +11,24 @@ from reclora_ray.crm.models.base import CRM, MLP, Batch
 
 
 class ActivationUnit(nn.Module):
-    def __init__(self, d: int, hidden: list[int], dropout: float):
+    """DIN's activation unit: an MLP on [q, k, q - k, q * k] per behaviour, one weight each.
+
+    The first layer is applied as W_q q + W_k k + W_p (q * k): the same function (q - k is
+    linear, so W [q, k, q - k, q * k] folds into these three), without building the (B, K, 4D)
+    input, and the query term once per sample instead of once per behaviour.
+    """
+
+    def __init__(self, d: int, hidden: list[int]):
         super().__init__()
-        self.mlp = MLP(4 * d, hidden, dropout, out=1)
+        self.query = nn.Linear(d, hidden[0])
+        self.key = nn.Linear(d, hidden[0], bias=False)
+        self.product = nn.Linear(d, hidden[0], bias=False)
+        self.mlp = MLP(hidden[0], hidden[1:], dropout=0.0, out=1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = query.unsqueeze(1).expand_as(keys)
-        weights = self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1) * mask
+        q = query.unsqueeze(1)
+        first = torch.relu(self.query(q) + self.key(keys) + self.product(q * keys))
+        weights = self.mlp(first).squeeze(-1) * mask
         return (weights.unsqueeze(-1) * keys).sum(1)
 
 
@@ -27,7 +38,7 @@ class DIN(CRM):
     def __init__(self, spec, cfg, tables=None):
         super().__init__(spec, cfg, tables)
         d = self.embedding.item_dim
-        self.activation = ActivationUnit(d, cfg.din.attention_hidden, cfg.dropout)
+        self.activation = ActivationUnit(d, cfg.din.attention_hidden)
         self._build_head(self.embedding.profile_dim + d)
 
     def represent(self, batch: Batch) -> torch.Tensor:
