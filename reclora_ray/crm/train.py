@@ -122,6 +122,7 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch logs say enough
     crm = cfg.crm
     sequences_ref = ray.put(prepared.sequences)
     datasets = {
@@ -214,15 +215,16 @@ def train_loop_per_worker(config: dict) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     for epoch in range(state.epoch, crm.epochs):
         started = time.perf_counter()
-        loss_sum, rows = train_epoch(model, optimizer, train_shard, crm, device, rank, epoch)
+        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device, rank, epoch)
         train_seconds = time.perf_counter() - started
-        loss_sum, rows = all_reduce_sum([loss_sum, rows], world)
+        loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
         auc, loss = auc_logloss(labels, probs)
         improved = state.update(epoch, auc)
         record = {
             "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "valid_auc": auc, "valid_logloss": loss,
-            "train_samples_per_s": rows / train_seconds, "train_seconds": train_seconds, "attempt": state.attempt,
+            "train_samples_per_s": steady_rows / max(steady_seconds, 1e-9), "train_seconds": train_seconds,
+            "attempt": state.attempt,
         }
         state.history.append(record)
         if rank == 0:
@@ -241,14 +243,19 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int) -> tuple[float, int]:
+def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int):
+    """One pass (or crm.steps_per_epoch steps) over this worker's shard. Returns the loss sum and
+    rows, and the rows and seconds after the first batch (the steady rate, without the warm-up
+    of the data pipeline)."""
     model.train()
-    loss_sum, rows = 0.0, 0
+    loss_sum, rows, first_rows, first_at = 0.0, 0, 0, None
     batches = shard.iter_torch_batches(batch_size=crm.batch_size, device=device,
                                        local_shuffle_buffer_size=4 * crm.batch_size)
     for step, batch in enumerate(batches):
         if crm.steps_per_epoch is not None and step >= crm.steps_per_epoch:
             break
+        if first_at is None:
+            first_at, first_rows = time.perf_counter(), len(batch["label"])
         loss = F.binary_cross_entropy_with_logits(model(batch), batch["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,7 +265,8 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoc
         rows += n
         if rank == 0 and step % LOG_EVERY_STEPS == 0:
             log.info("epoch %d step %d: loss %.4f", epoch, step, loss.item())
-    return loss_sum, rows
+    steady_seconds = time.perf_counter() - first_at if first_at is not None else 0.0
+    return loss_sum, rows, rows - first_rows, steady_seconds
 
 
 @torch.no_grad()
