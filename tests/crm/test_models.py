@@ -89,8 +89,8 @@ def test_checkpoint_round_trip_and_represent_paths(prepared, crm_cfg, tmp_path):
     torch.testing.assert_close(whole, by_samples)
     row = samples.iloc[7]
     seq = prepared.sequences
-    start = seq.offsets[row.user_id]
-    hist = slice(start + max(0, row.pos - 30), start + row.pos)  # longer than K: the last 8 count
+    start, pos = int(seq.offsets[int(row.user_id)]), int(row.pos)
+    hist = slice(start + max(0, pos - 30), start + pos)  # longer than K: the last 8 count
     request = represent_request(loaded, int(row.user_id), [int(row.item_id), 3], seq.item_ids[hist],
                                 seq.ratings[hist], int(row.timestamp))
     assert request.shape == (2, loaded.d_c)
