@@ -133,7 +133,7 @@ class CRMConfig:
     epochs: int = 10
     patience: int = 2  # early stopping on validation AUC
     steps_per_epoch: Optional[int] = None  # cap on training steps per epoch (benchmarks, smoke runs)
-    chunk_rows: int = 65536  # rows per Ray Data read task
+    chunk_rows: int = 16384  # rows per Ray Data read task; shuffling is chunk order + a local buffer
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
 LOG_EVERY_STEPS = 200
+# Rows are shuffled by randomizing the order of chunks (crm.chunk_rows) each epoch and, inside a
+# worker, through a buffer this many batches deep.
+SHUFFLE_BUFFER_BATCHES = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,7 +253,7 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoc
     model.train()
     loss_sum, rows, first_rows, first_at = 0.0, 0, 0, None
     batches = shard.iter_torch_batches(batch_size=crm.batch_size, device=device,
-                                       local_shuffle_buffer_size=4 * crm.batch_size)
+                                       local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * crm.batch_size)
     for step, batch in enumerate(batches):
         if crm.steps_per_epoch is not None and step >= crm.steps_per_epoch:
             break
