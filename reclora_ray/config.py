@@ -71,6 +71,8 @@ class RetrieveConfig:
 @dataclass
 class SIMConfig:
     attention_layers: int = 1
+    heads: int = 2  # multi-head target attention of the exact search unit
+    search_k: int = 20  # soft search keeps the k behaviours closest to the target
 
 
 @dataclass
@@ -105,19 +107,23 @@ class GRU4RecConfig:
 @dataclass
 class CaserConfig:
     vertical_kernels: int = 4
-    horizontal_kernels: int = 8
+    horizontal_kernels: int = 8  # per window height
+    horizontal_heights: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
 
 
 @dataclass
 class SASRecConfig:
     heads: int = 1
     attention_layers: int = 2
+    attention_size: int = 64
 
 
 @dataclass
 class CRMConfig:
     model: Literal["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"] = "sim"
     history: Literal["long", "recent"] = "long"  # retrieved hist_long, or the recent k_long
+    user_fields: Optional[list[str]] = None  # users.parquet columns to embed; None: every profile field
+    item_fields: Optional[list[str]] = None  # items.parquet columns (lists become bags); None: year, genres
     embed_dim: int = 32
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # the head; R_c is its input
     dropout: float = 0.1
@@ -126,7 +132,10 @@ class CRMConfig:
     batch_size: int = 1024
     epochs: int = 10
     patience: int = 2  # early stopping on validation AUC
+    steps_per_epoch: Optional[int] = None  # cap on training steps per epoch (benchmarks, smoke runs)
+    chunk_rows: int = 16384  # rows per Ray Data read task; shuffling is chunk order + a local buffer
     num_workers: int = 2
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     max_failures: int = 2
     sim: SIMConfig = field(default_factory=SIMConfig)
@@ -374,6 +383,9 @@ def _validate(obj: Any, path: str) -> None:
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
     if isinstance(obj, LoRAConfig) and (obj.r < 1 or obj.n_meta < 1 or obj.temperature <= 0):
         raise ConfigError(f"{path}: r and n_meta must be >= 1 and temperature > 0")
+    if isinstance(obj, CRMConfig) and (obj.epochs < 1 or obj.batch_size < 1 or obj.num_workers < 1
+                                       or obj.chunk_rows < 1 or obj.cpus_per_worker <= 0):
+        raise ConfigError(f"{path}: epochs, batch_size, num_workers, chunk_rows must be >= 1, cpus_per_worker > 0")
     if isinstance(obj, TuneConfig) and obj.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
 

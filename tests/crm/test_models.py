@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reclora_ray.config import ConfigError
+from reclora_ray.crm import CRMCheckpointError, load_crm, represent_request, represent_samples, represent_split
+from reclora_ray.crm.checkpoint import save_crm
+from reclora_ray.crm.dataset import iter_split
+from reclora_ray.crm.features import build_features
+from reclora_ray.crm.models import MODELS, build_model
+from reclora_ray.crm.represent import predict_split
+from reclora_ray.crm.train import auc_logloss
+from reclora_ray.data.prepared import PreparedData
+
+PAPER_MODELS = ["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"]
+
+
+@pytest.fixture(scope="module")
+def prepared(prepared_run):
+    return PreparedData.load(prepared_run / "data")
+
+
+def tensors(batch):
+    return {key: torch.as_tensor(value) for key, value in batch.items()}
+
+
+def make(prepared, cfg, name, history_len=20):
+    cfg.crm.model = name
+    spec, tables = build_features(prepared, cfg.crm, history_len)
+    torch.manual_seed(0)
+    return build_model(spec, cfg.crm, tables)
+
+
+def test_registry_holds_the_papers_models():
+    assert sorted(MODELS) == sorted(PAPER_MODELS)
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_model_interface_and_training_signal(prepared, crm_cfg, name):
+    crm_cfg.crm.embed_dim = 16
+    model = make(prepared, crm_cfg, name)
+    train = tensors(next(iter_split(prepared, "train", model.spec, chunk_rows=4000)))
+    valid = next(iter_split(prepared, "valid", model.spec, chunk_rows=4000))
+    empty = {key: value[:3].clone() for key, value in train.items()}
+    empty["hist_item"].zero_()
+    empty["hist_rating"].zero_()
+
+    model.eval()
+    with torch.no_grad():
+        logits, r_c = model(train), model.represent(train)
+        assert logits.shape == (len(train["label"]),)
+        assert r_c.shape == (len(train["label"]), model.d_c)
+        assert torch.isfinite(model(empty)).all()  # no behaviours yet (a user's first sample)
+        assert torch.allclose(model.head(r_c).squeeze(-1), logits, atol=1e-5)  # forward = head(R_c)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(4):
+        for start in range(0, len(train["label"]), 256):
+            batch = {key: value[start:start + 256] for key, value in train.items()}
+            loss = F.binary_cross_entropy_with_logits(model(batch), batch["label"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        auc, _ = auc_logloss(valid["label"], torch.sigmoid(model(tensors(valid))).numpy())
+    assert auc > 0.6, f"{name} learned nothing from the latent-factor signal (valid AUC {auc:.3f})"
+
+
+def test_checkpoint_round_trip_and_represent_paths(prepared, crm_cfg, tmp_path):
+    crm_cfg.crm.history = "recent"
+    model = make(prepared, crm_cfg, "sim", history_len=8).eval()
+    save_crm(model, tmp_path)
+    loaded = load_crm(tmp_path)
+    assert json.loads((tmp_path / "crm.json").read_text())["d_c"] == model.d_c == loaded.d_c
+    _, probs = predict_split(model, prepared, "test")
+    _, probs_loaded = predict_split(loaded, prepared, "test", batch_size=100, chunk_rows=333)
+    np.testing.assert_allclose(probs, probs_loaded, rtol=1e-5, atol=1e-6)
+
+    # The export, the samples + indices path (tuning, scoring) and the serve path agree.
+    whole = represent_split(loaded, prepared, "test", batch_size=128)
+    samples = prepared.samples("test")
+    indices = prepared.sequences.recent(samples["user_id"].to_numpy(), samples["pos"].to_numpy(), 8)
+    by_samples = represent_samples(loaded, prepared, samples, indices, batch_size=50)
+    torch.testing.assert_close(whole, by_samples)
+    row = samples.iloc[7]
+    seq = prepared.sequences
+    start, pos = int(seq.offsets[int(row.user_id)]), int(row.pos)
+    hist = slice(start + max(0, pos - 30), start + pos)  # longer than K: the last 8 count
+    request = represent_request(loaded, int(row.user_id), [int(row.item_id), 3], seq.item_ids[hist],
+                                seq.ratings[hist], int(row.timestamp))
+    assert request.shape == (2, loaded.d_c)
+    torch.testing.assert_close(request[0], whole[7])
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(prepared, crm_cfg, tmp_path):
+    model = make(prepared, crm_cfg, "din")
+    save_crm(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CRMCheckpointError, match="model.safetensors is corrupt"):
+        load_crm(tmp_path)
+    weights.write_bytes(good)
+    config = json.loads((tmp_path / "crm.json").read_text())
+    config["hyperparameters"]["embed_dim"] = 4
+    (tmp_path / "crm.json").write_text(json.dumps(config))
+    with pytest.raises(CRMCheckpointError, match="does not match"):
+        load_crm(tmp_path)
+    (tmp_path / "crm.json").write_text("{not json")
+    with pytest.raises(CRMCheckpointError, match="crm.json is not a valid CRM config"):
+        load_crm(tmp_path)
+    with pytest.raises(CRMCheckpointError, match="crm.json is missing"):
+        load_crm(tmp_path / "nowhere")
+
+
+def test_bad_model_hyperparameters_name_the_key(prepared, crm_cfg):
+    crm_cfg.crm.sim.heads = 7
+    with pytest.raises(ConfigError, match="crm.sim.heads: 7 does not divide"):
+        make(prepared, crm_cfg, "sim")
+    crm_cfg.crm.caser.horizontal_heights = [2, 50]
+    with pytest.raises(ConfigError, match="crm.caser.horizontal_heights"):
+        make(prepared, crm_cfg, "caser")

@@ -1,0 +1,106 @@
+"""`reclora pretrain-crm` end to end on the fixture data: Ray Train with 2 CPU workers."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from ray.train import UserCallback
+
+from reclora_ray.cli import main as cli_main
+from reclora_ray.config import ConfigError, load_config
+from reclora_ray.crm import load_crm
+from reclora_ray.crm.represent import predict_split
+from reclora_ray.crm.train import auc_logloss, pretrain_crm, select_model
+from reclora_ray.data.prepared import PreparedData, PreparedDataError
+from reclora_ray.rundir import StageOutputExists
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def train_cfg(*overrides):
+    return load_config("tiny", ["crm.num_workers=2", "crm.cpus_per_worker=0.5", "crm.batch_size=256",
+                                "crm.chunk_rows=1500", "crm.lr=5e-3", *overrides])
+
+
+@pytest.mark.ray
+def test_pretrain_writes_a_loadable_checkpoint(ray_local, run_dir):
+    cfg = train_cfg("crm.epochs=2", "crm.model=din")
+    out = pretrain_crm(cfg, run_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"model", "auc", "logloss", "n_test"} <= set(metrics) and metrics["model"] == "din"
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1] and metrics["restarts"] == 0
+    assert metrics["auc"] > 0.6
+    assert not any(p.name.startswith(".") for p in (run_dir / "crm").iterdir())  # no Ray Train scratch left
+
+    model = load_crm(out)  # no Ray needed; the same predictions as the evaluation
+    labels, probs = predict_split(model, PreparedData.load(run_dir / "data"), "test")
+    assert auc_logloss(labels, probs)[0] == pytest.approx(metrics["auc"], abs=1e-6)
+    assert json.loads((out / "crm.json").read_text())["d_c"] == model.d_c == metrics["d_c"]
+
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_crm(cfg, run_dir) == out  # same config: a no-op
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(StageOutputExists, match="--overwrite"):
+        pretrain_crm(train_cfg("crm.epochs=3", "crm.model=din"), run_dir)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def kill_one_worker(driver_pid: int, marker: Path) -> UserCallback:
+    """A callback that SIGKILLs one Ray Train worker process of this test's Ray after the first
+    checkpoint (defined in a function so Ray ships the class by value to its controller)."""
+
+    class KillOneWorker(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None or marker.exists():
+                return
+            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            victim = workers[-1]
+            marker.write_text(json.dumps({"pid": victim.pid, "epoch": metrics[0]["epoch"]}))
+            os.kill(victim.pid, signal.SIGKILL)
+
+    return KillOneWorker()
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, run_dir):
+    marker = run_dir / "killed.json"
+    cfg = train_cfg("crm.epochs=3", "crm.patience=10", "crm.model=gru4rec", "crm.max_failures=1")
+    out = pretrain_crm(cfg, run_dir, callbacks=[kill_one_worker(os.getpid(), marker)])
+    killed = json.loads(marker.read_text())
+    assert not psutil.pid_exists(killed["pid"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # every epoch once: resumed, not restarted
+    assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1
+
+
+def test_bad_inputs_fail_before_writing(run_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--model: unknown CRM 'xgboost'"):
+        select_model(train_cfg(), "xgboost")
+    with pytest.raises(ConfigError, match="crm.model: 'xgboost' is not one of"):
+        train_cfg("crm.model=xgboost")
+    with pytest.raises(ConfigError, match="crm.user_fields"):
+        pretrain_crm(train_cfg("crm.user_fields=[salary]"), run_dir)
+    with pytest.raises(PreparedDataError, match="no prepared dataset"):
+        pretrain_crm(train_cfg(), tmp_path / "empty")
+    with pytest.raises(PreparedDataError, match="prepared for dataset 'ml-100k', but the config asks for 'ml-1m'"):
+        pretrain_crm(train_cfg("data.dataset=ml-1m"), run_dir)
+    for split in ("train", "valid", "test"):
+        (run_dir / "data" / "retrieval" / f"{split}.parquet").unlink()
+    with pytest.raises(PreparedDataError, match="run `reclora retrieve"):
+        pretrain_crm(train_cfg(), run_dir)
+    assert not (run_dir / "crm").exists() and not (tmp_path / "empty" / "crm").exists()
+    # the CLI turns these into one error line and exit status 2
+    assert cli_main(["pretrain-crm", "--config", "tiny", "--model", "nope", "--out", str(run_dir)]) == 2
