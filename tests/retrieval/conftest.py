@@ -60,7 +60,7 @@ def write_prepared(root: Path, n_users: int = 25, n_items: int = 90, max_len: in
     return root
 
 
-def write_embeddings(directory: Path, vectors: np.ndarray, item_ids: np.ndarray | None = None) -> Path:
+def _write_embeddings(directory: Path, vectors: np.ndarray, item_ids: np.ndarray | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ids = np.arange(len(vectors)) if item_ids is None else item_ids
@@ -75,3 +75,19 @@ def run_dir(tmp_path) -> Path:
     """OUT with a prepared dataset in OUT/data."""
     write_prepared(tmp_path / "data")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray for the whole session (2 CPUs at most on a shared machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def write_embeddings():
+    """write_embeddings(directory, vectors, item_ids=None): an item_embeddings.parquet."""
+    return _write_embeddings
