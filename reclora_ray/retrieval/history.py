@@ -100,7 +100,8 @@ class HistoryRetriever:
             scores = self.embeddings[targets] @ vectors[:width].T  # (chunk, width)
         else:
             scores = (self.embeddings[targets] @ vectors.T)[:, inverse[:width]]
-        np.copyto(scores, -np.inf, where=np.arange(width)[None, :] >= pos[:, None])
+        first = int(pos[0])  # every column before the chunk's smallest pos is past for all rows
+        np.copyto(scores[:, first:], -np.inf, where=np.arange(first, width)[None, :] >= pos[:, None])
         # The widest K is taken from all candidates, the other from its selection: the top k of
         # a total order lie within its top K for k <= K.
         (big_name, big_k), *rest = sorted(ks.items(), key=lambda kv: -kv[1])

@@ -7,11 +7,12 @@ LLM prompt) by cosine similarity to the target item, kept in chronological order
 instead (the paper's "w/o retriever" ablations); with both recent no embeddings are needed and
 the same columns are still written.
 
-Each split is read and processed as a Ray Data stream: `map_batches` over an actor pool whose
-actors share the CSR sequences and the embeddings through the object store (zero-copy), batches
-of `retrieve.batch_size` samples, order preserved, and the driver appends the results to one
-parquet file per split, so memory stays bounded at ML-25M scale and the work spreads over a
-cluster's CPUs.
+Each split is processed in user order, so every sample of a user is scored against that user's
+history in a few large matrix products: Ray Data `map_batches` over an actor pool whose actors
+share the CSR sequences and the embeddings through the object store (zero-copy), blocks of
+`retrieve.batch_size` samples. The driver spills each result block to a scratch file and then
+writes the split in its own row order, a window of rows at a time, so memory stays bounded at
+ML-25M scale and the work spreads over a cluster's CPUs.
 
 Output (OUT/data/retrieval/{train,valid,test}.parquet): sample_id, hist_long list<int32>,
 hist_short list<int32>, in the row order of OUT/data/samples/{split}.parquet.
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -97,41 +99,67 @@ def retrieve_histories(cfg: Config, out: str | Path, overwrite: bool = False) ->
 
 
 def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dict) -> dict:
+    """Retrieve in user order, spill each result block to scratch files, then write the split
+    in its own row order, one window of rows at a time."""
     import ray
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     samples = pq.read_table(samples_path, columns=INPUT_COLUMNS)
-    expected_ids = samples.column("sample_id").to_numpy()
-    # Blocks come from the driver rather than read tasks, so the actors may hold every CPU.
-    size = cfg.retrieve.batch_size
-    ds = ray.data.from_arrow([samples.slice(i, size) for i in range(0, max(len(samples), 1), size)])
+    sample_ids = samples.column("sample_id").to_numpy()
+    # Grouping every sample of a user into one block lets a heavy user's history be scored
+    # against many targets per matrix product, instead of a few per time window.
+    order = np.lexsort((samples.column("pos").to_numpy(), samples.column("user_id").to_numpy()))
+    by_user = samples.drop_columns(["sample_id"]).take(order).append_column("row", pa.array(order))
     del samples
+    size = cfg.retrieve.batch_size
+    ds = ray.data.from_arrow([by_user.slice(i, size) for i in range(0, max(len(by_user), 1), size)])
+    del by_user
     ds = ds.map_batches(
         RetrieveBatch, fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
-        batch_size=cfg.retrieve.batch_size, batch_format="numpy",
-        concurrency=cfg.retrieve.concurrency, num_cpus=1,
+        batch_size=size, batch_format="numpy", concurrency=cfg.retrieve.concurrency, num_cpus=1,
     )
     started, done = time.time(), 0
-    long_total = short_total = 0
+    scratch = out_path.parent / f".{out_path.stem}-blocks"
+    scratch.mkdir()
+    blocks = []
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            path = scratch / f"{len(blocks)}"
+            np.save(f"{path}-long.npy", batch["hist_long"])
+            np.save(f"{path}-short.npy", batch["hist_short"])
+            blocks.append((batch["row"], path))
+            done += len(batch["row"])
+            log.info("%s: retrieved %d/%d samples (%.0f/s)", out_path.stem, done, len(sample_ids),
+                     done / max(time.time() - started, 1e-9))
+        if done != len(sample_ids):
+            raise RuntimeError(f"{samples_path}: {len(sample_ids)} samples but {done} retrieval rows")
+        stats = _write_in_row_order(out_path, sample_ids, blocks, cfg.retrieve)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    stats["seconds"] = round(time.time() - started, 1)
+    return stats
+
+
+def _write_in_row_order(out_path: Path, sample_ids: np.ndarray, blocks: list, r) -> dict:
+    """Each block's rows are ascending, so a window of rows is one slice of every block."""
+    window = max(r.batch_size, 1 << 20)
+    total_long = total_short = 0
     with pq.ParquetWriter(out_path, SCHEMA) as writer:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids = table.column("sample_id").to_numpy()
-            if not np.array_equal(ids, expected_ids[done:done + len(ids)]):
-                raise RuntimeError(f"{samples_path}: retrieval results came back out of order at row {done}")
-            writer.write_table(table.select(SCHEMA.names).cast(SCHEMA))
-            done += len(ids)
-            long_total += _total_length(table.column("hist_long"))
-            short_total += _total_length(table.column("hist_short"))
-            rate = done / max(time.time() - started, 1e-9)
-            log.info("%s: %d/%d samples (%.0f/s)", out_path.stem, done, len(expected_ids), rate)
-    if done != len(expected_ids):
-        raise RuntimeError(f"{samples_path}: {len(expected_ids)} samples but {done} retrieval rows")
-    return {"samples": done, "mean_long": long_total / max(done, 1), "mean_short": short_total / max(done, 1),
-            "seconds": round(time.time() - started, 1)}
-
-
-def _total_length(column: pa.ChunkedArray) -> int:
-    return int(sum(len(chunk.flatten()) for chunk in column.chunks))
+        for lo in range(0, len(sample_ids), window):
+            hi = min(lo + window, len(sample_ids))
+            hist_long = np.empty((hi - lo, r.k_long), dtype=np.int32)
+            hist_short = np.empty((hi - lo, r.k_short), dtype=np.int32)
+            for rows, path in blocks:
+                a, b = np.searchsorted(rows, [lo, hi])
+                if a < b:
+                    hist_long[rows[a:b] - lo] = np.load(f"{path}-long.npy", mmap_mode="r")[a:b]
+                    hist_short[rows[a:b] - lo] = np.load(f"{path}-short.npy", mmap_mode="r")[a:b]
+            total_long += int((hist_long >= 0).sum())
+            total_short += int((hist_short >= 0).sum())
+            writer.write_table(pa.table({"sample_id": pa.array(sample_ids[lo:hi], pa.int64()),
+                                         "hist_long": padded_to_lists(hist_long),
+                                         "hist_short": padded_to_lists(hist_short)}, schema=SCHEMA))
+    n = max(len(sample_ids), 1)
+    return {"samples": len(sample_ids), "mean_long": total_long / n, "mean_short": total_short / n}
 
 
 class RetrieveBatch:
@@ -146,10 +174,10 @@ class RetrieveBatch:
             long_mode=cfg.long_mode, short_mode=cfg.short_mode,
         )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         hist_long, hist_short = self.retriever.retrieve(batch["user_id"], batch["item_id"], batch["pos"])
-        return pa.table({"sample_id": pa.array(batch["sample_id"].astype(np.int64)),
-                         "hist_long": padded_to_lists(hist_long), "hist_short": padded_to_lists(hist_short)})
+        ascending = np.argsort(batch["row"])
+        return {"row": batch["row"][ascending], "hist_long": hist_long[ascending], "hist_short": hist_short[ascending]}
 
 
 @dataclass
