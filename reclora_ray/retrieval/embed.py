@@ -129,13 +129,16 @@ def encode(cfg: Config, items: pd.DataFrame, projection: tuple[np.ndarray, np.nd
     """Hidden states (or unit PCA vectors, with `projection`) of items.text, in row order."""
     import ray
 
-    ds = ray.data.from_pandas(items[["item_id", "text"]].reset_index(drop=True))
+    frame = items[["item_id", "text"]].reset_index(drop=True)
+    size = cfg.embed.batch_size
+    # One block per batch, so every actor of the pool gets work.
+    ds = ray.data.from_pandas([frame.iloc[i:i + size] for i in range(0, len(frame), size)])
     ds = ds.map_batches(
         ItemEncoder,
         fn_constructor_kwargs={"llm_cfg": encoder_config(cfg), "pooling": cfg.embed.pooling,
                                "max_length": cfg.embed.max_length, "projection": projection},
-        batch_size=cfg.embed.batch_size, batch_format="pandas",
-        concurrency=cfg.embed.concurrency, num_gpus=cfg.embed.num_gpus,
+        batch_size=size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), num_gpus=cfg.embed.num_gpus,
     )
     position = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     out = None

@@ -115,7 +115,8 @@ def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dic
     del by_user
     ds = ds.map_batches(
         RetrieveBatch, fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
-        batch_size=size, batch_format="numpy", concurrency=cfg.retrieve.concurrency, num_cpus=1,
+        batch_size=size, batch_format="numpy", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.retrieve.concurrency),
     )
     started, done = time.time(), 0
     scratch = out_path.parent / f".{out_path.stem}-blocks"
