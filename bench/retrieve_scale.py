@@ -65,13 +65,13 @@ class MemorySampler(threading.Thread):
 
 def prepared_log(work: Path, rows: int, num_cpus: int) -> Path:
     """OUT for the synthetic log, prepared once (synth + prepare are the data stages' code)."""
-    from reclora_ray.data.prepare import prepare_dataset
-    from reclora_ray.data.synth import write_synthetic_ml25m
-
     scale = rows / FULL_ROWS
     users, items = max(1, round(FULL_USERS * scale)), max(1, round(FULL_ITEMS * scale))
     out = work / f"synth-{users}u-{items}i-{rows}r"
     if not (out / "data" / "meta.json").is_file():
+        from reclora_ray.data.prepare import prepare_dataset
+        from reclora_ray.data.synth import write_synthetic_ml25m
+
         raw = out / "raw"
         if not (raw / "movies.csv").is_file():
             write_synthetic_ml25m(raw, users, items, rows)
