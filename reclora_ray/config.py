@@ -57,6 +57,7 @@ class EmbedConfig:
     batch_size: int = 32
     concurrency: int = 1  # actors in the Ray Data pool
     num_gpus: float = 0.0  # per actor
+    pca_fit_items: int = 200_000  # PCA is fitted on all items up to this many, else on a sample
 
 
 @dataclass
@@ -65,7 +66,8 @@ class RetrieveConfig:
     k_short: int = 10
     long_mode: Literal["semantic", "recent"] = "semantic"
     short_mode: Literal["semantic", "recent"] = "semantic"
-    batch_size: int = 4096
+    batch_size: int = 131072  # samples per Ray Data batch; each is grouped per user inside
+    concurrency: int = 2  # actors in the Ray Data pool (1 CPU each)
 
 
 @dataclass
@@ -381,6 +383,8 @@ def _validate(obj: Any, path: str) -> None:
             raise ConfigError(f"{path}: k_core and min_history must be >= 0")
     if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
+    if isinstance(obj, EmbedConfig) and (obj.pca_dim < 1 or obj.pca_fit_items < obj.pca_dim):
+        raise ConfigError(f"{path}: pca_dim must be >= 1 and pca_fit_items >= pca_dim")
     if isinstance(obj, LoRAConfig) and (obj.r < 1 or obj.n_meta < 1 or obj.temperature <= 0):
         raise ConfigError(f"{path}: r and n_meta must be >= 1 and temperature > 0")
     if isinstance(obj, CRMConfig) and (obj.epochs < 1 or obj.batch_size < 1 or obj.num_workers < 1

@@ -1,0 +1,214 @@
+"""`reclora retrieve`: the long and short history of every sample (paper section 3.4).
+
+For each sample, among the user's earlier behaviours (`sequences[user][:pos]`), the top
+`retrieve.k_long` (ID modality, for the CRM) and top `retrieve.k_short` (text modality, for the
+LLM prompt) by cosine similarity to the target item, kept in chronological order
+(`reclora_ray.retrieval.history`). `retrieve.long_mode` / `short_mode: recent` take the last K
+instead (the paper's "w/o retriever" ablations); with both recent no embeddings are needed and
+the same columns are still written.
+
+Each split is processed in user order, so every sample of a user is scored against that user's
+history in a few large matrix products: Ray Data `map_batches` over an actor pool whose actors
+share the CSR sequences and the embeddings through the object store (zero-copy), blocks of
+`retrieve.batch_size` samples. The driver spills each result block to a scratch file and then
+writes the split in its own row order, a window of rows at a time, so memory stays bounded at
+ML-25M scale and the work spreads over a cluster's CPUs.
+
+Output (OUT/data/retrieval/{train,valid,test}.parquet): sample_id, hist_long list<int32>,
+hist_short list<int32>, in the row order of OUT/data/samples/{split}.parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reclora_ray.config import Config
+from reclora_ray.data.prepared import SPLITS, PreparedData
+from reclora_ray.retrieval.embed import load_item_embeddings
+from reclora_ray.retrieval.history import HistoryRetriever, lists_to_padded, padded_to_lists
+from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, write_json_atomic
+from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("sample_id", pa.int64()), ("hist_long", pa.list_(pa.int32())),
+                    ("hist_short", pa.list_(pa.int32()))])
+INPUT_COLUMNS = ["sample_id", "user_id", "item_id", "pos"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from reclora_ray.cli import add_common_arguments
+
+    add_common_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    retrieve_histories(config_from_args(args), args.out, overwrite=args.overwrite)
+    return 0
+
+
+def uses_embeddings(cfg: Config) -> bool:
+    return "semantic" in (cfg.retrieve.long_mode, cfg.retrieve.short_mode)
+
+
+def fingerprint(cfg: Config, run: RunDir) -> str:
+    payload = {"data": asdict(cfg.data), "retrieve": asdict(cfg.retrieve)}
+    if uses_embeddings(cfg):
+        payload["embeddings"] = (read_marker(run.embeddings) or {}).get("fingerprint")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def retrieve_histories(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
+    run = RunDir(out)
+    fp = fingerprint(cfg, run)
+    if not check_can_write(run.retrieval, fp, overwrite):
+        return run.retrieval
+    data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
+    embeddings = (load_item_embeddings(run.embeddings, data.n_items, dim=cfg.embed.pca_dim)
+                  if uses_embeddings(cfg) else None)
+    init_ray(cfg)
+    import ray
+
+    shared = {
+        "offsets": ray.put(data.sequences.offsets),
+        "seq_items": ray.put(data.sequences.item_ids),
+        "embeddings": ray.put(embeddings),
+    }
+    r = cfg.retrieve
+    log.info("retrieving: long %s k=%d, short %s k=%d", r.long_mode, r.k_long, r.short_mode, r.k_short)
+    stats = {}
+    with staged_output(run.retrieval, fp) as tmp:
+        for split in SPLITS:
+            stats[split] = _retrieve_split(cfg, data.split_path(split), tmp / f"{split}.parquet", shared)
+        write_json_atomic(tmp / "retrieval.json", {"k_long": r.k_long, "k_short": r.k_short,
+                                                   "long_mode": r.long_mode, "short_mode": r.short_mode,
+                                                   "splits": stats})
+        save_resolved_config(cfg, tmp)
+    return run.retrieval
+
+
+def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dict) -> dict:
+    """Retrieve in user order, spill each result block to scratch files, then write the split
+    in its own row order, one window of rows at a time."""
+    import ray
+
+    samples = pq.read_table(samples_path, columns=INPUT_COLUMNS)
+    sample_ids = samples.column("sample_id").to_numpy()
+    # Grouping every sample of a user into one block lets a heavy user's history be scored
+    # against many targets per matrix product, instead of a few per time window.
+    order = np.lexsort((samples.column("pos").to_numpy(), samples.column("user_id").to_numpy()))
+    by_user = samples.drop_columns(["sample_id"]).take(order).append_column("row", pa.array(order))
+    del samples
+    size = cfg.retrieve.batch_size
+    ds = ray.data.from_arrow([by_user.slice(i, size) for i in range(0, max(len(by_user), 1), size)])
+    del by_user
+    ds = ds.map_batches(
+        RetrieveBatch, fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
+        batch_size=size, batch_format="numpy", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.retrieve.concurrency),
+    )
+    started, done = time.time(), 0
+    scratch = out_path.parent / f".{out_path.stem}-blocks"
+    scratch.mkdir()
+    blocks = []
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            path = scratch / f"{len(blocks)}"
+            np.save(f"{path}-long.npy", batch["hist_long"])
+            np.save(f"{path}-short.npy", batch["hist_short"])
+            blocks.append((batch["row"], path))
+            done += len(batch["row"])
+            log.info("%s: retrieved %d/%d samples (%.0f/s)", out_path.stem, done, len(sample_ids),
+                     done / max(time.time() - started, 1e-9))
+        if done != len(sample_ids):
+            raise RuntimeError(f"{samples_path}: {len(sample_ids)} samples but {done} retrieval rows")
+        stats = _write_in_row_order(out_path, sample_ids, blocks, cfg.retrieve)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    stats["seconds"] = round(time.time() - started, 1)
+    return stats
+
+
+def _write_in_row_order(out_path: Path, sample_ids: np.ndarray, blocks: list, r) -> dict:
+    """Each block's rows are ascending, so a window of rows is one slice of every block."""
+    window = max(r.batch_size, 1 << 20)
+    total_long = total_short = 0
+    with pq.ParquetWriter(out_path, SCHEMA) as writer:
+        for lo in range(0, len(sample_ids), window):
+            hi = min(lo + window, len(sample_ids))
+            hist_long = np.empty((hi - lo, r.k_long), dtype=np.int32)
+            hist_short = np.empty((hi - lo, r.k_short), dtype=np.int32)
+            for rows, path in blocks:
+                a, b = np.searchsorted(rows, [lo, hi])
+                if a < b:
+                    hist_long[rows[a:b] - lo] = np.load(f"{path}-long.npy", mmap_mode="r")[a:b]
+                    hist_short[rows[a:b] - lo] = np.load(f"{path}-short.npy", mmap_mode="r")[a:b]
+            total_long += int((hist_long >= 0).sum())
+            total_short += int((hist_short >= 0).sum())
+            writer.write_table(pa.table({"sample_id": pa.array(sample_ids[lo:hi], pa.int64()),
+                                         "hist_long": padded_to_lists(hist_long),
+                                         "hist_short": padded_to_lists(hist_short)}, schema=SCHEMA))
+    n = max(len(sample_ids), 1)
+    return {"samples": len(sample_ids), "mean_long": total_long / n, "mean_short": total_short / n}
+
+
+class RetrieveBatch:
+    """A Ray Data actor holding the shared sequences and embeddings (zero-copy from the store)."""
+
+    def __init__(self, shared: dict, cfg):
+        import ray
+
+        self.retriever = HistoryRetriever(
+            offsets=ray.get(shared["offsets"]), seq_items=ray.get(shared["seq_items"]),
+            embeddings=ray.get(shared["embeddings"]), k_long=cfg.k_long, k_short=cfg.k_short,
+            long_mode=cfg.long_mode, short_mode=cfg.short_mode,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hist_long, hist_short = self.retriever.retrieve(batch["user_id"], batch["item_id"], batch["pos"])
+        ascending = np.argsort(batch["row"])
+        return {"row": batch["row"][ascending], "hist_long": hist_long[ascending], "hist_short": hist_short[ascending]}
+
+
+@dataclass
+class Retrieval:
+    """One split's retrieved histories: indices into each user's sequence, -1 padded on the
+    left like `Sequences.recent`, so `sequences.gather(user_ids, hist_long)` gives item ids."""
+
+    sample_id: np.ndarray  # int64 (n,), the row order of samples/{split}.parquet
+    hist_long: np.ndarray  # int32 (n, k_long)
+    hist_short: np.ndarray  # int32 (n, k_short)
+
+
+def retrieval_dir(path: str | Path) -> Path:
+    """OUT, OUT/data or OUT/data/retrieval -> OUT/data/retrieval."""
+    path = Path(path)
+    for candidate in (path, path / "retrieval", RunDir(path).retrieval):
+        if (candidate / "retrieval.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no retrieval output under {path}; run `reclora retrieve` first")
+
+
+def load_retrieval(path: str | Path, split: str) -> Retrieval:
+    """The `split`'s retrieved histories from a run directory, its data dir or the retrieval dir."""
+    directory = retrieval_dir(path)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    meta = json.loads((directory / "retrieval.json").read_text())
+    table = pq.read_table(directory / f"{split}.parquet")
+    return Retrieval(
+        sample_id=table.column("sample_id").to_numpy(),
+        hist_long=lists_to_padded(table.column("hist_long"), meta["k_long"]),
+        hist_short=lists_to_padded(table.column("hist_short"), meta["k_short"]),
+    )
