@@ -79,9 +79,12 @@ def write_text(location: str | Path, text: str) -> None:
 
 
 def read_marker(location: str | Path) -> dict | None:
+    marker = join(location, MARKER)
+    if not exists(marker):
+        return None
     try:
-        return json.loads(read_text(join(location, MARKER)))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(read_text(marker))
+    except json.JSONDecodeError:
         return None
 
 

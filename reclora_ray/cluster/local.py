@@ -63,6 +63,7 @@ class ClusterInfo:
     gcs_address: str  # for ray.init(address=...) and `ray start --address`
     dashboard_url: str  # for `ray job submit --address` / RAY_ADDRESS of the job CLI
     token_file: str
+    failure_detection_s: int | None = None
     nodes: list[NodeInfo] = field(default_factory=list)
 
 
@@ -79,12 +80,14 @@ class LocalCluster:
         n_workers: int = 1,
         cpus_per_node: int = 1,
         object_store_mb: int = 256,
+        failure_detection_s: int | None = None,
         ray_bin: str | None = None,
     ):
         self.root = Path(root).resolve()
         self.n_workers = n_workers
         self.cpus_per_node = cpus_per_node
         self.object_store_mb = object_store_mb
+        self.failure_detection_s = failure_detection_s  # None: Ray's default (about 15 s)
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
         self.info: ClusterInfo | None = None
 
@@ -101,6 +104,7 @@ class LocalCluster:
             gcs_address=f"127.0.0.1:{gcs_port}",
             dashboard_url=f"http://127.0.0.1:{dash_port}",
             token_file=str(token_file),
+            failure_detection_s=self.failure_detection_s,
         )
         deadline = time.monotonic() + timeout_s
         try:
@@ -159,7 +163,7 @@ class LocalCluster:
             raise ClusterError(f"no cluster state at {state}: was the cluster started with this --dir?")
         raw = json.loads(state.read_text())
         raw["nodes"] = [NodeInfo(**n) for n in raw["nodes"]]
-        cluster = cls(root, n_workers=len(raw["nodes"]) - 1)
+        cluster = cls(root, n_workers=len(raw["nodes"]) - 1, failure_detection_s=raw["failure_detection_s"])
         cluster.info = ClusterInfo(**raw)
         return cluster
 
@@ -223,6 +227,9 @@ class LocalCluster:
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.info.token_file)
+        if self.failure_detection_s:  # the GCS declares a node dead after this many missed 1 s checks
+            env.update(RAY_health_check_period_ms="1000",
+                       RAY_health_check_failure_threshold=str(self.failure_detection_s))
         # `python` in job entrypoints must be this interpreter (the one with the project installed).
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -355,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
     start.add_argument("--cpus-per-node", type=int, default=1)
     start.add_argument("--object-store-mb", type=int, default=256)
+    start.add_argument("--failure-detection-s", type=int,
+                       help="declare a silent node dead after this many seconds (default: Ray's)")
     for name, text in (("stop", "stop the cluster under --dir"), ("status", "print the cluster under --dir")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--dir", default=default_dir(), help=dir_help)
@@ -365,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.action == "start":
-            cluster = LocalCluster(args.dir, args.workers, args.cpus_per_node, args.object_store_mb)
+            cluster = LocalCluster(args.dir, args.workers, args.cpus_per_node, args.object_store_mb,
+                                   args.failure_detection_s)
             cluster.start()
         else:
             cluster = LocalCluster.attach(args.dir)

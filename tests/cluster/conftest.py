@@ -15,7 +15,8 @@ def local_cluster(tmp_path_factory):
     """A head and one worker node started with cluster/local/start.sh, stopped with stop.sh."""
     root = tmp_path_factory.mktemp("cluster")
     env = dict(os.environ, PYTHON=sys.executable)
-    subprocess.run([REPO / "cluster/local/start.sh", "--dir", root, "--workers", "1"],
+    subprocess.run([REPO / "cluster/local/start.sh", "--dir", root, "--workers", "1",
+                    "--failure-detection-s", "3"],
                    env=env, check=True, timeout=120)
     cluster = LocalCluster.attach(root)
     sessions = [n.pid for n in cluster.info.nodes]

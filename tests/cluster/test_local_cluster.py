@@ -79,3 +79,18 @@ def test_kill_node_is_a_node_death(local_cluster):
         time.sleep(1)
     assert [n.name for n in local_cluster.info.nodes] == ["head", "worker1"]
     assert os.path.exists(node.log_file)
+
+
+def test_sweep_job_spreads_experiments_over_the_nodes(local_cluster, tmp_path):
+    jobs = JobClient(local_cluster.info.dashboard_url, local_cluster.info.token_file)
+    job_id = jobs.submit(
+        ["python", "jobs/sweep.py", "--config", "tiny", "--out", str(tmp_path),
+         "--experiment", "sweep_experiments:fit", "--grid", "crm.lr=0.1,0.3"],
+        working_dir=REPO,
+        runtime_env_json=json.dumps({"env_vars": {"PYTHONPATH": "tests/cluster"}}),
+    )
+    assert jobs.wait(job_id, timeout_s=120) == "SUCCEEDED"
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
+    # One CPU per node and one CPU per experiment: they ran side by side on the two nodes.
+    assert len({r["node_id"] for r in rows}) == 2
