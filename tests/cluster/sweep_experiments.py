@@ -1,0 +1,39 @@
+"""A small real experiment for sweep tests: logistic regression by gradient descent on a
+synthetic click log, its hyperparameters taken from the config like a CRM's."""
+
+import json
+import os
+import time
+
+import numpy as np
+import ray
+from sklearn.metrics import log_loss, roc_auc_score
+
+from reclora_ray import storage
+from reclora_ray.config import Config
+
+
+def fit(cfg: Config, out: str) -> dict:
+    started = time.time()
+    if cfg.crm.lr <= 0:
+        raise ValueError(f"crm.lr must be positive, got {cfg.crm.lr}")
+    rng = np.random.default_rng(cfg.run.seed)
+    x = rng.normal(size=(20_000, cfg.crm.embed_dim))
+    true_w = rng.normal(size=cfg.crm.embed_dim)
+    y = (rng.random(len(x)) < 1 / (1 + np.exp(-x @ true_w))).astype(float)
+    w = np.zeros(cfg.crm.embed_dim)
+    for _ in range(cfg.crm.epochs * 20):
+        p = 1 / (1 + np.exp(-x @ w))
+        w -= cfg.crm.lr * x.T @ (p - y) / len(x)
+    p = np.clip(1 / (1 + np.exp(-x @ w)), 1e-7, 1 - 1e-7)
+    metrics = {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p))}
+    with storage.staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+    return {
+        **metrics,
+        "lr": cfg.crm.lr,
+        "cpus": ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0),
+        "pid": os.getpid(),
+        "start": started,
+        "end": time.time(),
+    }

@@ -1,0 +1,84 @@
+"""Stage outputs at a local path and at a URI (file:// exercises the upload path that s3:// and
+gs:// take; no object-store emulator is installed here, so those schemes are not run)."""
+
+import json
+
+import pytest
+
+from reclora_ray import storage
+from reclora_ray.rundir import MARKER, StageOutputExists
+
+
+@pytest.fixture(params=["path", "uri"])
+def location(request, tmp_path):
+    target = tmp_path / "run" / "crm" / "sim"
+    return str(target) if request.param == "path" else f"file://{target}"
+
+
+def local(location: str):
+    from pathlib import Path
+
+    return Path(location.removeprefix("file://"))
+
+
+def test_staged_output_publishes_everything_then_counts_as_done(location):
+    assert storage.check_can_write(location, "fp1", overwrite=False)
+    with storage.staged_output(location, "fp1", extra={"model": "sim"}) as tmp:
+        (tmp / "weights.bin").write_bytes(b"\x00" * 10)
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "metrics.json").write_text('{"auc": 0.8}')
+    out = local(location)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        MARKER, "nested/metrics.json", "weights.bin"]
+    assert storage.is_done(location, "fp1") and not storage.is_done(location, "fp2")
+    assert storage.read_marker(location)["model"] == "sim"
+    assert storage.check_can_write(location, "fp1", overwrite=False) is False
+    with pytest.raises(StageOutputExists, match="different config"):
+        storage.check_can_write(location, "fp2", overwrite=False)
+
+
+def test_failed_stage_leaves_nothing(location):
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.staged_output(location, "fp1") as tmp:
+            (tmp / "half.bin").write_bytes(b"\x01")
+            raise RuntimeError("boom")
+    assert not storage.exists(location)
+    assert not storage.is_done(location, "fp1")
+
+
+def test_overwrite_replaces_the_old_output_entirely(location):
+    with storage.staged_output(location, "fp1") as tmp:
+        (tmp / "old.bin").write_bytes(b"old")
+    assert storage.check_can_write(location, "fp2", overwrite=True)
+    with storage.staged_output(location, "fp2") as tmp:
+        (tmp / "new.bin").write_bytes(b"new")
+    out = local(location)
+    assert not (out / "old.bin").exists() and (out / "new.bin").read_bytes() == b"new"
+    assert storage.is_done(location, "fp2")
+
+
+def test_directory_without_marker_is_not_finished(tmp_path):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "part-0.parquet").write_bytes(b"x")  # e.g. an upload cut short before the marker
+    uri = f"file://{half}"
+    assert not storage.is_done(uri, "fp1")
+    with pytest.raises(StageOutputExists, match="holds no finished stage output"):
+        storage.check_can_write(uri, "fp1", overwrite=False)
+
+
+def test_small_files_and_joins(tmp_path):
+    uri = storage.join(f"file://{tmp_path}/", "a", "/b.json")
+    assert uri == f"file://{tmp_path}/a/b.json"
+    storage.write_text(uri, json.dumps({"x": 1}))
+    assert json.loads(storage.read_text(uri)) == {"x": 1}
+    storage.write_text(str(tmp_path / "c" / "d.txt"), "hi")
+    assert storage.read_text(str(tmp_path / "c" / "d.txt")) == "hi"
+    assert storage.exists(uri) and not storage.exists(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        storage.read_text(str(tmp_path / "nope"))
+
+
+def test_unknown_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="output location nosuch://bucket/x"):
+        storage.exists("nosuch://bucket/x")

@@ -1,0 +1,135 @@
+"""Sweep mechanics on a real local Ray: grid expansion, resource requests and queueing,
+failures as rows, resume, and the merged markdown + JSON report."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from reclora_ray.cluster.sweep import SweepSpec, expand, markdown_table, parse_grid_arg, run_sweep
+from reclora_ray.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+# A top-level `tests` package installed by some dependency shadows this repo's tests/, so the
+# experiment module is imported from its own directory.
+EXPERIMENT = "sweep_experiments:fit"
+
+
+def load_job(name):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def max_overlap(rows):
+    events = sorted([(r["metrics"]["start"], 1) for r in rows] + [(r["metrics"]["end"], -1) for r in rows])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    path = f"{HERE}:{REPO}"
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def importable_experiments(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def test_grid_args_and_expansion():
+    assert parse_grid_arg("lora.n_meta=1,2,4") == ("lora.n_meta", [1, 2, 4])
+    assert parse_grid_arg("lora.target_modules=[[q_proj],[q_proj,v_proj]]") == (
+        "lora.target_modules", [["q_proj"], ["q_proj", "v_proj"]])
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid_arg("lora.n_meta")
+    spec = SweepSpec(config="tiny", variants={"full": {}, "w/o long": {"retrieve.long_mode": "recent"}},
+                     grid={"lora.n_meta": [1, 4], "crm.lr": [1e-3]})
+    exps = expand(spec)
+    assert [e.name for e in exps] == ["full,n_meta=1,lr=0.0010", "full,n_meta=4,lr=0.0010",
+                                      "w/o long,n_meta=1,lr=0.0010", "w/o long,n_meta=4,lr=0.0010"]
+    assert exps[3].dirname == "w_o_long,n_meta=4,lr=0.0010"
+    assert exps[3].cfg.retrieve.long_mode == "recent" and exps[3].cfg.lora.n_meta == 4
+    assert exps[0].cfg.retrieve.long_mode == "semantic"
+
+
+def test_bad_grid_key_fails_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"experiment n_mta=2: lora\.n_mta: unknown key"):
+        expand(SweepSpec(config="tiny", grid={"lora.n_mta": [2]}))
+
+
+@pytest.mark.parametrize("name", ["table3", "n_meta"])
+def test_packaged_sweeps_expand_on_the_paper_configs(name):
+    spec = SweepSpec.from_yaml(str(REPO / "cluster" / "sweeps" / f"{name}.yaml"))
+    spec.config = "ml-1m"
+    exps = expand(spec)
+    assert len(exps) == {"table3": 6, "n_meta": 5}[name]
+    assert all(e.cfg.tune.variants == ["reclora"] for e in exps)
+
+
+@pytest.mark.ray
+def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
+    spec = SweepSpec(config="tiny", grid={"crm.lr": [0.05, 0.2, 0.5, 1.0]}, experiment=EXPERIMENT,
+                     resources={"num_cpus": 1})
+    rows = run_sweep(spec, str(tmp_path))
+    assert [r["status"] for r in rows] == ["succeeded"] * 4
+    assert [r["metrics"]["lr"] for r in rows] == [0.05, 0.2, 0.5, 1.0]
+    assert all(r["metrics"]["cpus"] == 1.0 for r in rows)
+    assert max_overlap(rows) <= 2  # 2 CPUs, 1 CPU each: the other two waited
+    assert rows[-1]["metrics"]["logloss"] < rows[0]["metrics"]["logloss"]  # more steps of size lr
+
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0] == "| experiment | crm.lr | auc | cpus | end | logloss | lr | pid | start | status | seconds |"
+    assert len(table) == 2 + 4 and table[2].startswith("| lr=0.0500 | 0.0500 | ")
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    assert json.loads((tmp_path / "lr=0.0500" / "metrics.json").read_text())["auc"] == rows[0]["metrics"]["auc"]
+
+    # Two CPUs per experiment on a 2-CPU Ray: they run one at a time.
+    wide = run_sweep(SweepSpec(config="tiny", grid={"crm.lr": [0.1, 0.3]}, experiment=EXPERIMENT,
+                               resources={"num_cpus": 2}), str(tmp_path / "wide"))
+    assert max_overlap(wide) == 1 and all(r["metrics"]["cpus"] == 2.0 for r in wide)
+
+
+@pytest.mark.ray
+def test_failures_are_rows_and_reruns_skip_finished_work(local_ray, tmp_path):
+    job = load_job("sweep")
+    argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", EXPERIMENT,
+            "--grid", "crm.lr=0.1,-1", "--max-concurrent", "1"]
+    assert job.main(argv) == 1
+    first = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["status"] for r in first] == ["succeeded", "failed"]
+    assert first[1]["error"] == "ValueError: crm.lr must be positive, got -1.0"
+    assert "failed: ValueError: crm.lr must be positive" in (tmp_path / "sweep.md").read_text()
+
+    assert job.main(argv) == 1  # the finished experiment is reused, the failed one retried
+    second = json.loads((tmp_path / "sweep.json").read_text())
+    assert second[0] == first[0]
+    assert second[1]["started_at"] > first[1]["started_at"]
+
+    # Another config for the same name is not taken for finished work.
+    assert job.main(argv[:-4] + ["--grid", "crm.lr=0.1", "--set", "crm.epochs=2"]) == 0
+    third = json.loads((tmp_path / "sweep.json").read_text())
+    assert third[0]["started_at"] > first[0]["started_at"]
+
+
+def test_markdown_table_lists_every_metric_and_escapes_pipes():
+    rows = [
+        {"name": "a", "overrides": {"x": 1}, "metrics": {"auc": 0.5}, "status": "succeeded", "error": None, "seconds": 1.0},
+        {"name": "b", "overrides": {"x": 2}, "metrics": {"loss": 1.25}, "status": "failed", "error": "E: a|b", "seconds": 2.0},
+    ]
+    assert markdown_table(rows, ["x"]).splitlines() == [
+        "| experiment | x | auc | loss | status | seconds |",
+        "|---|---|---|---|---|---|",
+        "| a | 1 | 0.5000 |  | succeeded | 1.0 |",
+        "| b | 2 |  | 1.2500 | failed: E: a\\|b | 2.0 |",
+    ]
