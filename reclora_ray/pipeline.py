@@ -7,34 +7,36 @@ where the last run stopped; `--overwrite` redoes stages whose config changed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import time
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
-from reclora_ray.llm.examples import needs_retrieval
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.llm.variants import crm_config, crm_name, get_variant
 from reclora_ray.rundir import RunDir
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.runtime import config_from_args, save_resolved_config
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: Config, out: str, overwrite: bool = False) -> dict:
+    """Every stage in order; returns OUT/metrics.json: {"models": {name: {"auc", "logloss", ...}}}."""
     from reclora_ray.crm.train import pretrain_crm
     from reclora_ray.data.prepare import prepare_dataset
     from reclora_ray.llm.score import score_crm, score_variant
     from reclora_ray.llm.tune import tune_variant
     from reclora_ray.report import write_report
     from reclora_ray.retrieval.embed import embed_items
-    from reclora_ray.retrieval.retrieve import retrieve
+    from reclora_ray.retrieval.retrieve import retrieve_histories
 
     run = RunDir(out)
     run.root.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run.root)
-    init_ray(cfg)
-    variants = [get_variant(v) for v in cfg.tune.variants]
-    scored = (["zero-shot"] if cfg.score.zero_shot else []) + [v.name for v in variants]
+    tuned = [get_variant(v) for v in cfg.tune.variants]
+    scored = ([get_variant("zero-shot")] if cfg.score.zero_shot else []) + tuned
+    gated = [v for v in tuned if v.uses_crm] or [get_variant("reclora")]  # the CRM row needs one
     timings: dict[str, float] = {}
 
     def stage(name, fn, *args):
@@ -45,22 +47,21 @@ def run_pipeline(cfg: Config, out: str, overwrite: bool = False) -> dict:
         return result
 
     stage("prepare", prepare_dataset, cfg, run.data, overwrite)
-    if any(needs_retrieval(get_variant(v)) for v in scored):
-        stage("embed", embed_items, cfg, run, overwrite)
-        stage("retrieve", retrieve, cfg, run, overwrite)
-    crm_histories = {"long"} | {v.crm_history for v in variants if v.uses_crm}
-    for history in sorted(crm_histories):
-        stage(f"pretrain-crm ({history} history)", pretrain_crm, cfg, run, history, overwrite)
-    for v in variants:
-        stage(f"tune {v.name}", tune_variant, cfg, run, v.name, overwrite)
-    stage("score crm", score_crm, cfg, run, "semantic", overwrite)
-    for name in scored:
-        stage(f"score {name}", score_variant, cfg, run, name, overwrite)
+    stage("embed", embed_items, cfg, run.root, overwrite)
+    stage("retrieve", retrieve_histories, cfg, run.root, overwrite)
+    for crm in {crm_name(cfg, v): crm_config(cfg, v) for v in gated}.values():
+        stage(f"pretrain-crm {crm.model} ({crm.history} history)", pretrain_crm,
+              dataclasses.replace(cfg, crm=crm), run.root, overwrite)
+    for variant in tuned:
+        stage(f"tune {variant.name}", tune_variant, cfg, run, variant.name, overwrite)
+    stage("score the CRM", score_crm, cfg, run, gated[0].name, overwrite)
+    for variant in scored:
+        stage(f"score {variant.name}", score_variant, cfg, run, variant.name, overwrite)
     notes = [
         f"dataset {cfg.data.dataset}; LLM {cfg.llm.model} ({cfg.llm.dtype}{', 8-bit' if cfg.llm.load_in_8bit else ''}); "
         f"CRM {cfg.crm.model}",
         f"few-shot set: {cfg.tune.few_shot} training samples drawn uniformly (seed {cfg.run.seed}); "
-        f"test: {'a fixed random subsample of ' + str(cfg.data.test_subsample) if cfg.data.test_subsample else 'the whole split'}",
+        f"test: {'a fixed random subsample of ' + str(cfg.data.test_subsample) + ' samples' if cfg.data.test_subsample else 'the whole split'}",
         f"histories: {cfg.retrieve.k_long} behaviours for the CRM, {cfg.retrieve.k_short} in the prompt",
         "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ]
@@ -72,5 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_pipeline(config_from_args(args), args.out, overwrite=args.overwrite)
+    metrics = run_pipeline(config_from_args(args), args.out, overwrite=args.overwrite)
+    print(json.dumps(metrics, indent=2))
     return 0

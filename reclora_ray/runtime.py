@@ -35,4 +35,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.run.num_cpus or "all")
-        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
+        # Workers import the same reclora_ray as this driver, even from an uninstalled checkout.
+        source_root = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

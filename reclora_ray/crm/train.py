@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, ConfigError, CRMConfig
-from reclora_ray.crm.checkpoint import save_crm
+from reclora_ray.crm.checkpoint import checkpoint_name, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
@@ -76,7 +76,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller).
     """
     run = RunDir(out)
-    out_dir = run.crm(cfg.crm.model)
+    out_dir = run.crm(checkpoint_name(cfg.crm))
     stage_fingerprint = fingerprint(cfg)
     if not check_can_write(out_dir, stage_fingerprint, overwrite):
         return out_dir

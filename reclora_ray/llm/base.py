@@ -154,8 +154,7 @@ def _converted_gguf(model_dir: str | Path, gguf_file: str, cache_dir: str | None
     del model.config.quantization_config
     tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_checkpoint(model, tokenizer, tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():  # not a lost race with another process
@@ -163,6 +162,19 @@ def _converted_gguf(model_dir: str | Path, gguf_file: str, cache_dir: str | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _save_checkpoint(model, tokenizer, directory: Path) -> None:
+    """save_pretrained, but on every process: inside a torch.distributed group (a Ray Train
+    worker) transformers writes model files on rank 0 only, and each worker needs its own copy."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
 
 
 # --------------------------------------------------------------------------- tiny-random
@@ -221,8 +233,7 @@ def _tiny_random_dir() -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     directory = Path(tempfile.mkdtemp(prefix="reclora-tiny-random-"))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    _save_checkpoint(model, tokenizer, directory)
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory
 

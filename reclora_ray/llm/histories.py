@@ -1,60 +1,74 @@
-"""The short (text) and long (ID) histories of a batch of samples, as padded arrays.
+"""The short (text) and long (ID) histories of a batch of samples, as item ids and ratings.
 
-Tuning, batch scoring and serving all go through `HistoryBatch`, so a sample gets the same
-prompt and the same R_c whichever path scores it. Histories are item ids and star ratings,
-chronological, left-padded with item -1 / rating 0 to a fixed K.
+Tuning, batch scoring and serving all hand the model a `Histories`, so a sample gets the same
+prompt and the same R_c whichever path scores it. Batch paths build it from sequence indices
+(retrieved, or the recent K); the online service from a request's own behaviours.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import pandas as pd
 
 from reclora_ray.data.prepared import Sequences
+from reclora_ray.llm.variants import Variant
 
 
 @dataclass
-class HistoryBatch:
-    item_ids: np.ndarray  # (B, K) int64, -1 = padding
-    ratings: np.ndarray  # (B, K) float32, 0 at padding
+class Histories:
+    """Chronological, left-padded with item -1 / rating 0 to a fixed K per list."""
 
-    def row(self, i: int) -> tuple[list[int], list[float]]:
-        """Sample i's history without padding, oldest first."""
-        keep = self.item_ids[i] >= 0
-        return self.item_ids[i][keep].tolist(), self.ratings[i][keep].tolist()
+    short_items: np.ndarray  # (B, k_short) int64: the prompt's history
+    short_ratings: np.ndarray  # (B, k_short) float32
+    long_items: Optional[np.ndarray] = None  # (B, k_long) int64: what the CRM reads; None without a gate
+    long_ratings: Optional[np.ndarray] = None
 
-
-def pad_index_lists(lists, k: int) -> np.ndarray:
-    """Ragged per-sample sequence indices (each at most k, chronological) -> (B, k), -1 on the left."""
-    out = np.full((len(lists), k), -1, dtype=np.int64)
-    for i, idx in enumerate(lists):
-        idx = np.asarray(idx, dtype=np.int64)[-k:]
-        if len(idx):
-            out[i, k - len(idx):] = idx
-    return out
+    def take(self, index: np.ndarray) -> "Histories":
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Histories(pick(self.short_items), pick(self.short_ratings), pick(self.long_items), pick(self.long_ratings))
 
 
-def history_batch(
-    sequences: Sequences,
-    user_ids: np.ndarray,
-    pos: np.ndarray,
-    k: int,
-    mode: str,
-    retrieved=None,
-) -> HistoryBatch:
-    """Histories of k behaviours: the retrieved index lists (`semantic`) or the last k (`recent`)."""
-    user_ids = np.asarray(user_ids, dtype=np.int64)
+def history_indices(sequences: Sequences, rows: pd.DataFrame, mode: str, k: int, column: str) -> np.ndarray:
+    """(B, k) indices into each user's sequence: the retrieved `column` or the last k before pos."""
     if mode == "recent":
-        indices = sequences.recent(user_ids, np.asarray(pos), k).astype(np.int64)
-    elif mode == "semantic":
-        if retrieved is None:
-            raise ValueError("semantic histories need the retrieval output; run `reclora retrieve` first")
-        indices = pad_index_lists(retrieved, k)
-    else:
+        return sequences.recent(rows["user_id"].to_numpy(), rows["pos"].to_numpy(), k).astype(np.int64)
+    if mode != "semantic":
         raise ValueError(f"unknown history mode {mode!r}; expected 'semantic' or 'recent'")
-    return HistoryBatch(
-        item_ids=sequences.gather(user_ids, indices, "item_ids").astype(np.int64),
-        ratings=sequences.gather(user_ids, indices, "ratings").astype(np.float32),
-    )
+    if column not in rows:
+        raise ValueError(f"semantic histories need the retrieval output column {column!r}; run `reclora retrieve` first")
+    indices = np.stack(rows[column].to_numpy()).astype(np.int64)
+    if indices.shape[1] != k:
+        raise ValueError(f"{column} holds {indices.shape[1]} behaviours per sample but the config asks for {k}; "
+                         "re-run `reclora retrieve --overwrite` with this config")
+    return indices
 
+
+def sample_histories(sequences: Sequences, rows: pd.DataFrame, variant: Variant, k_short: int, k_long: int) -> Histories:
+    """The histories `variant` reads for prepared samples (columns user_id, pos[, hist_short, hist_long])."""
+    users = rows["user_id"].to_numpy()
+
+    def gather(indices):
+        return (sequences.gather(users, indices, "item_ids").astype(np.int64),
+                sequences.gather(users, indices, "ratings").astype(np.float32))
+
+    short = gather(history_indices(sequences, rows, variant.short_mode, k_short, "hist_short"))
+    long = gather(history_indices(sequences, rows, variant.long_mode, k_long, "hist_long")) if variant.uses_crm else (None, None)
+    return Histories(*short, *long)
+
+
+def load_samples(data_dir: Path, split: str, variant: Variant) -> pd.DataFrame:
+    """A split's samples, with the retrieved hist_long / hist_short columns when the variant reads them."""
+    samples = pd.read_parquet(Path(data_dir) / "samples" / f"{split}.parquet")
+    if not variant.needs_retrieval:
+        return samples
+    from reclora_ray.retrieval.retrieve import load_retrieval
+
+    retrieval = load_retrieval(data_dir, split)
+    if not np.array_equal(retrieval.sample_id, samples["sample_id"].to_numpy()):
+        raise ValueError(f"the retrieval output for {split} does not match {data_dir}/samples/{split}.parquet; "
+                         "re-run `reclora retrieve --overwrite`")
+    return samples.assign(hist_long=list(retrieval.hist_long), hist_short=list(retrieval.hist_short))

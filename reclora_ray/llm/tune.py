@@ -25,7 +25,7 @@ import pandas as pd
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.llm.examples import few_shot_sample, needs_retrieval
+from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.variants import Variant, crm_name, get_variant
 from reclora_ray.rundir import RunDir, check_can_write, staged_output
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
@@ -37,32 +37,14 @@ STATE_FILE = "train_state.json"
 
 def fingerprint(cfg: Config, variant: Variant) -> str:
     sections = ["data", "retrieve", "llm", "lora", "tune", "run"]
-    if variant.uses_crm or needs_retrieval(variant):
+    if variant.uses_crm or variant.needs_retrieval:
         sections += ["embed", "crm"]
     return f"{variant.name}-{cfg.section_hash(*sections)}"
 
 
-def load_split_with_retrieval(run: RunDir, split: str, variant: Variant) -> pd.DataFrame:
-    """Samples of a split, with hist_long / hist_short when the variant needs them."""
-    data_dir = run.data
-    samples = pd.read_parquet(data_dir / "samples" / f"{split}.parquet")
-    if needs_retrieval(variant):
-        from reclora_ray.retrieval.retrieve import load_retrieval
-
-        retrieval = load_retrieval(run.root, split)
-        if len(retrieval) != len(samples) or not np.array_equal(
-            retrieval["sample_id"].to_numpy(), samples["sample_id"].to_numpy()
-        ):
-            raise ValueError(f"{run.retrieval}/{split}.parquet does not match samples/{split}.parquet; "
-                             "re-run `reclora retrieve --overwrite`")
-        samples = samples.assign(hist_long=retrieval["hist_long"].to_numpy(),
-                                 hist_short=retrieval["hist_short"].to_numpy())
-    return samples
-
-
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
     t, precision = cfg.tune, cfg.llm.dtype
-    warmup = int(t.warmup_ratio * total_steps)
+    warmup = max(1, int(t.warmup_ratio * total_steps))  # DeepSpeed requires >= 1
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -82,50 +64,6 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
     }
 
 
-class BatchAssembler:
-    """Pandas rows -> model inputs (prompt tokens, answer labels, CRM features)."""
-
-    def __init__(self, cfg: Config, data: PreparedData, variant: Variant, tokenizer, encoder):
-        from reclora_ray.llm.collate import PromptCollator
-        from reclora_ray.llm.examples import ExampleBuilder
-
-        self.builder = ExampleBuilder(cfg, data, variant, tokenizer)
-        self.collator = PromptCollator(tokenizer, cfg.llm.max_length)
-        self.encoder = encoder
-
-    def crm_batch(self, rows: pd.DataFrame, long_history):
-        if long_history is None:
-            return None
-        return self.encoder.encode(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
-                                   rows["timestamp"].to_numpy(), long_history.item_ids, long_history.ratings)
-
-    def training(self, rows: pd.DataFrame) -> dict:
-        ex = self.builder.build(rows)
-        batch = self.collator.training_batch(self.collator.encode(ex.prompts), rows["label"].to_numpy())
-        batch["crm_batch"] = self.crm_batch(rows, ex.long_history)
-        return batch
-
-    def scoring(self, rows: pd.DataFrame) -> dict:
-        ex = self.builder.build(rows)
-        batch = self.collator.scoring_batch(self.collator.encode(ex.prompts))
-        batch["crm_batch"] = self.crm_batch(rows, ex.long_history)
-        return batch
-
-
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine over this worker's shard of the few-shot set."""
     import deepspeed
@@ -133,9 +71,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from reclora_ray.llm import plora
     from reclora_ray.llm.collate import p_yes
+    from reclora_ray.llm.inputs import InputBuilder, to_device
     from reclora_ray.llm.model import build_model
+    from reclora_ray.llm.plora import unwrap
     from reclora_ray.metrics import binary_metrics
 
     cfg: Config = loop_config["cfg"]
@@ -147,8 +86,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed)
 
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-    model, tokenizer, encoder = build_model(cfg, run, variant, device=device)
-    assembler = BatchAssembler(cfg, data, variant, tokenizer, encoder)
+    model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
+    inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, dist_init_required=False,
@@ -171,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for rows in train_shard.iter_batches(batch_size=cfg.tune.micro_batch, batch_format="pandas",
                                              drop_last=True, local_shuffle_buffer_size=cfg.tune.micro_batch * 8,
                                              local_shuffle_seed=cfg.run.seed + epoch):
-            batch = _to_device(assembler.training(rows), device)
+            batch = to_device(inputs.training_batch(rows), device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -179,11 +118,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         engine.eval()
         labels, probs = [], []
-        for rows in valid_shard.iter_batches(batch_size=cfg.score.batch_size, batch_format="pandas"):
-            batch = _to_device(assembler.scoring(rows), device)
-            logits = engine.module.last_logits(**batch)
-            probs.append(p_yes(logits, assembler.collator.yes_id, assembler.collator.no_id).cpu().numpy())
-            labels.append(rows["label"].to_numpy())
+        collator = inputs.collator
+        for rows in valid_shard.iter_batches(batch_size=cfg.score.batch_size * 8, batch_format="pandas"):
+            hist = inputs.histories(rows)
+            batches = inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
+                                             rows["timestamp"].to_numpy(), hist, cfg.score.batch_size)
+            for index, batch in batches:
+                logits = engine.module.last_logits(**to_device(batch, device))
+                probs.append(p_yes(logits, collator.yes_id, collator.no_id).cpu().numpy())
+                labels.append(rows["label"].to_numpy()[index])
         gathered = [None] * world
         dist.all_gather_object(gathered, (np.concatenate(labels), np.concatenate(probs)))
         valid = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
@@ -193,7 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
             if rank == 0:
-                plora.save_adapter(engine.module.llm, Path(tmp) / "adapter")
+                unwrap(engine.module.llm).save_adapter(Path(tmp) / "adapter")
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
@@ -218,8 +161,8 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():
         raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
 
-    train = few_shot_sample(load_split_with_retrieval(run, "train", variant), cfg.tune.few_shot, cfg.run.seed)
-    valid = load_split_with_retrieval(run, "valid", variant)
+    train = few_shot_sample(load_samples(run.data, "train", variant), cfg.tune.few_shot, cfg.run.seed)
+    valid = load_samples(run.data, "valid", variant)
     if cfg.tune.valid_subsample and cfg.tune.valid_subsample < len(valid):
         valid = valid.sample(n=cfg.tune.valid_subsample, random_state=cfg.run.seed).reset_index(drop=True)
     world = cfg.tune.num_workers
@@ -252,6 +195,15 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         save_resolved_config(cfg, tmp)
     log.info("best epoch %d (valid AUC %.4f) -> %s", state["epoch"], state["val_auc"], out)
     return out
+
+
+def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """The paper's few-shot set: n training samples drawn uniformly without replacement, fixed
+    by the seed (the whole split when n exceeds it)."""
+    if n >= len(train):
+        return train.reset_index(drop=True)
+    keep = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
+    return train.iloc[keep].reset_index(drop=True)
 
 
 def _best_checkpoint(result):

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from reclora_ray.config import Config, LoRAConfig
+from reclora_ray.config import Config, CRMConfig, LoRAConfig
 
 HistoryMode = Literal["semantic", "recent"]
 
@@ -27,6 +27,11 @@ class Variant:
     def uses_crm(self) -> bool:
         """Only the personalized LoRA reads R_c: its gate is what the CRM drives."""
         return self.adapter == "plora"
+
+    @property
+    def needs_retrieval(self) -> bool:
+        """Whether any history it reads is the retrieved (semantic) one."""
+        return self.short_mode == "semantic" or (self.uses_crm and self.long_mode == "semantic")
 
     @property
     def crm_history(self) -> Literal["long", "recent"]:
@@ -64,6 +69,13 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+def crm_config(cfg: Config, variant: Variant) -> CRMConfig:
+    """The CRM a variant's gate reads: the configured model, on the variant's long history."""
+    return dataclasses.replace(cfg.crm, history=variant.crm_history)
+
+
 def crm_name(cfg: Config, variant: Variant) -> str:
-    """The CRM checkpoint a variant needs: OUT/crm/<model> or OUT/crm/<model>-recent."""
-    return cfg.crm.model if variant.crm_history == "long" else f"{cfg.crm.model}-recent"
+    """Its checkpoint: OUT/crm/<model> or OUT/crm/<model>-recent."""
+    from reclora_ray.crm.checkpoint import checkpoint_name
+
+    return checkpoint_name(crm_config(cfg, variant))
