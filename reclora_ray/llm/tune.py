@@ -27,7 +27,7 @@ from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.variants import Variant, crm_name, get_variant
-from reclora_ray.rundir import RunDir, check_can_write, staged_output
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         config=deepspeed_config(cfg, world, loop_config["total_steps"]),
     )
 
-    start_epoch = 0
+    history, attempt = [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag="engine", load_module_strict=False)
-            start_epoch = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["epoch"] + 1
-        log.info("rank %d resumed from the checkpoint of epoch %d", rank, start_epoch - 1)
+            history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+        attempt = history[-1]["attempt"] + 1
+        log.info("rank %d resumed from the checkpoint of epoch %d", rank, history[-1]["epoch"])
+    start_epoch = len(history)
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -130,22 +132,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, (np.concatenate(labels), np.concatenate(probs)))
         valid = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_auc": valid["auc"], "val_logloss": valid["logloss"]}
+        history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
             if rank == 0:
                 unwrap(engine.module.llm).save_adapter(Path(tmp) / "adapter")
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(metrics))
+                (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
             log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f",
                      epoch, metrics["train_loss"], metrics["val_auc"], metrics["val_logloss"])
 
 
-def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
-    """Tune one variant; returns OUT/adapter/<variant> (skipped when already done)."""
+def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False,
+                 callbacks: list | None = None) -> Path:
+    """Tune one variant; returns OUT/adapter/<variant> (skipped when already done).
+
+    `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -172,7 +178,8 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
              variant.name, variant.description, len(train), len(valid), world, total_steps)
 
     init_ray(cfg)
-    storage = (run.root / "ray_results").resolve()
+    # Kept until the adapter is written: re-running the same command after a crash resumes here.
+    storage = (run.root / "adapter" / f".ray-train-{variant.name}").resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
@@ -180,20 +187,24 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
         run_config=RunConfig(
-            name=f"tune-{fp}", storage_path=str(storage),
+            name=f"tune-{fp}", storage_path=str(storage), callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_auc",
                                                checkpoint_score_order="max"),
         ),
     )
     result = trainer.fit()
-    best = _best_checkpoint(result)
-    with best.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
+    with result.checkpoint.as_directory() as ckpt_dir:
+        history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+    best = max(history, key=lambda h: -math.inf if math.isnan(h["val_auc"]) else h["val_auc"])
+    best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
+    with best_checkpoint.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
-        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-        (tmp / "train_metrics.json").write_text(json.dumps(state, indent=2))
+        write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
+                                                       "few_shot": len(train), "history": history})
         save_resolved_config(cfg, tmp)
-    log.info("best epoch %d (valid AUC %.4f) -> %s", state["epoch"], state["val_auc"], out)
+    shutil.rmtree(storage, ignore_errors=True)
+    log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
     return out
 
 
@@ -204,16 +215,6 @@ def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         return train.reset_index(drop=True)
     keep = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
     return train.iloc[keep].reset_index(drop=True)
-
-
-def _best_checkpoint(result):
-    ranked = [(m.get("val_auc"), c) for c, m in result.best_checkpoints if m.get("val_auc") is not None]
-    ranked = [(auc, c) for auc, c in ranked if not math.isnan(auc)]
-    if ranked:
-        return max(ranked, key=lambda pair: pair[0])[1]
-    if result.checkpoint is None:
-        raise RuntimeError("tuning finished without a checkpoint")
-    return result.checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
