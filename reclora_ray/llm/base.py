@@ -112,7 +112,10 @@ def _from_pretrained(source: str, llm_cfg: LLMConfig, dtype: torch.dtype, device
     if llm_cfg.load_in_8bit:
         # bitsandbytes places the int8 weights itself; .to() is not allowed on such a model.
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": device.type}
         return AutoModelForCausalLM.from_pretrained(source, **kwargs), tokenizer
     return AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device), tokenizer
 

@@ -89,8 +89,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
     inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # The engine owns the LLM only: the frozen CRM stays outside, in its own precision, and
+    # out of the optimizer and the checkpoints.
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=trainable, dist_init_required=False,
+        model=model.llm, model_parameters=trainable, dist_init_required=False,
         config=deepspeed_config(cfg, world, loop_config["total_steps"]),
     )
 
@@ -113,7 +115,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                              drop_last=True, local_shuffle_buffer_size=cfg.tune.micro_batch * 8,
                                              local_shuffle_seed=cfg.run.seed + epoch):
             batch = to_device(inputs.training_batch(rows), device)
-            loss = engine(**batch).loss
+            crm_repr = model.crm_repr(batch.pop("crm_features"))
+            loss = engine(**batch, crm_repr=crm_repr).loss
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
@@ -126,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches = inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
                                              rows["timestamp"].to_numpy(), hist, cfg.score.batch_size)
             for index, batch in batches:
-                logits = engine.module.last_logits(**to_device(batch, device))
+                logits = model.last_logits(**to_device(batch, device))  # model.llm is engine.module
                 probs.append(p_yes(logits, collator.yes_id, collator.no_id).cpu().numpy())
                 labels.append(rows["label"].to_numpy()[index])
         gathered = [None] * world
@@ -139,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
             if rank == 0:
-                unwrap(engine.module.llm).save_adapter(Path(tmp) / "adapter")
+                unwrap(engine.module).save_adapter(Path(tmp) / "adapter")
                 (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
