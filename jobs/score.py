@@ -1,0 +1,18 @@
+"""Ray Job entry point for `reclora score`: batch scoring of the test split (Ray Data actor pool).
+
+    python jobs/score.py --config quickstart --out runs/quickstart
+    ray job submit --working-dir . -- python jobs/score.py --config ml-1m --out /shared/runs/ml-1m
+
+Arguments are those of `reclora score`; inside a Ray Job the stage joins the job's cluster
+(RAY_ADDRESS is set by Ray).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reclora_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["score", *sys.argv[1:]]))
