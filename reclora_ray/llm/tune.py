@@ -33,6 +33,7 @@ from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
+LOG_EVERY = 10  # micro-batches between progress lines
 
 
 def fingerprint(cfg: Config, variant: Variant) -> str:
@@ -120,6 +121,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
+            if rank == 0 and len(losses) % LOG_EVERY == 0:
+                log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d)", epoch, len(losses),
+                         loop_config["micro_batches_per_epoch"], np.mean(losses[-LOG_EVERY:]), LOG_EVERY)
 
         engine.eval()
         labels, probs = [], []
@@ -186,7 +190,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
-                           "total_steps": total_steps},
+                           "total_steps": total_steps, "micro_batches_per_epoch": len(train) // (cfg.tune.micro_batch * world)},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
         run_config=RunConfig(
