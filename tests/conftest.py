@@ -4,9 +4,13 @@ for the tests of the stages after them. Tests copy it before writing into it."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from reclora_ray.config import Config, load_config
@@ -46,3 +50,33 @@ def tiny_run(tiny_upstream, tmp_path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(tiny_upstream, out, symlinks=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def kill_one_train_worker(driver_pid: int, marker: Path):
+    """A Ray Train callback that SIGKILLs one training worker of this test's Ray after the first
+    checkpoint and records its pid and epoch in `marker` (the class is defined in a function so
+    Ray ships it by value to its controller)."""
+    from ray.train import UserCallback
+
+    class KillOneWorker(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None or marker.exists():
+                return
+            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            victim = workers[-1]
+            marker.write_text(json.dumps({"pid": victim.pid, "epoch": metrics[0]["epoch"]}))
+            os.kill(victim.pid, signal.SIGKILL)
+
+    return KillOneWorker()

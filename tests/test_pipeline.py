@@ -12,15 +12,6 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local, tiny_run):
     cfg = tiny_config("tune.variants=[reclora,tallrec]")
     metrics = run_pipeline(cfg, str(tiny_run))

@@ -2,12 +2,9 @@
 
 import json
 import os
-import signal
-from pathlib import Path
 
 import psutil
 import pytest
-from ray.train import UserCallback
 
 from reclora_ray.cli import main as cli_main
 from reclora_ray.config import ConfigError, load_config
@@ -16,16 +13,7 @@ from reclora_ray.crm.represent import predict_split
 from reclora_ray.crm.train import auc_logloss, pretrain_crm, select_model
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
 from reclora_ray.rundir import StageOutputExists
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+from tests.conftest import kill_one_train_worker
 
 
 def train_cfg(*overrides):
@@ -56,28 +44,11 @@ def test_pretrain_writes_a_loadable_checkpoint(ray_local, run_dir):
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def kill_one_worker(driver_pid: int, marker: Path) -> UserCallback:
-    """A callback that SIGKILLs one Ray Train worker process of this test's Ray after the first
-    checkpoint (defined in a function so Ray ships the class by value to its controller)."""
-
-    class KillOneWorker(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is None or marker.exists():
-                return
-            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
-            victim = workers[-1]
-            marker.write_text(json.dumps({"pid": victim.pid, "epoch": metrics[0]["epoch"]}))
-            os.kill(victim.pid, signal.SIGKILL)
-
-    return KillOneWorker()
-
-
 @pytest.mark.ray
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, run_dir):
     marker = run_dir / "killed.json"
     cfg = train_cfg("crm.epochs=3", "crm.patience=10", "crm.model=gru4rec", "crm.max_failures=1")
-    out = pretrain_crm(cfg, run_dir, callbacks=[kill_one_worker(os.getpid(), marker)])
+    out = pretrain_crm(cfg, run_dir, callbacks=[kill_one_train_worker(os.getpid(), marker)])
     killed = json.loads(marker.read_text())
     assert not psutil.pid_exists(killed["pid"])
     metrics = json.loads((out / "metrics.json").read_text())

@@ -2,56 +2,27 @@
 
 import json
 import os
-import signal
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import psutil
 import pytest
-import torch
-from ray.train import UserCallback
 
 from reclora_ray.llm.base import load_base
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.llm.score import Scorer, score_variant
 from reclora_ray.llm.tune import tune_variant
 from reclora_ray.rundir import RunDir
-from tests.conftest import tiny_config
+from tests.conftest import kill_one_train_worker, tiny_config
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def kill_one_worker(driver_pid: int, marker: Path) -> UserCallback:
-    """SIGKILL one Ray Train worker after the first checkpoint (a function, so Ray ships the
-    class by value to its controller)."""
-
-    class KillOneWorker(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is None or marker.exists():
-                return
-            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
-            marker.write_text(json.dumps({"pid": workers[-1].pid}))
-            os.kill(workers[-1].pid, signal.SIGKILL)
-
-    return KillOneWorker()
 
 
 def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local, tiny_run):
     cfg = tiny_config("tune.num_workers=2", "tune.epochs=2", "tune.max_failures=1", "tune.lr=5e-3")
     run = RunDir(tiny_run)
     marker = tiny_run / "killed.json"
-    out = tune_variant(cfg, run, "reclora", callbacks=[kill_one_worker(os.getpid(), marker)])
+    out = tune_variant(cfg, run, "reclora", callbacks=[kill_one_train_worker(os.getpid(), marker)])
 
     assert not psutil.pid_exists(json.loads(marker.read_text())["pid"])
     metrics = json.loads((out / "train_metrics.json").read_text())
