@@ -70,7 +70,8 @@ def deepspeed_steps(cfg, model, inputs, rows, device, steps: int) -> dict:
     import deepspeed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=deepspeed_config(cfg, 1, steps), dist_init_required=False)
     losses, start = [], None
@@ -82,7 +83,9 @@ def deepspeed_steps(cfg, model, inputs, rows, device, steps: int) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return {"zero_stage": cfg.tune.zero_stage, "precision": cfg.llm.dtype, "steps": steps,
+    ds = deepspeed_config(cfg, 1, steps)
+    precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
+    return {"zero_stage": cfg.tune.zero_stage, "engine_precision": precision, "steps": steps,
             "step_s": round((synced(device) - start) / (steps - 2), 4), "loss_first": losses[0], "loss_last": losses[-1],
             "finite": all(torch.isfinite(torch.tensor(losses)).tolist())}
 
@@ -144,9 +147,11 @@ def main() -> None:
         loss = model8(**batch).loss
         loss.backward()
         grads = [p.grad for p in model8.parameters() if p.requires_grad]
-        results["int8_135m"] = {"loss": float(loss), "grads_finite": all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
+        model8.zero_grad()
+        results["int8_135m"] = {"loss": loss.item(), "grads_finite": all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
                                 "trainable_with_grad": sum(g is not None for g in grads),
-                                "score": scoring_throughput(model8, inputs, test.iloc[:512], device, batch_size=64)}
+                                "score": scoring_throughput(model8, inputs, test.iloc[:512], device, batch_size=64),
+                                "deepspeed": deepspeed_steps(eight, model8, inputs, train, device, args.steps)}
         print(json.dumps(results), flush=True)
         del model8, base8
         torch.cuda.empty_cache()

@@ -44,7 +44,10 @@ def fingerprint(cfg: Config, variant: Variant) -> str:
 
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
-    t, precision = cfg.tune, cfg.llm.dtype
+    t = cfg.tune
+    # DeepSpeed's half-precision modes cast the whole module, which would turn 8-bit weights into
+    # numbers; an 8-bit base already computes in llm.dtype, so its engine keeps the adapter fp32.
+    precision = "float32" if cfg.llm.load_in_8bit else cfg.llm.dtype
     warmup = max(1, int(t.warmup_ratio * total_steps))  # DeepSpeed requires >= 1
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
