@@ -5,16 +5,24 @@
         --config ml-1m --out s3://BUCKET/sweeps/table3
 
 Writes OUT/<experiment>/ (each experiment's run directory), OUT/sweep.json and OUT/sweep.md.
-See reclora_ray/cluster/sweep.py for how experiments ask for resources.
+See reclora_ray/cluster/sweep.py for how experiments ask for resources and share upstream stages.
 """
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
-from reclora_ray.cli import setup_logging
-from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep
-from reclora_ray.config import ConfigError
+# The repository root (the job's working dir) goes first on the path of this driver and, through
+# PYTHONPATH, of the local Ray workers it starts, so both import this checkout's reclora_ray.
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+from reclora_ray.cli import setup_logging  # noqa: E402
+from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep  # noqa: E402
+from reclora_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task-cpus", type=float, help="CPUs each experiment task asks for")
     parser.add_argument("--task-gpus", type=float, help="GPUs each experiment task asks for")
     parser.add_argument("--max-concurrent", type=int, help="experiments running at once")
+    parser.add_argument("--no-share-upstream", action="store_true",
+                        help="run every experiment at once, each computing its own upstream stages")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -43,6 +53,7 @@ def main(argv=None) -> int:
         if args.task_gpus is not None:
             spec.resources = {**spec.resources, "num_gpus": args.task_gpus}
         spec.max_concurrent = args.max_concurrent or spec.max_concurrent
+        spec.share_upstream = spec.share_upstream and not args.no_share_upstream
 
         import ray
 

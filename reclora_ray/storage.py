@@ -11,6 +11,10 @@ when it succeeds depends on where the output goes:
   `is_done` and `check_can_write` read it through `pyarrow.fs`, and a half-uploaded directory
   (no marker) is never taken for a finished one.
 
+Stages that only know local paths run under `local_run_dir(out, inputs)`: for a URI, their
+inputs are downloaded to a scratch directory, they run there, and the outputs they finish are
+published back (`publish`: markers last). The jobs in jobs/ do this for their --out.
+
 Credentials come from the usual places of each filesystem (AWS_* / instance roles for s3://,
 GOOGLE_APPLICATION_CREDENTIALS / workload identity for gs://).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +36,8 @@ from reclora_ray import rundir
 from reclora_ray.rundir import MARKER, StageOutputExists
 
 log = logging.getLogger(__name__)
+
+SCRATCH_ENV = "RECLORA_SCRATCH"  # where stages with a URI --out stage their run directory
 
 
 def is_uri(location: str | Path) -> bool:
@@ -127,15 +134,91 @@ def staged_output(location: str | Path, fingerprint: str, extra: dict | None = N
 
 
 def upload(local_dir: Path, location: str, fingerprint: str, extra: dict | None = None) -> None:
-    """Copy a finished local directory to `location`, replacing what is there, marker last."""
-    fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:  # an old output, being replaced:
-        if fs.get_file_info(join(path, MARKER)).type == pafs.FileType.File:
-            fs.delete_file(join(path, MARKER))  # first, so it stops counting as finished
-        fs.delete_dir(path)
-    fs.create_dir(path, recursive=True)
-    log.info("uploading %s to %s", local_dir, location)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    """Mark a finished local directory with its fingerprint and publish it at `location`."""
     marker = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     marker.update(extra or {})
-    write_text(join(location, MARKER), json.dumps(marker, indent=2))
+    (Path(local_dir) / MARKER).write_text(json.dumps(marker, indent=2))
+    publish(local_dir, location)
+
+
+def publish(local_dir: Path, location: str) -> None:
+    """Copy a finished local stage output (markers included) to `location`, replacing what is
+    there. The old marker goes first, so a half-replaced output never counts as finished; the
+    new markers go last, nested ones before the top one."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        if fs.get_file_info(join(path, MARKER)).type == pafs.FileType.File:
+            fs.delete_file(join(path, MARKER))
+        fs.delete_dir(path)
+    log.info("uploading %s to %s", local_dir, location)
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    markers = sorted((p for p in files if p.name == MARKER), key=lambda p: -len(p.parts))
+    for file in [p for p in files if p.name != MARKER] + markers:
+        target = join(path, file.relative_to(local_dir).as_posix())
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(file), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(location: str, local_dir: Path) -> bool:
+    """Copy the directory at `location` into `local_dir`; False when there is nothing there."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    local_dir.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return True
+
+
+def finished_outputs(location: str) -> dict[str, str]:
+    """{relative dir: marker text} of every finished stage output under `location`."""
+    fs, root = filesystem(location)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return {}
+    markers = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+               if f.type == pafs.FileType.File and f.base_name == MARKER]
+    out = {}
+    for info in markers:
+        with fs.open_input_stream(info.path) as f:
+            out[info.path[len(root):].strip("/").removesuffix(MARKER).rstrip("/")] = f.read().decode()
+    return out
+
+
+@contextmanager
+def local_run_dir(out: str | Path, inputs: list[str], scratch: str | None = None) -> Iterator[Path]:
+    """A local run directory standing for `out`, for stages that read and write local files.
+
+    A local path is used as it is. For a URI, a scratch directory (under `scratch`, else
+    $RECLORA_SCRATCH, else the system temp dir) gets the `inputs` (run-directory parts such as
+    "data"; "" = everything) and the marker of every other finished output, so the stage skips
+    what is done and refuses to replace another config's output as it would locally. On exit,
+    each output whose marker is new or changed is published back to `out`. On a multi-node
+    cluster, Ray tasks of the stage read and write the scratch directory: put it on a
+    filesystem every node mounts.
+    """
+    if not is_uri(out):
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="reclora-run-", dir=scratch or os.environ.get(SCRATCH_ENV)) as tmp:
+        local = Path(tmp)
+        for part in inputs:
+            download(join(out, part), local / part)
+        before = finished_outputs(str(out))
+        for rel, text in before.items():
+            marker = local / rel / MARKER
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(text)
+        yield local
+        changed = [rel for rel in _local_outputs(local) if before.get(rel) != (local / rel / MARKER).read_text()]
+        for rel in changed:  # an output inside another changed one goes up with it
+            if not any(_inside(rel, parent) for parent in changed):
+                publish(local / rel, join(out, rel))
+
+
+def _local_outputs(root: Path) -> list[str]:
+    rels = (marker.parent.relative_to(root).as_posix() for marker in root.rglob(MARKER))
+    return sorted("" if rel == "." else rel for rel in rels)
+
+
+def _inside(rel: str, parent: str) -> bool:
+    return rel != parent and (parent == "" or rel.startswith(parent + "/"))

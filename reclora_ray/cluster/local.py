@@ -82,10 +82,12 @@ class LocalCluster:
         object_store_mb: int = 256,
         failure_detection_s: int | None = None,
         ray_bin: str | None = None,
+        head_cpus: int | None = None,
     ):
         self.root = Path(root).resolve()
         self.n_workers = n_workers
         self.cpus_per_node = cpus_per_node
+        self.head_cpus = cpus_per_node if head_cpus is None else head_cpus  # 0: a head that only coordinates
         self.object_store_mb = object_store_mb
         self.failure_detection_s = failure_detection_s  # None: Ray's default (about 15 s)
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
@@ -93,7 +95,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 90.0) -> ClusterInfo:
+    def start(self, timeout_s: float = 180.0) -> ClusterInfo:
         if (self.root / STATE_FILE).exists():
             raise ClusterError(f"{self.root} already holds a cluster; stop it first")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,7 +113,8 @@ class LocalCluster:
             self._start_node(HEAD, ["--head", f"--port={gcs_port}",
                                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                     f"--dashboard-port={dash_port}",
-                                    f"--ray-client-server-port={free_ports(1)[0]}"], deadline)
+                                    f"--ray-client-server-port={free_ports(1)[0]}"], deadline,
+                             self.head_cpus)
             self._wait_dashboard(deadline)
             for i in range(1, self.n_workers + 1):
                 self.add_worker(f"worker{i}", deadline=deadline)
@@ -139,6 +142,14 @@ class LocalCluster:
                 Path(node.temp_dir).unlink(missing_ok=True)
         for name in (STATE_FILE, TOKEN_FILE):
             (self.root / name).unlink(missing_ok=True)
+
+    def remove_node(self, name: str) -> None:
+        """Scale down: stop one node the way `ray stop` would (its work is rescheduled elsewhere)."""
+        node = self.node(name)
+        stop_session(node.pid, grace_s=10)
+        Path(node.temp_dir).unlink(missing_ok=True)
+        self.info.nodes.remove(node)
+        self._save()
 
     def kill_node(self, name: str) -> None:
         """A node death: SIGKILL every process of the node at once, no shutdown path."""
@@ -226,7 +237,10 @@ class LocalCluster:
 
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.info.token_file)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.info.token_file,
+                   # State-API calls inside Ray (e.g. Ray Train's placement-group cleaner) find this
+                   # cluster's dashboard, not some other Ray running on the same machine.
+                   RAY_API_SERVER_ADDRESS=self.info.dashboard_url)
         if self.failure_detection_s:  # the GCS declares a node dead after this many missed 1 s checks
             env.update(RAY_health_check_period_ms="1000",
                        RAY_health_check_failure_threshold=str(self.failure_detection_s))
@@ -361,9 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--dir", default=default_dir(), help=dir_help)
     start.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
     start.add_argument("--cpus-per-node", type=int, default=1)
+    start.add_argument("--head-cpus", type=int, help="CPUs of the head (default --cpus-per-node; 0 keeps work off it)")
     start.add_argument("--object-store-mb", type=int, default=256)
     start.add_argument("--failure-detection-s", type=int,
                        help="declare a silent node dead after this many seconds (default: Ray's)")
+    start.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every node")
     for name, text in (("stop", "stop the cluster under --dir"), ("status", "print the cluster under --dir")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--dir", default=default_dir(), help=dir_help)
@@ -375,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "start":
             cluster = LocalCluster(args.dir, args.workers, args.cpus_per_node, args.object_store_mb,
-                                   args.failure_detection_s)
-            cluster.start()
+                                   args.failure_detection_s, head_cpus=args.head_cpus)
+            cluster.start(args.timeout)
         else:
             cluster = LocalCluster.attach(args.dir)
         if args.action == "stop":

@@ -5,10 +5,19 @@ paper's Table 3 ablations) and a grid (every combination of the listed values, e
 `lora.n_meta=1,2,4,8,16`). Every experiment's config is built and validated before anything
 runs, then each experiment is one Ray task calling the experiment function
 
-    run_experiment(cfg: Config, out: str) -> dict[str, number | str]   # its metrics
+    experiment(cfg: Config, out: str) -> dict   # its metrics, possibly nested
 
-with `out = OUT/<experiment name>` (OUT may be any pyarrow URI). The function is named by an
-import path (default `reclora_ray.pipeline:run_experiment`, which runs every stage).
+with `out = OUT/<experiment name>`. The function is named by an import path; the default,
+`reclora_ray.pipeline:run_pipeline`, runs every stage and returns
+`{"models": {name: {"auc": ..., "logloss": ...}}}`, which becomes the columns `name.auc`, ...
+
+Shared upstream stages: experiments whose configs agree on every section a stage output depends
+on (SHARED_STAGES) compute it once. The first experiment of each distinct set of upstream
+configs (a "leader") runs first; every other experiment then starts with the leaders' finished
+data, embeddings, retrieval and CRM outputs that fit its config already in its run directory
+(symlinked on a filesystem, copied at a URI), so its pipeline skips those stages. The N_m
+sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
+`share_upstream: false` runs every experiment at once, each computing everything.
 
 Resources: each task asks for `resources` (default 1 CPU: an experiment that drives the
 pipeline, whose stages then request their own workers' CPUs and GPUs from the config; an
@@ -18,7 +27,8 @@ bounds how many experiments run at once.
 
 Results: OUT/<name>/experiment.json per experiment (a re-run skips experiments finished with the
 same config), and OUT/sweep.json + OUT/sweep.md for the whole grid; failed experiments are rows
-with their error, not a crash of the sweep.
+with their error, not a crash of the sweep. OUT may be a path or any pyarrow URI (experiments
+then run in a local scratch directory that is uploaded when they finish).
 """
 
 from __future__ import annotations
@@ -27,19 +37,34 @@ import importlib
 import itertools
 import json
 import logging
+import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from reclora_ray import storage
 from reclora_ray.config import Config, ConfigError, load_config
+from reclora_ray.rundir import MARKER
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "reclora_ray.pipeline:run_experiment"
+DEFAULT_EXPERIMENT = "reclora_ray.pipeline:run_pipeline"
+
+# Upstream stage outputs (run-directory parts) one experiment may take from another, each with
+# the config sections it depends on: a superset of what the stage's own fingerprint hashes, so
+# an output is shared only where the stage would have skipped it anyway. "crm" stands for every
+# finished OUT/crm/<name>.
+SHARED_STAGES: dict[str, tuple[str, ...]] = {
+    "data": ("run", "data"),
+    "embeddings": ("run", "data", "embed", "llm"),
+    "data/retrieval": ("run", "data", "embed", "llm", "retrieve"),
+    "crm": ("run", "data", "embed", "llm", "retrieve", "crm"),
+}
 
 
 @dataclass
@@ -51,6 +76,7 @@ class SweepSpec:
     experiment: str = DEFAULT_EXPERIMENT
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1})
     max_concurrent: int | None = None
+    share_upstream: bool = True  # leaders first, the rest reuse their upstream stage outputs
 
     @classmethod
     def from_yaml(cls, path: str) -> "SweepSpec":
@@ -74,6 +100,13 @@ class Experiment:
     def dirname(self) -> str:
         """The experiment's run directory under the sweep's: its name, safe as a path part."""
         return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", self.name)
+
+    def stage_key(self, stage: str) -> str:
+        return self.cfg.section_hash(*SHARED_STAGES[stage])
+
+    @property
+    def upstream_key(self) -> tuple[str, ...]:
+        return tuple(self.stage_key(stage) for stage in SHARED_STAGES)
 
 
 def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
@@ -120,8 +153,6 @@ def resolve(import_path: str) -> Callable[[Config, str], dict]:
 
 def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
     """Run every experiment not already finished under `out`; write sweep.json and sweep.md."""
-    import ray
-
     experiments = expand(spec)
     resolve(spec.experiment)  # fail before scheduling anything if the function is not there
     rows: dict[str, dict] = {}
@@ -134,21 +165,20 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
         else:
             todo.append(exp)
 
-    task = ray.remote(_run_one)
-    limit = spec.max_concurrent or len(todo) or 1
-    pending: dict[Any, Experiment] = {}
-    log.info("sweep: %d experiments to run (%d reused), up to %d at once, each asking %s",
-             len(todo), len(rows), limit, spec.resources)
-    while todo or pending:
-        while todo and len(pending) < limit:
-            exp = todo.pop(0)
-            ref = task.options(**spec.resources, name=f"sweep:{exp.name}").remote(
-                spec.experiment, exp.cfg, storage.join(out, exp.dirname), exp.name, exp.overrides)
-            pending[ref] = exp
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        exp = pending.pop(ref)
-        rows[exp.name] = ray.get(ref)
-        log.info("sweep: %s %s (%d/%d)", exp.name, rows[exp.name]["status"], len(rows), len(experiments))
+    if spec.share_upstream:
+        leaders = {}
+        held = {e.upstream_key for e in experiments if e.name in rows}
+        for exp in todo:
+            if exp.upstream_key not in held:
+                leaders.setdefault(exp.upstream_key, exp)
+        waves = [list(leaders.values()), [e for e in todo if e not in leaders.values()]]
+    else:
+        waves = [todo]
+    log.info("sweep: %d experiments to run (%d reused) in %s, up to %s at once, each asking %s",
+             len(todo), len(rows), " then ".join(f"{len(w)}" for w in waves if w),
+             spec.max_concurrent or "all", spec.resources)
+    for wave in waves:
+        _run_wave(spec, wave, out, rows, experiments)
 
     ordered = [rows[e.name] for e in experiments]
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(ordered, indent=2))
@@ -156,16 +186,55 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
     return ordered
 
 
-def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict) -> dict:
+def _run_wave(spec: SweepSpec, wave: list[Experiment], out: str, rows: dict[str, dict],
+              experiments: list[Experiment]) -> None:
+    """Run `wave` as Ray tasks, at most spec.max_concurrent at once; results go into `rows`.
+    Each experiment takes the upstream outputs of every experiment finished when it starts."""
+    import ray
+
+    task = ray.remote(_run_one)
+    todo = list(wave)
+    limit = spec.max_concurrent or len(todo) or 1
+    pending: dict[Any, Experiment] = {}
+    while todo or pending:
+        while todo and len(pending) < limit:
+            exp = todo.pop(0)
+            donors = _donors(exp, experiments, rows, out) if spec.share_upstream else {}
+            ref = task.options(**spec.resources, name=f"sweep:{exp.name}").remote(
+                spec.experiment, exp.cfg, storage.join(out, exp.dirname), exp.name, exp.overrides, donors)
+            pending[ref] = exp
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        exp = pending.pop(ref)
+        rows[exp.name] = ray.get(ref)
+        log.info("sweep: %s %s (%d/%d)", exp.name, rows[exp.name]["status"], len(rows), len(experiments))
+
+
+def _donors(exp: Experiment, experiments: list[Experiment], rows: dict[str, dict], out: str) -> dict[str, str]:
+    """{stage: run directory of a finished experiment whose output of that stage fits `exp`}."""
+    donors = {}
+    for stage in SHARED_STAGES:
+        for other in experiments:
+            if (other is not exp and rows.get(other.name, {}).get("status") == "succeeded"
+                    and other.stage_key(stage) == exp.stage_key(stage)):
+                donors[stage] = storage.join(out, other.dirname)
+                break
+    return donors
+
+
+def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict, donors: dict[str, str]) -> dict:
     """One experiment inside its Ray task; an exception becomes a 'failed' row."""
     import ray
 
     started = time.time()
     row = {"name": name, "overrides": overrides, "fingerprint": _fingerprint(cfg),
-           "node_id": ray.get_runtime_context().get_node_id(), "started_at": started}
+           "node_id": ray.get_runtime_context().get_node_id(), "started_at": started,
+           "shared": {stage: donor.rsplit("/", 1)[-1] for stage, donor in donors.items()}}
     try:
-        metrics = resolve(experiment)(cfg, out)
-        row.update(status="succeeded", metrics=dict(metrics), error=None)
+        with storage.local_run_dir(out, inputs=[""]) as run_dir:
+            for stage, donor in donors.items():
+                share_stage(donor, run_dir, stage)
+            metrics = flatten_metrics(resolve(experiment)(cfg, str(run_dir)))
+        row.update(status="succeeded", metrics=metrics, error=None)
     except Exception as exc:  # noqa: BLE001 - one failed grid point must not sink the sweep
         logging.getLogger(__name__).exception("experiment %s failed", name)
         row.update(status="failed", metrics={}, error=f"{type(exc).__name__}: {exc}")
@@ -173,6 +242,51 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict)
     if row["status"] == "succeeded":
         storage.write_text(storage.join(out, "experiment.json"), json.dumps(row, indent=2))
     return row
+
+
+def share_stage(donor: str, run_dir: Path, stage: str) -> None:
+    """Put the donor run's finished `stage` output(s) into `run_dir`, unless it has its own.
+
+    A local donor is symlinked (relative links, so a sweep directory can move); `data` becomes a
+    directory of links to the donor's files, so a retrieval output of another config can be
+    written beside them without touching the donor. A URI donor is copied.
+    """
+    outputs = ([f"crm/{name}" for name in _finished_children(storage.join(donor, "crm"))]
+               if stage == "crm" else [stage])
+    for part in outputs:
+        source, target = storage.join(donor, part), run_dir / part
+        if target.exists() or target.is_symlink() or not storage.exists(storage.join(source, MARKER)):
+            continue
+        if storage.is_uri(source):
+            storage.download(source, target)
+            if stage == "data":  # its retrieval is a stage of its own, shared only if it fits
+                shutil.rmtree(target / "retrieval", ignore_errors=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if stage == "data":
+            target.mkdir()
+            for entry in Path(source).iterdir():
+                if entry.name != "retrieval" and not entry.name.startswith("."):
+                    (target / entry.name).symlink_to(os.path.relpath(entry, target))
+        else:
+            target.symlink_to(os.path.relpath(source, target.parent), target_is_directory=True)
+
+
+def _finished_children(location: str) -> list[str]:
+    return sorted(rel for rel in storage.finished_outputs(location) if rel and "/" not in rel)
+
+
+def flatten_metrics(result: dict) -> dict[str, Any]:
+    """Nested metrics -> one level: {"models": {"reclora": {"auc": x}}} -> {"reclora.auc": x}."""
+    flat = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            inner = flatten_metrics(value)
+            prefix = "" if key == "models" else f"{key}."
+            flat.update({f"{prefix}{k}": v for k, v in inner.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _finished(exp: Experiment, out: str) -> dict | None:

@@ -106,7 +106,8 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
         metrics = {
             "model": cfg.crm.model, "auc": auc, "logloss": loss, "n_test": int(len(labels)),
             "d_c": model.d_c, "best_epoch": best_epoch, "valid_auc": best["state"]["best_auc"],
-            "epochs_run": len(history), "restarts": best["state"]["attempt"], "history": history,
+            # From the last report: the best checkpoint may predate later epochs and restarts.
+            "epochs_run": result.metrics["epoch"] + 1, "restarts": result.metrics["attempt"], "history": history,
         }
         with staged_output(out_dir, stage_fingerprint, {"model": cfg.crm.model}) as tmp:
             save_crm(model, tmp)

@@ -1,5 +1,6 @@
-"""A small real experiment for sweep tests: logistic regression by gradient descent on a
-synthetic click log, its hyperparameters taken from the config like a CRM's."""
+"""Experiments for sweep tests: a small real one (logistic regression by gradient descent on a
+synthetic click log, its hyperparameters taken from the config like a CRM's), and one that
+walks through the upstream stages' outputs the way the pipeline does."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import ray
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray import storage
+from reclora_ray.cluster.sweep import SHARED_STAGES
 from reclora_ray.config import Config
+from reclora_ray.rundir import RunDir, check_can_write, staged_output
 
 
 def fit(cfg: Config, out: str) -> dict:
@@ -37,3 +40,19 @@ def fit(cfg: Config, out: str) -> dict:
         "start": started,
         "end": time.time(),
     }
+
+
+def upstream_stages(cfg: Config, out: str) -> dict:
+    """The pipeline's upstream bookkeeping without its work: each stage writes its output (under
+    the config sections the sweep shares it by) unless a finished one is already there, and the
+    result says which stages ran. Nested like run_pipeline's result."""
+    run = RunDir(out)
+    ran = []
+    for stage, path in (("data", run.data), ("embeddings", run.embeddings),
+                        ("data/retrieval", run.retrieval), ("crm", run.crm(cfg.crm.model))):
+        fingerprint = cfg.section_hash(*SHARED_STAGES[stage])
+        if check_can_write(path, fingerprint, overwrite=False):
+            with staged_output(path, fingerprint) as tmp:
+                (tmp / "part-0.bin").write_bytes(fingerprint.encode())
+            ran.append(stage)
+    return {"ran": " ".join(ran) or "-", "models": {"plora": {"n_meta": cfg.lora.n_meta}}}

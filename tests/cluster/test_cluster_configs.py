@@ -192,3 +192,18 @@ def test_rayjob_runs_crm_pretraining_on_the_cluster(raycluster):
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     images = {c["image"] for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]}
     assert images == {raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
+
+
+def test_every_pod_mounts_the_shared_runs_volume_the_rayjob_stages_in(raycluster):
+    claim = load("kuberay/runs-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    spec = raycluster["spec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    mounts = set()
+    for pod in pods:
+        (volume,) = [v["name"] for v in pod["volumes"]
+                     if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
+        mounts |= {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume}
+    (mount,) = mounts  # the same path on every node
+    env = yaml.safe_load(load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert Path(env["RECLORA_SCRATCH"]).is_relative_to(mount)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reclora_ray.cluster.jobs import JobClient, JobFailed
+from reclora_ray.cluster.jobs import JobFailed
 from reclora_ray.cluster.local import session_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,8 +37,7 @@ def test_token_auth_is_on_and_token_stays_private(local_cluster):
     assert all(n["resources_total"]["CPU"] == 1 for n in nodes)
 
 
-def test_job_submit_runs_a_task_on_every_node(local_cluster, tmp_path):
-    jobs = JobClient(local_cluster.info.dashboard_url, local_cluster.info.token_file)
+def test_job_submit_runs_a_task_on_every_node(local_cluster, jobs, tmp_path):
     out = tmp_path / "check"  # the "shared filesystem" every node of this machine sees
     job_id = jobs.submit(["python", "jobs/cluster_check.py", "--out", f"file://{out}"], working_dir=REPO)
     assert jobs.wait(job_id, timeout_s=120) == "SUCCEEDED"
@@ -60,8 +59,7 @@ def test_job_submit_runs_a_task_on_every_node(local_cluster, tmp_path):
     assert report["cluster_resources"]["CPU"] == 2
 
 
-def test_failing_job_raises_with_its_logs(local_cluster):
-    jobs = JobClient(local_cluster.info.dashboard_url, local_cluster.info.token_file)
+def test_failing_job_raises_with_its_logs(jobs):
     job_id = jobs.submit(["python", "jobs/cluster_check.py"], working_dir=REPO)  # --out missing
     with pytest.raises(JobFailed, match="the following arguments are required: --out"):
         jobs.wait(job_id, timeout_s=60)
@@ -81,8 +79,7 @@ def test_kill_node_is_a_node_death(local_cluster):
     assert os.path.exists(node.log_file)
 
 
-def test_sweep_job_spreads_experiments_over_the_nodes(local_cluster, tmp_path):
-    jobs = JobClient(local_cluster.info.dashboard_url, local_cluster.info.token_file)
+def test_sweep_job_spreads_experiments_over_the_nodes(jobs, tmp_path):
     job_id = jobs.submit(
         ["python", "jobs/sweep.py", "--config", "tiny", "--out", str(tmp_path),
          "--experiment", "sweep_experiments:fit", "--grid", "crm.lr=0.1,0.3"],

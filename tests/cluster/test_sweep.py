@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from reclora_ray.cluster.sweep import SweepSpec, expand, markdown_table, parse_grid_arg, run_sweep
-from reclora_ray.config import ConfigError
+from reclora_ray.cluster.sweep import (SHARED_STAGES, Experiment, SweepSpec, expand, markdown_table,
+                                       parse_grid_arg, run_sweep)
+from reclora_ray.config import ConfigError, load_config
+from reclora_ray.llm.variants import get_variant
+from reclora_ray.rundir import MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -73,8 +76,14 @@ def test_packaged_sweeps_expand_on_the_paper_configs(name):
     spec = SweepSpec.from_yaml(str(REPO / "cluster" / "sweeps" / f"{name}.yaml"))
     spec.config = "ml-1m"
     exps = expand(spec)
-    assert len(exps) == {"table3": 6, "n_meta": 5}[name]
-    assert all(e.cfg.tune.variants == ["reclora"] for e in exps)
+    tuned = sorted(v for e in exps for v in e.cfg.tune.variants)
+    if name == "table3":
+        assert tuned == sorted(["reclora", "wo-meta-lora", "wo-meta-lora-same-params", "wo-long-retriever",
+                                "wo-short-retriever", "wo-both-retrievers"])
+    else:
+        assert tuned == ["reclora"] * 5 and [e.cfg.lora.n_meta for e in exps] == [1, 2, 4, 8, 16]
+    assert all(get_variant(v) for v in tuned)
+    assert len({e.upstream_key for e in exps}) == 1  # one leader; the rest reuse its upstream stages
 
 
 @pytest.mark.ray
@@ -133,3 +142,76 @@ def test_markdown_table_lists_every_metric_and_escapes_pipes():
         "| a | 1 | 0.5000 |  | succeeded | 1.0 |",
         "| b | 2 |  | 1.2500 | failed: E: a\\|b | 2.0 |",
     ]
+
+
+def ran(rows):
+    return {r["name"]: r["metrics"]["ran"] for r in rows}
+
+
+@pytest.mark.ray
+def test_leaders_compute_upstream_stages_once_and_the_rest_reuse_them(local_ray, tmp_path):
+    spec = SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages", max_concurrent=1,
+                     variants={"base": {}, "lr": {"crm.lr": 0.5}}, grid={"lora.n_meta": [1, 4]})
+    rows = run_sweep(spec, str(tmp_path))
+    assert ran(rows) == {
+        "base,n_meta=1": "data embeddings data/retrieval crm",
+        "base,n_meta=4": "-",
+        "lr,n_meta=1": "crm",  # a leader too (its own CRM); the data side comes from base
+        "lr,n_meta=4": "-",
+    }
+    assert rows[3]["shared"] == {"data": "base,n_meta=1", "embeddings": "base,n_meta=1",
+                                 "data/retrieval": "base,n_meta=1", "crm": "lr,n_meta=1"}
+    assert rows[3]["metrics"]["plora.n_meta"] == 4  # run_pipeline-style nested results, flattened
+    base, follower = tmp_path / "base,n_meta=1", tmp_path / "lr,n_meta=4"
+    assert (follower / "crm" / "sim").resolve() == (tmp_path / "lr,n_meta=1" / "crm" / "sim").resolve()
+    assert (follower / "data" / "part-0.bin").resolve() == base / "data" / "part-0.bin"
+    assert (follower / "data" / "retrieval").resolve() == base / "data" / "retrieval"
+    # A follower's data is its own directory of links: a retrieval output of another config
+    # would be written there, never into the leader's data.
+    assert (follower / "data").is_dir() and not (follower / "data").is_symlink()
+    assert not (follower / "crm").is_symlink()
+
+    alone = run_sweep(SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages",
+                                grid={"lora.n_meta": [1, 4]}, share_upstream=False), str(tmp_path / "alone"))
+    assert set(ran(alone).values()) == {"data embeddings data/retrieval crm"}
+
+
+@pytest.mark.ray
+def test_sweep_at_a_uri_copies_shared_outputs_and_uploads_each_experiment(local_ray, tmp_path):
+    spec = SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages", grid={"lora.n_meta": [1, 4]})
+    rows = run_sweep(spec, f"file://{tmp_path}")
+    assert ran(rows) == {"n_meta=1": "data embeddings data/retrieval crm", "n_meta=4": "-"}
+    follower = tmp_path / "n_meta=4"
+    for part in ("data", "embeddings", "data/retrieval", "crm/sim"):
+        assert not (follower / part).is_symlink() and (follower / part / MARKER).is_file()
+        assert (follower / part / "part-0.bin").read_bytes() == (tmp_path / "n_meta=1" / part / "part-0.bin").read_bytes()
+    assert json.loads((follower / "experiment.json").read_text())["status"] == "succeeded"
+    assert not list(tmp_path.rglob(".*tmp*"))  # nothing half-written left at the URI
+    assert run_sweep(spec, f"file://{tmp_path}") == rows  # finished experiments are reused
+
+
+def test_shared_stage_keys_change_whenever_a_stage_fingerprint_does(tmp_path):
+    from reclora_ray.crm.train import fingerprint as crm_fingerprint
+    from reclora_ray.data.prepare import fingerprint as data_fingerprint
+    from reclora_ray.retrieval.embed import fingerprint as embed_fingerprint
+    from reclora_ray.retrieval.retrieve import fingerprint as retrieve_fingerprint
+    from reclora_ray.rundir import RunDir
+
+    stage_fingerprints = {
+        "data": data_fingerprint, "embeddings": embed_fingerprint, "crm": crm_fingerprint,
+        "data/retrieval": lambda cfg: retrieve_fingerprint(cfg, RunDir(tmp_path)),
+    }
+    base = Experiment("base", {}, load_config("tiny"))
+    changes = ["run.seed=1", "data.k_core=10", "embed.pca_dim=8", "llm.model=smollm2-packaged",
+               "retrieve.k_long=7", "retrieve.long_mode=recent", "crm.lr=0.5", "crm.history=recent",
+               "lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3"]
+    shared = {}
+    for change in changes:
+        other = Experiment(change, {}, load_config("tiny", [change]))
+        for stage, fingerprint in stage_fingerprints.items():
+            if fingerprint(other.cfg) != fingerprint(base.cfg):
+                assert other.stage_key(stage) != base.stage_key(stage), (change, stage)
+            shared[change, stage] = other.stage_key(stage) == base.stage_key(stage)
+    # ...and what only tuning or scoring changes is shared all the way down.
+    assert all(shared[change, stage] for change in ("lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3")
+               for stage in SHARED_STAGES)
