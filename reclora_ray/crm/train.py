@@ -98,7 +98,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
         result = fit(cfg, prepared, spec, tables, storage, callbacks or [])
         best = best_train_state(result)
         model.load_state_dict(best["model"])
-        history = best["state"]["history"]
+        history = train_state(result.checkpoint)["state"]["history"]  # the last epoch's: every epoch run
         best_epoch = best["state"]["best_epoch"]
         log.info("best epoch %d (valid AUC %.4f); scoring the test split", best_epoch, best["state"]["best_auc"])
         labels, probs = predict_split(model, prepared, "test", chunk_rows=cfg.crm.chunk_rows)
@@ -159,6 +159,10 @@ def best_train_state(result) -> dict:
     if not scored:
         raise RuntimeError("Ray Train finished without a checkpoint")
     _, checkpoint = max(scored, key=lambda pair: (not math.isnan(pair[0]), pair[0]))
+    return train_state(checkpoint)
+
+
+def train_state(checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
 
