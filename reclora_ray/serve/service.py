@@ -10,9 +10,11 @@
 Ids are the prepared dataset's dense user_id / item_id. Concurrent /score requests, from any
 users, are gathered by `@serve.batch` (serve.max_batch_size requests, waiting at most
 serve.batch_wait_timeout_s) and scored in one `Scorer.score` call; each response says how many
-requests and candidates its batch held. Model work runs on one thread beside the event loop:
-requests keep being accepted and validated while a batch runs, and the adapter layers, which hold
-the running batch's gate weights, never see two batches at once.
+requests and candidates its batch held. A request that arrives while a batch runs joins the
+queue when that batch ends, so the next batch gathers everything that arrived meanwhile. Model
+work runs on one thread beside the event loop: requests keep being accepted and validated while
+a batch runs, and the adapter layers, which hold the running batch's gate weights, never see two
+batches at once.
 
 Bad input is answered 4xx with a message naming the problem and never reaches the model:
 malformed JSON, wrong types, unknown fields, empty / oversized candidate lists or histories,
@@ -60,6 +62,8 @@ class RecLoRAService:
         self.limits = cfg.serve
         self.online = OnlineScorer(cfg, out, cfg.serve.variant)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclora-model")
+        self.no_batch_running = asyncio.Event()
+        self.no_batch_running.set()
         self.score_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -114,7 +118,11 @@ class RecLoRAService:
     @serve.batch
     async def score_batch(self, jobs: list[tuple[UserState, np.ndarray]]) -> list[tuple[np.ndarray, dict]]:
         states, candidates = [job[0] for job in jobs], [job[1] for job in jobs]
-        probs = await self._on_model_thread(self.online.score, states, candidates)
+        self.no_batch_running.clear()
+        try:
+            probs = await self._on_model_thread(self.online.score, states, candidates)
+        finally:
+            self.no_batch_running.set()
         batch = {"requests": len(jobs), "candidates": int(sum(len(c) for c in candidates))}
         self.batch_sizes[len(jobs)] += 1
         self.scored_candidates += batch["candidates"]
@@ -132,6 +140,9 @@ class RecLoRAService:
             raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
         self._check_items(body.candidates, "candidates")
         state = self._state(body.user_id, body)
+        # Serve forms batches eagerly (one per batch_wait_timeout_s, queued behind the running one):
+        # joining the queue only when no batch runs puts all that arrived meanwhile into the next one.
+        await self.no_batch_running.wait()
         probs, batch = await self.score_batch((state, np.asarray(body.candidates, dtype=np.int64)))
         order = np.argsort(-probs, kind="stable")
         return {**self._user(state),
