@@ -106,10 +106,12 @@ class OnlineScorer:
     def n_items(self) -> int:
         return self.data.n_items
 
-    def unknown_items(self, item_ids) -> list[int]:
-        """The ids among item_ids that are not items of the prepared dataset, in order, once each."""
+    def check_items(self, item_ids, what: str) -> None:
+        """404 naming the ids among item_ids that are not items of the prepared dataset."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        return list(dict.fromkeys(ids[(ids < 0) | (ids >= self.n_items)].tolist()))
+        unknown = list(dict.fromkeys(ids[(ids < 0) | (ids >= self.n_items)].tolist()))
+        if unknown:
+            raise RequestError(404, f"unknown item ids in {what}: {unknown} (valid ids: 0..{self.n_items - 1})")
 
     def user_state(self, user_id: int, history_items=(), history_ratings=(), timestamp: int | None = None,
               as_of_position: int | None = None) -> UserState:
@@ -119,9 +121,7 @@ class OnlineScorer:
         if as_of_position is not None and as_of_position > length:
             who = f"user {user_id} has {length} known behaviours" if known_user else f"user {user_id} is unknown"
             raise RequestError(422, f"as_of_position {as_of_position} is past the known history: {who}")
-        unknown = self.unknown_items(history_items)
-        if unknown:
-            raise RequestError(404, f"unknown item ids in history: {unknown} (valid ids: 0..{self.n_items - 1})")
+        self.check_items(history_items, "history")
         keep = length if as_of_position is None else as_of_position
         start = int(self.sequences.offsets[user_id]) if known_user else 0
         items = np.concatenate([self.sequences.item_ids[start:start + keep], np.asarray(history_items, dtype=np.int32)])

@@ -95,20 +95,18 @@ class RecLoRAService:
         except ValidationError as exc:
             raise HTTPException(422, describe(exc)) from None
 
-    def _state(self, user_id: int, context: UserContext) -> UserState:
+    def _state(self, user_id: int, context: UserContext, target_items: list[int], what: str) -> UserState:
+        """The user's state after checking the request's items against the data (404 / 422)."""
         if len(context.history) > self.limits.max_history:
             raise HTTPException(422, f"history: {len(context.history)} behaviours, more than "
                                      f"serve.max_history={self.limits.max_history}")
         try:
+            self.online.check_items(target_items, what)
             return self.online.user_state(user_id, [b.item_id for b in context.history],
-                                     [b.rating for b in context.history], context.timestamp, context.as_of_position)
+                                          [b.rating for b in context.history], context.timestamp,
+                                          context.as_of_position)
         except RequestError as exc:
             raise HTTPException(exc.status, str(exc)) from None
-
-    def _check_items(self, item_ids: list[int], what: str) -> None:
-        unknown = self.online.unknown_items(item_ids)
-        if unknown:
-            raise HTTPException(404, f"unknown item ids in {what}: {unknown} (valid ids: 0..{self.online.n_items - 1})")
 
     def _user(self, state: UserState) -> dict:
         return {"user_id": state.user_id, "known_user": state.known_user, "cold_start": state.cold_start,
@@ -138,8 +136,7 @@ class RecLoRAService:
         duplicates = [item for item, n in Counter(body.candidates).items() if n > 1]
         if duplicates:
             raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
-        self._check_items(body.candidates, "candidates")
-        state = self._state(body.user_id, body)
+        state = self._state(body.user_id, body, body.candidates, "candidates")
         # Serve forms batches eagerly (one per batch_wait_timeout_s, queued behind the running one):
         # joining the queue only when no batch runs puts all that arrived meanwhile into the next one.
         await self.no_batch_running.wait()
@@ -153,8 +150,8 @@ class RecLoRAService:
     async def adapter(self, user_id: UserId, item_id: int = Query(ge=0, lt=2**31, description="target item"),
                       timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
                       as_of_position: Optional[int] = Query(None, ge=0)) -> dict:
-        self._check_items([item_id], "item_id")
-        state = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position))
+        state = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position),
+                            [item_id], "item_id")
         gate = await self._on_model_thread(self.online.gate, state, item_id)
         return {**self._user(state), "item_id": item_id, "variant": self.online.variant.name,
                 "n_meta": gate.shape[-1], "gate": gate.tolist()}
@@ -162,8 +159,7 @@ class RecLoRAService:
     @api.post("/users/{user_id}/adapter/export")
     async def export_adapter(self, user_id: UserId, request: Request) -> FileResponse:
         body = await self._body(request, ExportRequest)
-        self._check_items([body.item_id], "item_id")
-        state = self._state(user_id, body)
+        state = self._state(user_id, body, [body.item_id], "item_id")
         name = f"{self.online.variant.name}-user{user_id}-item{body.item_id}"
         workdir = Path(tempfile.mkdtemp(prefix="reclora-export-"))
         archive = workdir / f"{name}.zip"
