@@ -206,16 +206,22 @@ class ScoreConfig:
 
 @dataclass
 class ServeConfig:
+    variant: str = "reclora"  # the tuned variant whose adapter is served (OUT/adapter/<variant>)
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.01
-    max_candidates: int = 200
+    max_batch_size: int = 64  # requests (of any number of candidates) scored together
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    forward_batch_size: Optional[int] = None  # prompts per forward pass; None: score.batch_size
+    max_candidates: int = 200  # per request
+    max_history: int = 1000  # supplied behaviours per request
     max_body_bytes: int = 1_000_000
-    num_replicas: int = 1
+    max_ongoing_requests: int = 128  # per replica; at least max_batch_size, or batches never fill
+    num_replicas: int = 1  # fixed replicas, unless max_replicas > min_replicas turns on autoscaling
     min_replicas: int = 1
     max_replicas: int = 1
-    num_gpus: float = 0.0
+    target_ongoing_requests: float = 32.0  # autoscaling target per replica
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica
 
 
 @dataclass
@@ -392,6 +398,15 @@ def _validate(obj: Any, path: str) -> None:
         raise ConfigError(f"{path}: epochs, batch_size, num_workers, chunk_rows must be >= 1, cpus_per_worker > 0")
     if isinstance(obj, TuneConfig) and obj.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
+    if isinstance(obj, ServeConfig):
+        if min(obj.max_batch_size, obj.max_candidates, obj.max_body_bytes, obj.max_ongoing_requests,
+               obj.num_replicas, obj.min_replicas) < 1 or obj.max_history < 0 or obj.batch_wait_timeout_s < 0:
+            raise ConfigError(f"{path}: batch, candidate, body, request and replica limits must be >= 1, "
+                              "max_history and batch_wait_timeout_s >= 0")
+        if obj.max_replicas < obj.min_replicas:
+            raise ConfigError(f"{_join(path, 'max_replicas')}: {obj.max_replicas} < min_replicas {obj.min_replicas}")
+        if obj.forward_batch_size is not None and obj.forward_batch_size < 1:
+            raise ConfigError(f"{_join(path, 'forward_batch_size')}: must be >= 1 (or null for score.batch_size)")
 
 
 def _join(path: str, key: Any) -> str:

@@ -110,12 +110,14 @@ class PromptBuilder:
         return cls(data.dataset, data.items, data.users, tokenizer, chat_template)
 
     def prompt(self, user_id: int, item_id: int, hist_item_ids, hist_ratings) -> str:
-        """One rendered prompt; the history may be -1 padded (padding is skipped)."""
+        """One rendered prompt; the history may be -1 padded (padding is skipped). A user id
+        outside the prepared users (an online cold-start user) has no profile."""
         hist_item_ids = np.asarray(hist_item_ids)
         keep = hist_item_ids >= 0
+        known = 0 <= user_id < len(self.profiles)
         text = build_prompt(
-            self.dataset, self.titles[item_id], self.titles[hist_item_ids[keep]],
-            np.asarray(hist_ratings)[keep], self.profiles[user_id], self.genders[user_id],
+            self.dataset, self.titles[item_id], self.titles[hist_item_ids[keep]], np.asarray(hist_ratings)[keep],
+            self.profiles[user_id] if known else None, self.genders[user_id] if known else None,
         )
         return render(text, self.tokenizer, self.chat_template)
 

@@ -106,3 +106,10 @@ def test_for_samples_reads_the_sequences_and_length_stats_grow():
     assert "'2. Crying Game, The (1992) (1 star)'" in long and "He watched" in long
     _, tokenizer = load_base(load_config("tiny").llm)
     assert log_length_stats(tokenizer, [long])["mean"] > log_length_stats(tokenizer, [short])["mean"]
+
+
+def test_a_user_outside_the_prepared_users_gets_no_profile():
+    known = builder("ml-1m", "The user is a female. Her job is writer. Her age is 35-44.", "F")
+    empty = np.array([], dtype=np.int64)
+    assert known.prompt(1, 3, empty, empty) == builder("ml-1m").prompt(0, 3, empty, empty)  # the cold-start wording
+    assert "female" not in known.prompt(7, 3, [0], [4.0])

@@ -1,0 +1,190 @@
+"""The Ray Serve deployment: one replica holds the base LLM, the adapter and the CRM once.
+
+    POST /score                      {"user_id", "candidates": [item_id, ...], "history"?, "timestamp"?,
+                                      "as_of_position"?} -> candidates by P(yes), highest first
+    GET  /users/{id}/adapter?item_id=I   the user's gate weights over the meta-LoRAs for target I
+    POST /users/{id}/adapter/export  {"item_id", "history"?, ...} -> a zip of the user's PEFT LoRA adapter
+    GET  /healthz                    model version and dataset size
+    GET  /stats                      this replica's batching counters
+
+Ids are the prepared dataset's dense user_id / item_id. Concurrent /score requests, from any
+users, are gathered by `@serve.batch` (serve.max_batch_size requests, waiting at most
+serve.batch_wait_timeout_s) and scored in one `Scorer.score` call; each response says how many
+requests and candidates its batch held. A request that arrives while a batch runs joins the
+queue when that batch ends, so the next batch gathers everything that arrived meanwhile. Model
+work runs on one thread beside the event loop: requests keep being accepted and validated while
+a batch runs, and the adapter layers, which hold the running batch's gate weights, never see two
+batches at once.
+
+Bad input is answered 4xx with a message naming the problem and never reaches the model:
+malformed JSON, wrong types, unknown fields, empty / oversized candidate lists or histories,
+duplicate candidates (422); bodies over serve.max_body_bytes (413); unknown item ids (404, named).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
+import asyncio
+import logging
+import shutil
+import tempfile
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve import metrics
+from starlette.background import BackgroundTask
+
+from reclora_ray.config import Config
+from reclora_ray.serve.online import OnlineScorer, RequestError, UserState
+from reclora_ray.serve.requests import ExportRequest, ScoreRequest, UserContext, UserId, describe
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="RecLoRA", description="Personalized LLM scoring of candidate items (RecLoRA on Ray Serve)")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": describe(exc.errors())})
+
+
+@serve.deployment
+@serve.ingress(api)
+class RecLoRAService:
+    def __init__(self, cfg: Config, out: str):
+        self.limits = cfg.serve
+        self.online = OnlineScorer(cfg, out, cfg.serve.variant)
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclora-model")
+        self.no_batch_running = asyncio.Event()
+        self.no_batch_running.set()
+        self.score_batch.set_max_batch_size(cfg.serve.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.batch_sizes: Counter[int] = Counter()
+        self.scored_candidates = 0
+        self.batch_metric = metrics.Histogram(
+            "reclora_batch_requests", description="requests scored together in one batch",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        log.info("replica %s serves %s (%s)", self.replica, self.online.variant.name, self.online.version)
+
+    async def _on_model_thread(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+        except RequestError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> BaseModel:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise HTTPException(400, f"Content-Length {declared!r} is not a byte count")
+        if declared is not None and int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over serve.max_body_bytes={limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(413, f"body of {len(body)} bytes is over serve.max_body_bytes={limit}")
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise HTTPException(422, describe(exc)) from None
+
+    def _state(self, user_id: int, context: UserContext, target_items: list[int], what: str) -> UserState:
+        """The user's state after checking the request's items against the data (404 / 422)."""
+        if len(context.history) > self.limits.max_history:
+            raise HTTPException(422, f"history: {len(context.history)} behaviours, more than "
+                                     f"serve.max_history={self.limits.max_history}")
+        try:
+            self.online.check_items(target_items, what)
+            return self.online.user_state(user_id, [b.item_id for b in context.history],
+                                          [b.rating for b in context.history], context.timestamp,
+                                          context.as_of_position)
+        except RequestError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    def _user(self, state: UserState) -> dict:
+        return {"user_id": state.user_id, "known_user": state.known_user, "cold_start": state.cold_start,
+                "history_length": len(state.items), "timestamp": state.timestamp,
+                "model_version": self.online.version}
+
+    @serve.batch
+    async def score_batch(self, jobs: list[tuple[UserState, np.ndarray]]) -> list[tuple[np.ndarray, dict]]:
+        states, candidates = [job[0] for job in jobs], [job[1] for job in jobs]
+        self.no_batch_running.clear()
+        try:
+            probs = await self._on_model_thread(self.online.score, states, candidates)
+        finally:
+            self.no_batch_running.set()
+        batch = {"requests": len(jobs), "candidates": int(sum(len(c) for c in candidates))}
+        self.batch_sizes[len(jobs)] += 1
+        self.scored_candidates += batch["candidates"]
+        self.batch_metric.observe(len(jobs))
+        return [(p, batch) for p in probs]
+
+    @api.post("/score")
+    async def score(self, request: Request) -> dict:
+        body = await self._body(request, ScoreRequest)
+        if len(body.candidates) > self.limits.max_candidates:
+            raise HTTPException(422, f"candidates: {len(body.candidates)} items, more than "
+                                     f"serve.max_candidates={self.limits.max_candidates}")
+        duplicates = [item for item, n in Counter(body.candidates).items() if n > 1]
+        if duplicates:
+            raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
+        state = self._state(body.user_id, body, body.candidates, "candidates")
+        # Serve forms batches eagerly (one per batch_wait_timeout_s, queued behind the running one):
+        # joining the queue only when no batch runs puts all that arrived meanwhile into the next one.
+        await self.no_batch_running.wait()
+        probs, batch = await self.score_batch((state, np.asarray(body.candidates, dtype=np.int64)))
+        order = np.argsort(-probs, kind="stable")
+        return {**self._user(state),
+                "scores": [{"item_id": body.candidates[i], "p_yes": float(probs[i])} for i in order],
+                "batch": batch}
+
+    @api.get("/users/{user_id}/adapter")
+    async def adapter(self, user_id: UserId, item_id: int = Query(ge=0, lt=2**31, description="target item"),
+                      timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
+                      as_of_position: Optional[int] = Query(None, ge=0)) -> dict:
+        state = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position),
+                            [item_id], "item_id")
+        gate = await self._on_model_thread(self.online.gate, state, item_id)
+        return {**self._user(state), "item_id": item_id, "variant": self.online.variant.name,
+                "n_meta": gate.shape[-1], "gate": gate.tolist()}
+
+    @api.post("/users/{user_id}/adapter/export")
+    async def export_adapter(self, user_id: UserId, request: Request) -> FileResponse:
+        body = await self._body(request, ExportRequest)
+        state = self._state(user_id, body, [body.item_id], "item_id")
+        name = f"{self.online.variant.name}-user{user_id}-item{body.item_id}"
+        workdir = Path(tempfile.mkdtemp(prefix="reclora-export-"))
+        archive = workdir / f"{name}.zip"
+        try:
+            await self._on_model_thread(self.online.export_adapter, state, body.item_id, workdir / name)
+            with zipfile.ZipFile(archive, "w") as zf:  # stored: safetensors do not compress
+                for path in sorted((workdir / name).iterdir()):
+                    zf.write(path, f"{name}/{path.name}")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return FileResponse(archive, media_type="application/zip", filename=archive.name,
+                            headers={"X-Model-Version": self.online.version},
+                            background=BackgroundTask(shutil.rmtree, workdir, ignore_errors=True))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "variant": self.online.variant.name, "model_version": self.online.version,
+                "users": self.online.n_users, "items": self.online.n_items, "replica": self.replica}
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        batches = sum(self.batch_sizes.values())
+        requests = sum(size * n for size, n in self.batch_sizes.items())
+        return {"replica": self.replica, "batches": batches, "requests": requests,
+                "candidates": self.scored_candidates, "max_batch_requests": max(self.batch_sizes, default=0),
+                "mean_batch_requests": requests / batches if batches else 0.0,
+                "batch_requests_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
