@@ -23,10 +23,8 @@ def tiny_config(*overrides: str) -> Config:
 
 
 @pytest.fixture(scope="session")
-def tiny_upstream(tmp_path_factory) -> Path:
+def tiny_upstream(tmp_path_factory, ray_local) -> Path:
     """OUT with data, embeddings, retrieval and crm/sim of the tiny config (read-only)."""
-    import ray
-
     from reclora_ray.crm.train import pretrain_crm
     from reclora_ray.data.prepare import prepare_dataset
     from reclora_ray.retrieval.embed import embed_items
@@ -34,13 +32,10 @@ def tiny_upstream(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-run")
     cfg = tiny_config()
-    was_running = ray.is_initialized()
     prepare_dataset(cfg, out / "data")
     embed_items(cfg, out)
     retrieve_histories(cfg, out)
     pretrain_crm(cfg, out)
-    if not was_running:
-        ray.shutdown()
     return out
 
 
@@ -52,12 +47,14 @@ def tiny_run(tiny_upstream, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """A local 2-CPU Ray for one test module."""
+    """One local 2-CPU Ray for the session's Ray tests, started on first use. A fixture that had
+    to stop it (Serve's) leaves the next stage to start a fresh one through `init_ray`."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

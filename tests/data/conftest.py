@@ -10,15 +10,6 @@ from reclora_ray.data.prepare import prepare_dataset
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def raw_dir(tmp_path):
     """A writable copy of one fixture folder; GoodReads' .jsonl files are gzipped as the

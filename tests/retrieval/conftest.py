@@ -77,16 +77,6 @@ def run_dir(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One small local Ray for the whole session (2 CPUs at most on a shared machine)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture()
 def write_embeddings():
     """write_embeddings(directory, vectors, item_ids=None): an item_embeddings.parquet."""
