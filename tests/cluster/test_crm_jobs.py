@@ -80,7 +80,7 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
             if any(n.name == name for n in local_cluster.info.nodes):
                 local_cluster.remove_node(name)
 
-    out = run / "crm" / "sim"
+    out = run / "crm" / "sim-recent"  # crm.history=recent: the recent-history checkpoint
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "crm.json", "metrics.json",
                                                       "model.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
