@@ -125,6 +125,12 @@ class CRMConfig:
     model: Literal["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"] = "sim"
     history: Literal["long", "recent"] = "long"  # retrieved hist_long, or the recent k_long
     user_fields: Optional[list[str]] = None  # users.parquet columns to embed; None: every profile field
+    # Embed the user id. Off where most evaluated users are unseen in train (a global-time split of
+    # a small log: ML-100K), so the model reads a user's taste from the history, not from the id.
+    user_id: bool = True
+    # SIM, DIN: R_c also holds the mean of the last recent_k behaviours of the (chronological)
+    # history, the user's current taste; 0 leaves it out.
+    recent_k: int = 10
     item_fields: Optional[list[str]] = None  # items.parquet columns (lists become bags); None: year, genres
     embed_dim: int = 32
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])  # the head; R_c is its input

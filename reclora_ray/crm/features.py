@@ -35,7 +35,7 @@ class FeatureSpec:
     dataset: str
     n_users: int
     n_items: int
-    user_fields: dict[str, int]  # name -> vocabulary size incl. code 0; user_id first
+    user_fields: dict[str, int]  # name -> vocabulary size incl. code 0; user_id first (if crm.user_id)
     item_fields: dict[str, int]  # scalar item fields; item_id first
     item_bags: dict[str, list[int]]  # multi-valued item fields: name -> [vocabulary size, max length]
     history: str  # "long" (retrieved hist_long) or "recent"
@@ -55,7 +55,7 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
     """The field vocabularies of a prepared dataset and the lookup tables the model embeds.
 
     Tables (row 0 = unknown / padding):
-      user_table (n_users + 1, n_user_fields)      codes of user_id and each profile field
+      user_table (n_users + 1, n_user_fields)      codes of user_id (if crm.user_id) and each profile field
       item_table (n_items + 1, n_item_fields)      codes of item_id and each scalar item field
       bag_<name> (n_items + 1, max length)         codes of a list field (e.g. genres), 0 padded
     """
@@ -67,8 +67,14 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
         crm.item_fields, [c for c in DEFAULT_ITEM_FIELDS if c in items.columns],
         items.columns, "crm.item_fields", prepared.root / "items.parquet")
 
-    user_fields = {"user_id": prepared.n_users + 1}
-    user_columns = [np.arange(prepared.n_users, dtype=np.int64) + 1]
+    user_fields: dict[str, int] = {}
+    user_columns = []
+    if crm.user_id:
+        user_fields["user_id"] = prepared.n_users + 1
+        user_columns.append(np.arange(prepared.n_users, dtype=np.int64) + 1)
+    elif not user_names:
+        raise ConfigError(f"crm.user_id is false and no profile field is chosen (crm.user_fields, "
+                          f"{prepared.root / 'users.parquet'}): the model would know nothing of the user")
     for name in user_names:
         codes, size = _categorical_codes(users[name])
         user_fields[name] = size
@@ -129,7 +135,7 @@ def _choose_fields(requested, default, available, key: str, path) -> list[str]:
     unknown = [name for name in requested if name not in available or name in ("user_id", "item_id")]
     if unknown:
         raise ConfigError(
-            f"{key}: {unknown} not usable fields of {path} (columns: {sorted(available)}; ids are always used)")
+            f"{key}: {unknown} not usable fields of {path} (columns: {sorted(available)}; ids are set by crm.user_id / always used)")
     return list(requested)
 
 

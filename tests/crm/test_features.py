@@ -12,6 +12,7 @@ def prepared(prepared_run):
 
 
 def test_build_features_vocabularies_and_tables(prepared, crm_cfg):
+    crm_cfg.crm.user_id, crm_cfg.crm.user_fields = True, None  # the defaults: every user field
     spec, tables = build_features(prepared, crm_cfg.crm, history_len=20)
     assert list(spec.user_fields) == ["user_id", "gender", "age", "occupation", "zip"]
     assert spec.user_fields["user_id"] == prepared.n_users + 1
@@ -60,3 +61,14 @@ def test_encode_left_pads_short_histories(prepared, crm_cfg):
     assert batch["hist_rating"].tolist() == [[0, 0, 0, 11, 3]]
     with pytest.raises(ValueError, match="2-D"):
         FeatureEncoder(spec).encode([1], [2], [0], [3, 4], [5.0, 1.0])
+
+
+def test_user_id_can_be_left_out(prepared, crm_cfg):
+    crm_cfg.crm.user_id = False
+    crm_cfg.crm.user_fields = ["gender", "age"]
+    spec, tables = build_features(prepared, crm_cfg.crm, history_len=20)
+    assert list(spec.user_fields) == ["gender", "age"]
+    assert tables["user_table"].shape == (prepared.n_users + 1, 2)
+    crm_cfg.crm.user_fields = []
+    with pytest.raises(ConfigError, match="crm.user_id is false and no profile field"):
+        build_features(prepared, crm_cfg.crm, history_len=20)

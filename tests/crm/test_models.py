@@ -11,6 +11,7 @@ from reclora_ray.crm.checkpoint import save_crm
 from reclora_ray.crm.dataset import iter_split
 from reclora_ray.crm.features import build_features
 from reclora_ray.crm.models import MODELS, build_model
+from reclora_ray.crm.models.base import recent_mean
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.crm.train import auc_logloss
 from reclora_ray.data.prepared import PreparedData
@@ -125,3 +126,19 @@ def test_bad_model_hyperparameters_name_the_key(prepared, crm_cfg):
     crm_cfg.crm.caser.horizontal_heights = [2, 50]
     with pytest.raises(ConfigError, match="crm.caser.horizontal_heights"):
         make(prepared, crm_cfg, "caser")
+
+
+def test_recent_mean_reads_only_the_last_present_behaviours():
+    values = torch.arange(6, dtype=torch.float32).view(1, 6, 1).repeat(2, 1, 1)
+    mask = torch.tensor([[True] * 6, [False, False, False, False, True, True]])
+    assert recent_mean(values, mask, 3).squeeze(-1).tolist() == [4.0, 4.5]  # (3+4+5)/3, (4+5)/2
+    assert recent_mean(values, torch.zeros_like(mask), 3).abs().sum() == 0  # no history: zeros
+
+
+@pytest.mark.parametrize("name", ["sim", "din"])
+def test_recent_k_widens_r_c_and_zero_leaves_it_out(prepared, crm_cfg, name):
+    widths = {}
+    for recent_k in (0, 5):
+        crm_cfg.crm.recent_k = recent_k
+        widths[recent_k] = make(prepared, crm_cfg, name).d_c
+    assert widths[5] - widths[0] == make(prepared, crm_cfg, name).embedding.item_dim

@@ -144,6 +144,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def recent_mean(values: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the last n present entries of a left-padded, chronological (B, K, D) history."""
+    return masked_mean(values[:, -n:], mask[:, -n:])
+
+
 def right_align(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, K, ...) -> right-padded, plus lengths (B,): for RNNs and causal attention."""
     lengths = mask.sum(1)

@@ -1,13 +1,13 @@
 """DIN (Zhou et al., KDD 2018): a local activation unit weighs each behaviour by its relevance to
 the target (unnormalized, as in the paper), and the weighted sum is the user's interest.
-R_c = [profile, interest]."""
+R_c = [profile, interest, mean of the last `crm.recent_k` behaviours (the user's current taste)]."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from reclora_ray.crm.models.base import CRM, MLP, Batch
+from reclora_ray.crm.models.base import CRM, MLP, Batch, recent_mean
 
 
 class ActivationUnit(nn.Module):
@@ -39,9 +39,13 @@ class DIN(CRM):
         super().__init__(spec, cfg, tables)
         d = self.embedding.item_dim
         self.activation = ActivationUnit(d, cfg.din.attention_hidden)
-        self._build_head(self.embedding.profile_dim + d)
+        self.recent_k = min(cfg.recent_k, spec.history_len)
+        self._build_head(self.embedding.profile_dim + (2 if self.recent_k else 1) * d)
 
     def represent(self, batch: Batch) -> torch.Tensor:
         behaviours, mask = self.embedding.history(batch)
-        interest = self.activation(self.embedding.target(batch), behaviours.flatten(-2), mask)
-        return torch.cat([self.embedding.profile(batch), interest], dim=1)
+        behaviours = behaviours.flatten(-2)
+        parts = [self.embedding.profile(batch), self.activation(self.embedding.target(batch), behaviours, mask)]
+        if self.recent_k:
+            parts.append(recent_mean(behaviours, mask, self.recent_k))
+        return torch.cat(parts, dim=1)

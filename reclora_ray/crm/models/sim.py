@@ -2,7 +2,9 @@
 
 General search unit: keep the `search_k` behaviours whose embedding has the largest inner
 product with the target's. Exact search unit: multi-head target attention over them, with an
-embedding of each behaviour's recency. R_c = [profile, ESU interest, mean of all behaviours].
+embedding of each behaviour's recency. R_c = [profile, ESU interest, mean of all behaviours,
+mean of the last `crm.recent_k` behaviours] (the last one: the user's current taste, which
+target-relevance search alone does not see).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from reclora_ray.config import ConfigError
-from reclora_ray.crm.models.base import CRM, Batch, attention_pool, masked_mean
+from reclora_ray.crm.models.base import CRM, Batch, attention_pool, masked_mean, recent_mean
 
 
 class SIM(CRM):
@@ -29,7 +31,8 @@ class SIM(CRM):
             nn.MultiheadAttention(d, cfg.sim.heads, dropout=cfg.dropout, batch_first=True)
             for _ in range(cfg.sim.attention_layers)
         )
-        self._build_head(self.embedding.profile_dim + 2 * d)
+        self.recent_k = min(cfg.recent_k, spec.history_len)
+        self._build_head(self.embedding.profile_dim + (3 if self.recent_k else 2) * d)
 
     def represent(self, batch: Batch) -> torch.Tensor:
         behaviours, mask = self.embedding.history(batch)
@@ -43,4 +46,7 @@ class SIM(CRM):
         interest = target
         for attention in self.layers:
             interest = interest + attention_pool(attention, interest, keys, key_mask)
-        return torch.cat([self.embedding.profile(batch), interest, masked_mean(behaviours, mask)], dim=1)
+        parts = [self.embedding.profile(batch), interest, masked_mean(behaviours, mask)]
+        if self.recent_k:
+            parts.append(recent_mean(behaviours, mask, self.recent_k))
+        return torch.cat(parts, dim=1)
