@@ -32,13 +32,8 @@ from reclora_ray.llm.model import RecLoRAModel
 from reclora_ray.llm.plora import PersonalizedLoRAModel
 from reclora_ray.llm.tune import deepspeed_config
 from reclora_ray.llm.variants import get_variant
+from shapes import LLAMA_SHAPES, random_llama
 
-SHAPES = {  # LlamaConfig fields of the real models
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-}
 
 
 def save_random_model(shape: dict, directory: Path, tokenizer_dir: Path) -> Path:
@@ -129,7 +124,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
     with tempfile.TemporaryDirectory() as tmp:
-        small = save_random_model(SHAPES["smollm2-135m"], Path(tmp) / "smollm2", tokenizer_dir)
+        small = save_random_model(LLAMA_SHAPES["smollm2-135m"], Path(tmp) / "smollm2", tokenizer_dir)
         cfg.llm.model = str(small)
         base, tokenizer = load_base(cfg.llm, device=device)
         inputs = InputBuilder(cfg, data, variant, tokenizer, features[0])
@@ -156,13 +151,8 @@ def main() -> None:
         del model8, base8
         torch.cuda.empty_cache()
 
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        shape = dict(SHAPES["llama-7b"], num_hidden_layers=args.layers_7b)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(device):
-            big = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=tokenizer.pad_token_id)).eval()
-        torch.set_default_dtype(torch.float32)
+        big = random_llama("llama-7b", layers=args.layers_7b, dtype=torch.bfloat16, device=device,
+                           pad_token_id=tokenizer.pad_token_id)
         model7 = model_for(cfg, big, data, features, variant)
         results["score_7b_bf16"] = scoring_throughput(model7, inputs, test, device, batch_size=32)
         results["score_7b_bf16"]["layers"] = args.layers_7b

@@ -44,22 +44,14 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from reclora_ray.config import LoRAConfig  # noqa: E402
 from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear  # noqa: E402
+from shapes import LLAMA_SHAPES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 log = logging.getLogger("plora_overhead")
 
 N_METAS = (1, 2, 4, 8, 16)
 CRM_DIM = 64
 
-SHAPES = {
-    "135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
-    ),
-}
+SHAPES = {"135m": LLAMA_SHAPES["smollm2-135m"], "7b": LLAMA_SHAPES["llama-7b"]}
 
 
 class NaivePLoRALinear(PLoRALinear):

@@ -72,9 +72,14 @@ def load_crm(directory: str | Path, device: str = "cpu") -> CRM:
     return model.to(device).eval()
 
 
+# Hyperparameters added after checkpoints were first written, with the value that reproduces
+# those older checkpoints' models (their configs do not name them).
+ADDED_LATER = {"recent_k": 0}
+
+
 def crm_config_from_dict(payload: dict) -> CRMConfig:
     defaults = CRMConfig()
-    kwargs = {}
+    kwargs = {name: value for name, value in ADDED_LATER.items() if name not in payload}
     for name, value in payload.items():
         default = getattr(defaults, name)  # AttributeError for an unknown key
         kwargs[name] = type(default)(**value) if dataclasses.is_dataclass(default) else value

@@ -49,14 +49,28 @@ class Scorer:
         from reclora_ray.llm.model import build_model
 
         run = RunDir(out)
-        self.variant = get_variant(variant_name)
-        self.device = scoring_device(cfg.score.num_gpus)
-        self.data = data or PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-        adapter = run.adapter(self.variant.name) if self.variant.adapter else None
-        self.model, tokenizer, crm_spec = build_model(cfg, run, self.variant, adapter, device=self.device)
-        self.model.eval()
-        self.inputs = InputBuilder(cfg, self.data, self.variant, tokenizer, crm_spec)
-        self.batch_size = cfg.score.batch_size
+        variant = get_variant(variant_name)
+        device = scoring_device(cfg.score.num_gpus)
+        data = data or PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
+        adapter = run.adapter(variant.name) if variant.adapter else None
+        model, tokenizer, crm_spec = build_model(cfg, run, variant, adapter, device=device)
+        self._attach(model, InputBuilder(cfg, data, variant, tokenizer, crm_spec), data, device, cfg.score.batch_size)
+
+    @classmethod
+    def from_model(cls, model, inputs: InputBuilder, data: PreparedData, device: torch.device,
+                   batch_size: int) -> "Scorer":
+        """A scorer around a model already built (benchmarks, notebooks)."""
+        scorer = cls.__new__(cls)
+        scorer._attach(model, inputs, data, device, batch_size)
+        return scorer
+
+    def _attach(self, model, inputs: InputBuilder, data: PreparedData, device: torch.device, batch_size: int) -> None:
+        self.model = model.eval()
+        self.inputs = inputs
+        self.variant = inputs.variant
+        self.data = data
+        self.device = device
+        self.batch_size = batch_size
 
     @torch.inference_mode()
     def score(self, user_ids, item_ids, timestamps, hist: Histories) -> tuple[np.ndarray, np.ndarray | None]:

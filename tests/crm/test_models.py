@@ -142,3 +142,16 @@ def test_recent_k_widens_r_c_and_zero_leaves_it_out(prepared, crm_cfg, name):
         crm_cfg.crm.recent_k = recent_k
         widths[recent_k] = make(prepared, crm_cfg, name).d_c
     assert widths[5] - widths[0] == make(prepared, crm_cfg, name).embedding.item_dim
+
+
+def test_checkpoint_written_before_recent_k_existed_still_loads(prepared, crm_cfg, tmp_path):
+    crm_cfg.crm.recent_k = 0
+    model = make(prepared, crm_cfg, "sim").eval()
+    save_crm(model, tmp_path)
+    config = json.loads((tmp_path / "crm.json").read_text())
+    del config["hyperparameters"]["recent_k"]  # as checkpoints of earlier versions were written
+    (tmp_path / "crm.json").write_text(json.dumps(config))
+    loaded = load_crm(tmp_path)
+    assert loaded.recent_k == 0 and loaded.d_c == model.d_c
+    _, probs = predict_split(model, prepared, "test")
+    np.testing.assert_allclose(predict_split(loaded, prepared, "test")[1], probs, rtol=1e-5, atol=1e-6)
