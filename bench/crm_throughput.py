@@ -20,16 +20,15 @@ import argparse
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memory import PeakMemory  # bench/ is on sys.path when run as a script
 from reclora_ray.config import load_config
 from reclora_ray.crm.models import MODELS
 from reclora_ray.crm.train import pretrain_crm
@@ -38,34 +37,6 @@ log = logging.getLogger("crm_throughput")
 
 ML25M = {"users": 162_541, "items": 59_047, "rows": 25_000_095}
 SMALL_SPLIT = 50_000
-
-
-class PeakRSS:
-    """Samples the summed RSS of this process and all its children (Ray's included)."""
-
-    def __init__(self, every_s: float = 0.5):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def write_synthetic_ml25m(root: Path, fraction: float, seed: int = 0) -> Path:
@@ -145,7 +116,7 @@ def main() -> None:
     work = Path(args.work)
 
     results: dict[str, dict] = {}
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         for dataset in args.datasets:
             run = work / dataset
             if dataset == "ml-100k":
@@ -166,7 +137,7 @@ def main() -> None:
                     "test_auc": round(metrics["auc"], 4),
                 }
                 log.info("%s/%s: %s", dataset, model, results[f"{dataset}/{model}"])
-    print(json.dumps({"models": results, "peak_rss_gb": round(memory.peak / 2**30, 2),
+    print(json.dumps({"models": results, "peak_rss_gb": round(memory.peak_rss / 2**30, 2),
                       "cpus": os.cpu_count(), "workers": 2}))
 
 

@@ -5,7 +5,7 @@
 
 The synthetic log is written once into --work-dir (its time is reported apart as synth_s);
 then prepare runs with the packaged ml-25m config (k_core 0, label rating > 3.0, test
-subsample 70,000) on a local Ray of --num-cpus cores. Memory is sampled every 0.2 s over the
+subsample 70,000) on a local Ray of --num-cpus cores. Memory is sampled (bench/memory.py) over the
 driver and all its child processes (the Ray workers, raylet, GCS): peak_rss_gb sums their RSS
 (shared object-store pages count once per process that maps them, so it overstates),
 peak_pss_gb sums their proportional set sizes (shared pages split between processes).
@@ -18,48 +18,18 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import PeakMemory  # noqa: E402  (bench/ is on sys.path when run as a script)
 from reclora_ray.cli import setup_logging  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepare import prepare_dataset  # noqa: E402
 from reclora_ray.data.synth import write_synthetic_ml25m  # noqa: E402
 
 FULL_USERS, FULL_ITEMS, FULL_ROWS = 162_541, 59_047, 25_000_095
-
-
-class MemorySampler(threading.Thread):
-    """Peak summed RSS and PSS of this process and all its descendants."""
-
-    def __init__(self, interval_s: float = 0.2):
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak_rss = self.peak_pss = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self._done.is_set():
-            rss = pss = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._done.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def main() -> None:
@@ -81,12 +51,10 @@ def main() -> None:
         synth_s = time.perf_counter() - started
 
     cfg = load_config("ml-25m", [f"data.raw_dir={raw}", f"run.num_cpus={args.num_cpus}"])
-    sampler = MemorySampler()
-    sampler.start()
-    started = time.perf_counter()
-    out = prepare_dataset(cfg, work / "run" / "data", overwrite=True)
-    wall_s = time.perf_counter() - started
-    sampler.stop()
+    with PeakMemory() as sampler:
+        started = time.perf_counter()
+        out = prepare_dataset(cfg, work / "run" / "data", overwrite=True)
+        wall_s = time.perf_counter() - started
     meta = json.loads((out / "meta.json").read_text())
     import ray
 

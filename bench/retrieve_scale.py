@@ -8,7 +8,7 @@ config, but with every test sample kept (no 70,000 subsample), so every one of t
 behaviours is a sample. Item embeddings are random unit vectors of the configured dimension
 (embed.pca_dim, 512 for ml-25m): retrieval's cost does not depend on what they mean. Then
 retrieve runs with semantic long and short lists on a local Ray of --num-cpus cores. Memory is
-sampled every 0.2 s over the driver and all its child processes (Ray workers, raylet, GCS):
+sampled (bench/memory.py) over the driver and all its child processes (Ray workers, raylet, GCS):
 peak_rss_gb sums their RSS (shared object-store pages count once per process that maps them,
 so it overstates), peak_pss_gb their proportional set sizes. The last line is one JSON object.
 """
@@ -19,48 +19,18 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import PeakMemory  # noqa: E402  (bench/ is on sys.path when run as a script)
 from reclora_ray.cli import setup_logging  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
 
 FULL_USERS, FULL_ITEMS, FULL_ROWS = 162_541, 59_047, 25_000_095
-
-
-class MemorySampler(threading.Thread):
-    """Peak summed RSS and PSS of this process and all its descendants."""
-
-    def __init__(self, interval_s: float = 0.2):
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak_rss = self.peak_pss = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self._done.is_set():
-            rss = pss = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._done.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def prepared_log(work: Path, rows: int, num_cpus: int) -> Path:
@@ -117,12 +87,10 @@ def main() -> None:
     n_items = pq.read_metadata(run.data / "items.parquet").num_rows
     write_random_embeddings(run, n_items, cfg.embed.pca_dim)
 
-    sampler = MemorySampler()
-    sampler.start()
-    started = time.perf_counter()
-    out = retrieve_histories(cfg, run.root, overwrite=True)
-    wall_s = time.perf_counter() - started
-    sampler.stop()
+    with PeakMemory() as sampler:
+        started = time.perf_counter()
+        out = retrieve_histories(cfg, run.root, overwrite=True)
+        wall_s = time.perf_counter() - started
     stats = json.loads((out / "retrieval.json").read_text())["splits"]
     samples = sum(s["samples"] for s in stats.values())
     print(json.dumps({
