@@ -124,9 +124,11 @@ def main() -> None:
             else:
                 write_synthetic_ml25m(run, args.scale)
             for model in args.models:
+                # ML-25M has no user profile: its users are ids (as in the ml-25m config).
+                users = [] if dataset == "ml-100k" else ["crm.user_fields=null", "crm.user_id=true"]
                 cfg = load_config("quickstart", [
                     f"data.dataset={dataset}", f"crm.model={model}", "crm.history=recent", "crm.epochs=1",
-                    f"crm.steps_per_epoch={args.steps}", "crm.batch_size=1024", "run.num_cpus=2"])
+                    f"crm.steps_per_epoch={args.steps}", "crm.batch_size=1024", "run.num_cpus=2", *users])
                 started = time.perf_counter()
                 out = pretrain_crm(cfg, run, overwrite=True)
                 metrics = json.loads((out / "metrics.json").read_text())

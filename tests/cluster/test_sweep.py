@@ -13,6 +13,7 @@ from reclora_ray.cluster.sweep import (SHARED_STAGES, Experiment, SweepSpec, exp
 from reclora_ray.config import ConfigError, load_config
 from reclora_ray.llm.variants import get_variant
 from reclora_ray.rundir import MARKER
+from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -129,6 +130,33 @@ def test_failures_are_rows_and_reruns_skip_finished_work(local_ray, tmp_path):
     assert job.main(argv[:-4] + ["--grid", "crm.lr=0.1", "--set", "crm.epochs=2"]) == 0
     third = json.loads((tmp_path / "sweep.json").read_text())
     assert third[0]["started_at"] > first[0]["started_at"]
+
+
+@pytest.mark.ray
+def test_the_default_experiment_runs_the_real_pipeline_for_each_grid_point(local_ray, tmp_path):
+    """The N_m sweep as users run it, on the tiny config: the leader runs every stage; the other
+    grid point takes its data, embeddings, retrieval and CRM and only tunes and scores. The
+    pipeline's own trainers and Ray Data stages run inside the experiment's task."""
+    job = load_job("sweep")
+    overrides = [*TINY_OVERRIDES, "tune.variants=[reclora]"]
+    argv = ["--config", "tiny", "--out", str(tmp_path), "--grid", "lora.n_meta=1,2", "--max-concurrent", "1",
+            *(arg for o in overrides for arg in ("--set", o))]
+    assert job.main(argv) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["n_meta=1", "n_meta=2"]
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
+    assert rows[0]["shared"] == {}
+    assert rows[1]["shared"] == dict.fromkeys(SHARED_STAGES, "n_meta=1")
+    for row in rows:
+        for model in ("crm-sim", "zero-shot", "reclora"):
+            assert 0 <= row["metrics"][f"{model}.auc"] <= 1 and row["metrics"][f"{model}.logloss"] > 0
+    # The shared CRM scores the same test split identically; the adapters differ by N_m.
+    assert rows[1]["metrics"]["crm-sim.auc"] == rows[0]["metrics"]["crm-sim.auc"]
+    for row in rows:
+        adapter = json.loads((tmp_path / row["name"] / "adapter" / "reclora" / "adapter_config.json").read_text())
+        assert adapter["lora"]["n_meta"] == row["overrides"]["lora.n_meta"]
+    assert (tmp_path / "n_meta=2" / "crm" / "sim").is_symlink()
+    assert "| n_meta=2 | 2 |" in (tmp_path / "sweep.md").read_text()
 
 
 def test_markdown_table_lists_every_metric_and_escapes_pipes():
