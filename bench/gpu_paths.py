@@ -94,7 +94,7 @@ def scoring_throughput(model, inputs, rows, device, batch_size: int) -> dict:
     start = synced(device)
     for _, batch in inputs.scoring_batches(*args, hist, batch_size):
         batch = to_device(batch, device)
-        p_yes(model.last_logits(**batch), inputs.collator.yes_id, inputs.collator.no_id)
+        p_yes(model.answer_scores(**batch, answer_ids=inputs.collator.yes_no))
     wall = synced(device) - start
     return {"prompts": len(rows), "batch_size": batch_size, "wall_s": round(wall, 2),
             "prompts_per_s": round(len(rows) / wall, 1)}

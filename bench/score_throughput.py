@@ -96,7 +96,7 @@ def generate_p_yes(model: RecLoRAModel, batch: dict, yes_id: int, no_id: int, ne
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
             pad_token_id=pad_id)
-    return p_yes(out.scores[0], yes_id, no_id)
+    return p_yes(out.scores[0][:, [yes_id, no_id]])
 
 
 def main() -> None:
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a real llm.model instead of a random shape")
     parser.add_argument("--variant", default="reclora")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--generate-tokens", type=int, default=4)
@@ -144,9 +144,10 @@ def main() -> None:
         for batch in batches:
             model(**batch)
 
+    @torch.inference_mode()
     def forward_last():
         for batch in batches:
-            model.last_logits(**batch)
+            model(**batch, logits_to_keep=1)
 
     def generate():
         return [generate_p_yes(model, b, yes_id, no_id, args.generate_tokens, tokenizer.pad_token_id) for b in batches]

@@ -160,9 +160,11 @@ class CRMConfig:
 class LLMConfig:
     model: str = "lmsys/vicuna-7b-v1.3"  # HF id, local dir, or "smollm2-packaged"
     gguf_file: Optional[str] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    # auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or
+    # AMX-BF16), fp16 on CUDA without bf16 (V100), fp32 otherwise. Aliases bf16/fp16/fp32 accepted.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
     load_in_8bit: bool = True
-    chat_template: bool = False
+    chat_template: Optional[bool] = None  # None: on when the tokenizer has a chat template
     max_length: int = 1024
     cache_dir: Optional[str] = None  # where converted GGUF checkpoints are kept
 
@@ -192,7 +194,10 @@ class TuneConfig:
     epochs: int = 5
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0  # linear warm-up from 0 over this share of the steps, then linear decay to 0
+    # lm: the language-model loss on the answer tokens (the paper); yes_no: a two-way cross-entropy
+    # of softmax(s_yes, s_no) at the answer slot, which is what scoring reads.
+    loss: Literal["lm", "yes_no"] = "lm"
     micro_batch: int = 8
     grad_accum: int = 16
     zero_stage: int = 2
@@ -204,6 +209,9 @@ class TuneConfig:
 
 @dataclass
 class ScoreConfig:
+    # The LLM rows score one fixed random subsample of the test split (seed run.seed) of this size,
+    # the same for every variant; the CRM scores the whole split. None: every LLM row scores it all.
+    llm_subsample: Optional[int] = None
     batch_size: int = 16
     concurrency: int = 1
     num_gpus: float = 1.0
@@ -402,8 +410,13 @@ def _validate(obj: Any, path: str) -> None:
     if isinstance(obj, CRMConfig) and (obj.epochs < 1 or obj.batch_size < 1 or obj.num_workers < 1
                                        or obj.chunk_rows < 1 or obj.cpus_per_worker <= 0):
         raise ConfigError(f"{path}: epochs, batch_size, num_workers, chunk_rows must be >= 1, cpus_per_worker > 0")
-    if isinstance(obj, TuneConfig) and obj.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
+    if isinstance(obj, TuneConfig):
+        if obj.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
+        if not 0 <= obj.warmup_ratio < 1:
+            raise ConfigError(f"{_join(path, 'warmup_ratio')}: must be in [0, 1), got {obj.warmup_ratio}")
+        if obj.valid_subsample is not None and obj.valid_subsample < 1:
+            raise ConfigError(f"{_join(path, 'valid_subsample')}: must be >= 1 (or null for the whole split)")
     if isinstance(obj, ServeConfig):
         if min(obj.max_batch_size, obj.max_candidates, obj.max_body_bytes, obj.max_ongoing_requests,
                obj.num_replicas, obj.min_replicas) < 1 or obj.max_history < 0 or obj.batch_wait_timeout_s < 0:

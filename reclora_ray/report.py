@@ -2,8 +2,9 @@
 
 Reads every scored model under OUT/scores/<name>/ (metrics.json + predictions.parquet, where
 predictions carry sample_id, user_id, item_id, label, p_yes and, for personalized-LoRA variants,
-the per-sample gate weights `gate`). Writes OUT/report.md, OUT/metrics.json
-({"models": {name: {"auc", "logloss", "n"}}}), OUT/roc.png and, when gates exist, OUT/gates.png.
+the per-sample gate weights `gate`). Models are compared only on the samples they all scored, with
+bootstrap-over-users confidence intervals and paired differences to RecLoRA (`evaluate`). Writes
+OUT/report.md, OUT/metrics.json (evaluate's payload), OUT/roc.png and, when gates exist, OUT/gates.png.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reclora_ray.metrics import rel_impr
+from reclora_ray.metrics import BOOTSTRAP_ROUNDS, binary_metrics, bootstrap_metrics, interval, paired_p_value, rel_impr
 from reclora_ray.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ DISPLAY = {
 }
 
 
-def collect_scores(run: RunDir) -> dict[str, dict]:
-    """Metrics of every finished scoring output, keyed by score name."""
+def collect_scores(run: RunDir) -> dict[str, pd.DataFrame]:
+    """Predictions of every finished scoring output (sample_id, user_id, label, p_yes), by name."""
     found = {}
-    for path in sorted((run.root / "scores").glob("*/metrics.json")):
-        found[path.parent.name] = json.loads(path.read_text())
+    for path in sorted((run.root / "scores").glob("*/predictions.parquet")):
+        found[path.parent.name] = pd.read_parquet(path, columns=["sample_id", "user_id", "label", "p_yes"])
     return found
 
 
@@ -46,20 +47,94 @@ def _order(name: str) -> tuple[int, str]:
     return (keys.index(name) if name in keys else len(keys) - 1, name)
 
 
-def comparison_table(scores: dict[str, dict]) -> str:
-    """Markdown table: Model | Group | AUC | LogLoss | Rel.Impr of RecLoRA over the row."""
-    ours = scores.get(OURS, {}).get("auc")
-    lines = ["| Model | Group | AUC | LogLoss | Rel.Impr | n |", "|---|---|---|---|---|---|"]
-    for name in sorted(scores, key=_order):
-        m = scores[name]
+def evaluate(preds: dict[str, pd.DataFrame], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict:
+    """Every model on the test samples they all scored, with 95% CIs from a bootstrap over users,
+    and each model's paired difference to RecLoRA on the same resamples; and every model that
+    scored more than those (the CRM on the whole split) on its own samples.
+
+    {"models": {name: {auc, auc_ci, logloss, logloss_ci, n, users}},
+     "vs_reclora": {name: {delta_auc, delta_auc_ci, p_value, delta_logloss, delta_logloss_ci}},
+     "own_samples": {name: {... as models}}}"""
+    common = None
+    for df in preds.values():
+        ids = set(df["sample_id"])
+        common = ids if common is None else common & ids
+    if not common:
+        raise ValueError(f"the scored models {sorted(preds)} share no test sample: score them on the same split")
+    ids = np.array(sorted(common))
+    aligned = {name: df.set_index("sample_id").loc[ids] for name, df in preds.items()}
+    first = next(iter(aligned.values()))
+    labels, users = first["label"].to_numpy(), first["user_id"].to_numpy()
+    for name, df in aligned.items():
+        if not np.array_equal(df["label"].to_numpy(), labels):
+            raise ValueError(f"scores/{name} disagrees with the other models on the labels of the same samples")
+    probs = {name: df["p_yes"].to_numpy() for name, df in aligned.items()}
+    reps = bootstrap_metrics(labels, users, probs, rounds, seed)
+    payload = {"models": _summaries(labels, users, probs, reps), "vs_reclora": {}, "own_samples": {}}
+    if OURS in probs:
+        point = payload["models"]
+        for name in probs:
+            if name == OURS:
+                continue
+            diff = reps[OURS] - reps[name]
+            payload["vs_reclora"][name] = {
+                "delta_auc": point[OURS]["auc"] - point[name]["auc"], "delta_auc_ci": interval(diff[:, 0]),
+                "p_value": paired_p_value(diff[:, 0]),
+                "delta_logloss": point[OURS]["logloss"] - point[name]["logloss"],
+                "delta_logloss_ci": interval(diff[:, 1]),
+            }
+    for name, df in preds.items():
+        if len(df) > len(ids):
+            own_labels, own_users, own = df["label"].to_numpy(), df["user_id"].to_numpy(), {name: df["p_yes"].to_numpy()}
+            own_reps = bootstrap_metrics(own_labels, own_users, own, rounds, seed)
+            payload["own_samples"][name] = _summaries(own_labels, own_users, own, own_reps)[name]
+    return payload
+
+
+def _summaries(labels, users, probs: dict, reps: dict) -> dict:
+    out = {}
+    for name, p in probs.items():
+        m = binary_metrics(labels, p)
+        out[name] = {"auc": m["auc"], "auc_ci": interval(reps[name][:, 0]), "logloss": m["logloss"],
+                     "logloss_ci": interval(reps[name][:, 1]), "n": m["n"], "users": int(len(np.unique(users)))}
+    return out
+
+
+def _ci(value: float, ci) -> str:
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def _p(p: float, rounds: int) -> str:
+    return f"< {1 / rounds:.3f}" if p <= 1 / rounds else f"{p:.3f}"
+
+
+def comparison_table(payload: dict, rounds: int = BOOTSTRAP_ROUNDS) -> str:
+    """Markdown: Model | Group | AUC [95% CI] | LogLoss [95% CI] | RecLoRA − model: ΔAUC [95% CI] | p | Rel.Impr."""
+    models, versus = payload["models"], payload.get("vs_reclora", {})
+    ours = models.get(OURS, {}).get("auc")
+    lines = ["| Model | Group | AUC [95% CI] | LogLoss [95% CI] | RecLoRA − model: ΔAUC [95% CI] | p | Rel.Impr |",
+             "|---|---|---|---|---|---|---|"]
+    for name in sorted(models, key=_order):
+        m = models[name]
         group = "ID-based" if name.startswith("crm-") else "LLM-based"
-        if name == OURS or ours is None or not np.isfinite(m["auc"]):
-            impr = "-"
-        else:
+        delta, p, impr = "-", "-", "-"
+        if name in versus:
+            v = versus[name]
+            delta = f"{v['delta_auc']:+.4f} [{v['delta_auc_ci'][0]:+.4f}, {v['delta_auc_ci'][1]:+.4f}]"
+            p = _p(v["p_value"], rounds)
+        if name != OURS and ours is not None and np.isfinite(m["auc"]) and m["auc"] > 0:
             impr = f"{100 * rel_impr(ours, m['auc']):+.2f}%"
-        lines.append(
-            f"| {DISPLAY.get(name, name)} | {group} | {m['auc']:.4f} | {m['logloss']:.4f} | {impr} | {m['n']} |"
-        )
+        lines.append(f"| {DISPLAY.get(name, name)} | {group} | {_ci(m['auc'], m['auc_ci'])} | "
+                     f"{_ci(m['logloss'], m['logloss_ci'])} | {delta} | {p} | {impr} |")
+    return "\n".join(lines)
+
+
+def own_samples_table(payload: dict) -> str:
+    lines = ["| Model | AUC [95% CI] | LogLoss [95% CI] | n | users |", "|---|---|---|---|---|"]
+    for name in sorted(payload["own_samples"], key=_order):
+        m = payload["own_samples"][name]
+        lines.append(f"| {DISPLAY.get(name, name)} | {_ci(m['auc'], m['auc_ci'])} | {_ci(m['logloss'], m['logloss_ci'])} "
+                     f"| {m['n']} | {m['users']} |")
     return "\n".join(lines)
 
 
@@ -122,15 +197,24 @@ def plot_gates(run: RunDir, name: str, path: Path) -> bool:
     return True
 
 
-def write_report(run: RunDir, notes: list[str] | None = None) -> dict:
-    scores = collect_scores(run)
-    if not scores:
+def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOTSTRAP_ROUNDS) -> dict:
+    preds = collect_scores(run)
+    if not preds:
         raise FileNotFoundError(f"no scored models under {run.root / 'scores'}; run `reclora score` first")
-    payload = {"models": {n: {k: scores[n][k] for k in ("auc", "logloss", "n")} for n in scores}}
+    payload = evaluate(preds, rounds)
+    payload["bootstrap"] = {"unit": "user", "rounds": rounds, "level": 0.95}
     write_json_atomic(run.root / "metrics.json", payload)
-    parts = ["# RecLoRA run report", "", comparison_table(scores), ""]
-    parts += ["Rel.Impr: relative AUC improvement of RecLoRA over the row, as in the paper's Table 2.", ""]
-    if plot_roc(run, list(scores), run.root / "roc.png"):
+    first = next(iter(payload["models"].values()))
+    parts = ["# RecLoRA run report", "",
+             f"Every model on the same {first['n']:,} test samples ({first['users']} users):", "",
+             comparison_table(payload, rounds), "",
+             f"95% confidence intervals from {rounds} bootstrap resamples of users (a user's samples are not "
+             "independent); ΔAUC and its p-value are paired: RecLoRA and the row on the same resamples. "
+             "Rel.Impr: relative AUC improvement of RecLoRA over the row, as in the paper's Table 2.", ""]
+    if payload["own_samples"]:
+        parts += ["Models that also scored more samples, on all of theirs (not comparable with the table above):",
+                  "", own_samples_table(payload), ""]
+    if plot_roc(run, list(preds), run.root / "roc.png"):
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
         parts += ["![Gate weights](gates.png)", ""]

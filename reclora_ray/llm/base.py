@@ -42,6 +42,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = Path("~/.cache/reclora-ray")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def load_base(llm_cfg: LLMConfig, device: str | torch.device | None = None):
@@ -55,20 +56,59 @@ def load_base(llm_cfg: LLMConfig, device: str | torch.device | None = None):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    log.info("loaded %s (%s, %s%s) on %s", llm_cfg.model, source, llm_cfg.dtype,
+    log.info("loaded %s (%s, %s%s) on %s", llm_cfg.model, source,
+             dtype_name(dtype) + (" (llm.dtype auto)" if llm_cfg.dtype == "auto" else ""),
              ", 8-bit" if llm_cfg.load_in_8bit else "", device)
     return model, tokenizer
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for `llm.dtype`; bf16 on a GPU without bf16 (V100) stops with advice."""
-    dtype = DTYPES[name]
+    """The torch dtype for `llm.dtype` on `device`.
+
+    "auto": bf16 where the device computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or
+    AMX-BF16), fp16 on CUDA without bf16 (V100), fp32 otherwise. An explicit value wins, except
+    bf16 on a GPU without bf16, which stops with advice."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(False) else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.float32
+    dtype = DTYPES[DTYPE_ALIASES.get(name, name)]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(False):
         raise ValueError(
             f"llm.dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
-            "use --set llm.dtype=float16 (V100-class GPUs, see DESIGN.md hardware notes)"
+            "use --set llm.dtype=float16 or llm.dtype=auto (V100-class GPUs)"
         )
     return dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16); without it
+    torch emulates bf16 and is slower than fp32."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float16", "float32": how the resolved dtype is logged and saved."""
+    return str(dtype).removeprefix("torch.")
+
+
+def use_chat_template(llm_cfg: LLMConfig, tokenizer) -> bool:
+    """`llm.chat_template`, where null means: on when the tokenizer has a chat template (an
+    instruction-tuned model answers Yes/No far more readily inside its own template)."""
+    if llm_cfg.chat_template is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return llm_cfg.chat_template
 
 
 def answer_token_ids(tokenizer) -> tuple[int, int]:

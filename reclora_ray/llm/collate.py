@@ -29,6 +29,7 @@ class PromptCollator:
         }
         self.yes_id = self.answer_ids[1][0]
         self.no_id = self.answer_ids[0][0]
+        self.yes_no = (self.yes_id, self.no_id)
         if self.yes_id == self.no_id:
             raise ValueError("the tokenizer gives 'Yes.' and 'No.' the same first token; cannot score")
         self.truncated = 0
@@ -87,7 +88,6 @@ def length_buckets(lengths, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def p_yes(last_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
-    """Paper Eq. 16: softmax over the Yes/No scores at the answer slot."""
-    pair = last_logits[:, [yes_id, no_id]].float()
-    return torch.softmax(pair, dim=-1)[:, 0]
+def p_yes(scores: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 16: softmax over the (s_yes, s_no) scores at the answer slot, (batch, 2) -> (batch,)."""
+    return torch.softmax(scores.float(), dim=-1)[:, 0]

@@ -72,3 +72,12 @@ def load_samples(data_dir: Path, split: str, variant: Variant) -> pd.DataFrame:
         raise ValueError(f"the retrieval output for {split} does not match {data_dir}/samples/{split}.parquet; "
                          "re-run `reclora retrieve --overwrite`")
     return samples.assign(hist_long=list(retrieval.hist_long), hist_short=list(retrieval.hist_short))
+
+
+def fixed_subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """n rows drawn uniformly without replacement, fixed by the seed, in their original order
+    (the whole frame when n is None or exceeds it): the few-shot set, the LLMs' test samples."""
+    if n is None or n >= len(frame):
+        return frame.reset_index(drop=True)
+    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
+    return frame.iloc[keep].reset_index(drop=True)

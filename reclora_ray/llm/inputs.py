@@ -14,6 +14,7 @@ import torch
 
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
+from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import PromptCollator, length_buckets
 from reclora_ray.llm.histories import Histories, sample_histories
 from reclora_ray.llm.prompt import PromptBuilder
@@ -27,7 +28,7 @@ class InputBuilder:
         self.variant = variant
         self.sequences = data.sequences
         self.k_short, self.k_long = cfg.retrieve.k_short, cfg.retrieve.k_long
-        self.prompts = PromptBuilder.from_prepared(data, tokenizer, cfg.llm.chat_template)
+        self.prompts = PromptBuilder.from_prepared(data, tokenizer, use_chat_template(cfg.llm, tokenizer))
         self.collator = PromptCollator(tokenizer, cfg.llm.max_length)
         self.features = None
         if variant.uses_crm:

@@ -16,6 +16,69 @@ from reclora_ray.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
+# What a forward needs to return only the final hidden states: the vocabulary logits at one
+# position (HF computes at least one), no key/value cache.
+HIDDEN_ONLY = {"output_hidden_states": True, "logits_to_keep": 1, "use_cache": False}
+
+
+def causal_lm(llm: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a DeepSpeed engine and/or a PersonalizedLoRAModel."""
+    from reclora_ray.llm.plora import PersonalizedLoRAModel
+
+    while hasattr(llm, "module"):
+        llm = llm.module
+    return llm.base_model if isinstance(llm, PersonalizedLoRAModel) else llm
+
+
+def answer_scores(llm: nn.Module, hidden: torch.Tensor, answer_ids: tuple[int, int]) -> torch.Tensor:
+    """(batch, 2) fp32 scores (s_yes, s_no) from final hidden states (batch, d).
+
+    Computed in fp32 from the two rows of the output embedding: bf16 vocabulary logits are
+    too coarse (at a logit of ~24 the bf16 step is 0.125), and only these two matter."""
+    head = causal_lm(llm).get_output_embeddings()
+    rows = head.weight[list(answer_ids)].float()
+    scores = hidden.float() @ rows.T
+    if getattr(head, "bias", None) is not None:
+        scores = scores + head.bias[list(answer_ids)].float()
+    cap = getattr(causal_lm(llm).config, "final_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    return scores
+
+
+def training_loss(llm: nn.Module, batch: dict, crm_repr: torch.Tensor | None, kind: str,
+                  answer_ids: tuple[int, int]) -> torch.Tensor:
+    """The tuning loss of a left-padded prompt + answer batch (labels only on the answer tokens).
+
+    "lm": the language-model cross-entropy on the answer tokens, as the paper trains; the
+    vocabulary head runs on the answer positions only (answers are right-aligned), not on every
+    prompt token. "yes_no": the two-way cross-entropy of softmax(s_yes, s_no) at the answer
+    slot, the quantity scoring reads. `llm` may be a DeepSpeed engine: its forward is used."""
+    from torch.nn import functional as F
+
+    from reclora_ray.llm.collate import IGNORE_INDEX
+
+    labels = batch["labels"]
+    kwargs = {"crm_repr": crm_repr} if crm_repr is not None else {}
+    out = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch.get("position_ids"), **kwargs, **HIDDEN_ONLY)
+    hidden = out.hidden_states[-1]
+    answer = labels != IGNORE_INDEX
+    span = int(answer.sum(dim=1).max())
+    if not bool(answer[:, -span:].sum() == answer.sum()):
+        raise ValueError("answer labels must be right-aligned (a left-padded batch)")
+    if kind == "lm":
+        logits = causal_lm(llm).get_output_embeddings()(hidden[:, -span - 1:-1]).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, -span:].flatten(), ignore_index=IGNORE_INDEX)
+    if kind == "yes_no":
+        first = answer.int().argmax(dim=1)  # first answer token of each row; its slot is one before
+        rows = torch.arange(len(labels), device=labels.device)
+        scores = answer_scores(llm, hidden[rows, first - 1], answer_ids)
+        target = (labels[rows, first] != answer_ids[0]).long()  # index 0: yes, 1: no
+        return F.cross_entropy(scores, target)
+    raise ValueError(f"unknown tune.loss {kind!r}: lm or yes_no")
+
+
 class RecLoRAModel(nn.Module):
     """forward(prompt tokens, CRM features) -> the LLM's output; R_c is computed on the fly from
     the long history by the frozen CRM (no gradient), then routed to the gate."""
@@ -49,10 +112,15 @@ class RecLoRAModel(nn.Module):
                         labels=labels, **kwargs)
 
     @torch.no_grad()
-    def last_logits(self, input_ids, attention_mask, position_ids=None, crm_features=None) -> torch.Tensor:
-        """Vocabulary logits at the last position only (the answer slot of a left-padded batch)."""
-        out = self.forward(input_ids, attention_mask, position_ids, crm_features=crm_features, logits_to_keep=1)
-        return out.logits[:, -1, :]
+    def answer_scores(self, input_ids, attention_mask, answer_ids: tuple[int, int], position_ids=None,
+                      crm_features=None) -> torch.Tensor:
+        """(s_yes, s_no) at the last position (the answer slot of a left-padded batch), fp32."""
+        hidden = self._final_hidden(input_ids, attention_mask, position_ids, crm_features)
+        return answer_scores(self.llm, hidden[:, -1], answer_ids)
+
+    def _final_hidden(self, input_ids, attention_mask, position_ids, crm_features) -> torch.Tensor:
+        out = self.forward(input_ids, attention_mask, position_ids, crm_features=crm_features, **HIDDEN_ONLY)
+        return out.hidden_states[-1]
 
     @torch.no_grad()
     def gate_weights(self, crm_features: dict) -> torch.Tensor:

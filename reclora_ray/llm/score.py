@@ -23,8 +23,9 @@ from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import p_yes
-from reclora_ray.llm.histories import Histories, history_indices, load_samples
+from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
+from reclora_ray.llm.model import causal_lm
 from reclora_ray.llm.variants import crm_name, get_variant
 from reclora_ray.metrics import binary_metrics
 from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, write_json_atomic
@@ -71,6 +72,7 @@ class Scorer:
         self.data = data
         self.device = device
         self.batch_size = batch_size
+        self.dtype = str(causal_lm(model.llm).dtype).removeprefix("torch.")  # the base's, as resolved
 
     @torch.inference_mode()
     def score(self, user_ids, item_ids, timestamps, hist: Histories) -> tuple[np.ndarray, np.ndarray | None]:
@@ -80,8 +82,8 @@ class Scorer:
         gates = None
         for index, batch in self.inputs.scoring_batches(user_ids, item_ids, timestamps, hist, self.batch_size):
             batch = to_device(batch, self.device)
-            logits = self.model.last_logits(**batch)
-            probs[index] = p_yes(logits, collator.yes_id, collator.no_id).cpu().numpy()
+            scores = self.model.answer_scores(**batch, answer_ids=collator.yes_no)
+            probs[index] = p_yes(scores).cpu().numpy()
             if self.variant.uses_crm:
                 alpha = self.model.gate_weights(batch["crm_features"]).float().cpu().numpy()
                 if gates is None:
@@ -93,7 +95,7 @@ class Scorer:
         rows = rows.reset_index(drop=True)
         probs, gates = self.score(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
                                   rows["timestamp"].to_numpy(), self.inputs.histories(rows))
-        out = rows[KEEP].assign(p_yes=probs)
+        out = rows[KEEP].assign(p_yes=probs, dtype=self.dtype)
         if gates is not None:
             out["gate"] = list(gates)
         return out
@@ -133,6 +135,8 @@ def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: 
     scored = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
                             compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
     preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
+    if "dtype" in preds:  # the LLM's dtype as the actors resolved it, saved with the metrics
+        info = info | {"dtype": ", ".join(sorted(preds.pop("dtype").unique()))}
     metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy()) | info
     with staged_output(out, fp) as tmp:
         preds.to_parquet(tmp / "predictions.parquet", index=False)
@@ -158,11 +162,17 @@ def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) 
     fp = f"{fingerprint(cfg, variant)}-{upstream}-{cfg.section_hash('score')}"
     if not check_can_write(out, fp, overwrite):
         return out
-    rows = load_samples(run.data, "test", variant)
+    rows = llm_test_rows(cfg, load_samples(run.data, "test", variant))
     log.info("scoring %s on %d test samples", variant.name, len(rows))
     _score_with(Scorer, {"cfg": cfg, "out": str(run.root.resolve()), "variant_name": variant.name},
                 rows, cfg, out, fp, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
     return out
+
+
+def llm_test_rows(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:
+    """The test samples every LLM row is scored on: one fixed random subsample of the test split
+    (score.llm_subsample, seed run.seed), the same for every variant; the CRM scores them all."""
+    return fixed_subsample(test.sort_values("sample_id"), cfg.score.llm_subsample, cfg.run.seed)
 
 
 def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite: bool = False) -> Path:

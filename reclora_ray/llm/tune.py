@@ -25,7 +25,7 @@ import pandas as pd
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.llm.histories import load_samples
+from reclora_ray.llm.histories import fixed_subsample, load_samples
 from reclora_ray.llm.variants import Variant, crm_name, get_variant
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
@@ -43,24 +43,25 @@ def fingerprint(cfg: Config, variant: Variant) -> str:
     return f"{variant.name}-{cfg.section_hash(*sections)}"
 
 
-def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str = "float32") -> dict:
+    """The engine over the trainable gate and (meta-)LoRAs. `precision` is the engine's: fp32 keeps
+    the adapter, its gradients and its optimizer state in fp32 over a bf16 or 8-bit base (see
+    engine_precision); "float16" turns on DeepSpeed's fp16 mode with dynamic loss scaling."""
     t = cfg.tune
-    # DeepSpeed's half-precision modes cast the whole module, which would turn 8-bit weights into
-    # numbers; an 8-bit base already computes in llm.dtype, so its engine keeps the adapter fp32.
-    precision = "float32" if cfg.llm.load_in_8bit else cfg.llm.dtype
-    warmup = max(1, int(t.warmup_ratio * total_steps))  # DeepSpeed requires >= 1
+    warmup = int(t.warmup_ratio * total_steps)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
-        "scheduler": {  # linear warm-up then linear decay to 0, the paper's "linear scheduler"
+        "scheduler": {  # the paper's linear schedule: optional linear warm-up, then linear decay to 0
             "type": "WarmupDecayLR",
-            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
-                       "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_type": "linear"},
+            # DeepSpeed needs >= 1 warm-up step; without warm-up that step starts at lr itself.
+            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": max(warmup, 1),
+                       "warmup_min_lr": 0.0 if warmup else t.lr, "warmup_max_lr": t.lr, "warmup_type": "linear"},
         },
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": precision == "bfloat16"},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": precision == "float16", "loss_scale": 0, "initial_scale_power": 16},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
@@ -68,16 +69,37 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
     }
 
 
+def engine_precision(cfg: Config, base_dtype: str) -> str:
+    """fp32 for the engine over a bf16 or fp32 base: the adapter is a few MB, so fp32 master
+    weights cost nothing, and the base stays in its own dtype (the layers compute in it). DeepSpeed's
+    bf16 mode would cast the whole module, the gate and an 8-bit base included. An fp16 base
+    (no 8-bit) takes DeepSpeed's fp16 mode for its loss scaling, which fp16 gradients need."""
+    return "float16" if base_dtype == "float16" and not cfg.llm.load_in_8bit else "float32"
+
+
+def epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
+    """This rank's rows of the few-shot set for one epoch, in training order.
+
+    A new seeded permutation of the whole set every epoch (the set is fixed, so its time order
+    must not survive into the batches), dealt to the ranks in turn; every rank gets the same
+    number of whole micro-batches, as the engines step together."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = (n // world) // micro_batch * micro_batch
+    return order[rank::world][:per_rank]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: a DeepSpeed engine over this worker's shard of the few-shot set."""
+    """One Ray Train worker: a DeepSpeed engine over this worker's share of the few-shot set."""
     import deepspeed
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
 
+    from reclora_ray.llm.base import dtype_name, resolve_dtype
     from reclora_ray.llm.collate import p_yes
     from reclora_ray.llm.inputs import InputBuilder, to_device
-    from reclora_ray.llm.model import build_model
+    from reclora_ray.llm.model import build_model, training_loss
     from reclora_ray.llm.plora import unwrap
     from reclora_ray.metrics import binary_metrics
 
@@ -88,16 +110,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
+    train, valid = ray.get(loop_config["train"]), ray.get(loop_config["valid"])
 
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
     inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
+    base_dtype = dtype_name(resolve_dtype(cfg.llm.dtype, device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The engine owns the LLM only: the frozen CRM stays outside, in its own precision, and
     # out of the optimizer and the checkpoints.
     engine, *_ = deepspeed.initialize(
         model=model.llm, model_parameters=trainable, dist_init_required=False,
-        config=deepspeed_config(cfg, world, loop_config["total_steps"]),
+        config=deepspeed_config(cfg, world, loop_config["total_steps"], engine_precision(cfg, base_dtype)),
     )
 
     history, attempt = [], 0
@@ -109,41 +133,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         attempt = history[-1]["attempt"] + 1
         log.info("rank %d resumed from the checkpoint of epoch %d", rank, history[-1]["epoch"])
     start_epoch = len(history)
+    answer_ids = inputs.collator.yes_no
+    mb = cfg.tune.micro_batch
+    valid = valid.iloc[rank::world]
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, cfg.tune.epochs):
         engine.train()
         losses = []
-        for rows in train_shard.iter_batches(batch_size=cfg.tune.micro_batch, batch_format="pandas",
-                                             drop_last=True, local_shuffle_buffer_size=cfg.tune.micro_batch * 8,
-                                             local_shuffle_seed=cfg.run.seed + epoch):
-            batch = to_device(inputs.training_batch(rows), device)
+        order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
+        for start in range(0, len(order), mb):
+            batch = to_device(inputs.training_batch(train.iloc[order[start:start + mb]]), device)
             crm_repr = model.crm_repr(batch.pop("crm_features"))
-            loss = engine(**batch, crm_repr=crm_repr).loss
+            loss = training_loss(engine, batch, crm_repr, cfg.tune.loss, answer_ids)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             if rank == 0 and len(losses) % LOG_EVERY == 0:
-                log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d)", epoch, len(losses),
-                         loop_config["micro_batches_per_epoch"], np.mean(losses[-LOG_EVERY:]), LOG_EVERY)
+                log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d), lr %.2e", epoch, len(losses),
+                         len(order) // mb, np.mean(losses[-LOG_EVERY:]), LOG_EVERY, engine.get_lr()[0])
 
         engine.eval()
         labels, probs = [], []
-        collator = inputs.collator
-        for rows in valid_shard.iter_batches(batch_size=cfg.score.batch_size * 8, batch_format="pandas"):
+        for begin in range(0, len(valid), cfg.score.batch_size * 8):
+            rows = valid.iloc[begin:begin + cfg.score.batch_size * 8]
             hist = inputs.histories(rows)
             batches = inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
                                              rows["timestamp"].to_numpy(), hist, cfg.score.batch_size)
             for index, batch in batches:
-                logits = model.last_logits(**to_device(batch, device))  # model.llm is engine.module
-                probs.append(p_yes(logits, collator.yes_id, collator.no_id).cpu().numpy())
+                scores = model.answer_scores(**to_device(batch, device), answer_ids=answer_ids)  # model.llm is engine.module
+                probs.append(p_yes(scores).cpu().numpy())
                 labels.append(rows["label"].to_numpy()[index])
         gathered = [None] * world
         dist.all_gather_object(gathered, (np.concatenate(labels), np.concatenate(probs)))
-        valid = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+        valid_metrics = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
         metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "val_auc": valid["auc"], "val_logloss": valid["logloss"]}
+                   "val_auc": valid_metrics["auc"], "val_logloss": valid_metrics["logloss"], "dtype": base_dtype}
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -153,8 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
-            log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f",
-                     epoch, metrics["train_loss"], metrics["val_auc"], metrics["val_logloss"])
+            log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f (%s)",
+                     epoch, metrics["train_loss"], metrics["val_auc"], metrics["val_logloss"], base_dtype)
 
 
 def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False,
@@ -163,7 +187,6 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
 
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller)."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -178,12 +201,14 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
 
     train = few_shot_sample(load_samples(run.data, "train", variant), cfg.tune.few_shot, cfg.run.seed)
-    valid = load_samples(run.data, "valid", variant)
-    if cfg.tune.valid_subsample and cfg.tune.valid_subsample < len(valid):
-        valid = valid.sample(n=cfg.tune.valid_subsample, random_state=cfg.run.seed).reset_index(drop=True)
+    valid = fixed_subsample(load_samples(run.data, "valid", variant), cfg.tune.valid_subsample, cfg.run.seed)
     world = cfg.tune.num_workers
-    steps_per_epoch = len(train) // (cfg.tune.micro_batch * cfg.tune.grad_accum * world)
-    total_steps = max(1, steps_per_epoch) * cfg.tune.epochs
+    micro_batches = (len(train) // world) // cfg.tune.micro_batch  # per rank and epoch (epoch_rows)
+    if micro_batches < cfg.tune.grad_accum:
+        raise ValueError(f"tune.few_shot={len(train)} samples give each of {world} worker(s) {micro_batches} "
+                         f"micro-batches of {cfg.tune.micro_batch}, fewer than tune.grad_accum={cfg.tune.grad_accum}: "
+                         "not one optimizer step; raise tune.few_shot or lower the batch settings")
+    total_steps = micro_batches // cfg.tune.grad_accum * cfg.tune.epochs
     log.info("tuning %s (%s) on %d few-shot samples, %d validation samples, %d worker(s), %d optimizer steps",
              variant.name, variant.description, len(train), len(valid), world, total_steps)
 
@@ -192,10 +217,11 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     storage = (run.root / "adapter" / f".ray-train-{variant.name}").resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # The few-shot set is small and fixed: each worker reads it whole from the object store and
+        # takes its share of a new permutation every epoch (epoch_rows).
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
-                           "total_steps": total_steps, "micro_batches_per_epoch": len(train) // (cfg.tune.micro_batch * world)},
+                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid)},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
-        datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
         run_config=RunConfig(
             name=f"tune-{fp}", storage_path=str(storage), callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
@@ -206,25 +232,31 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
-    best = max(history, key=lambda h: -math.inf if math.isnan(h["val_auc"]) else h["val_auc"])
+    best = best_epoch(history)
     best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
     with best_checkpoint.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
-                                                       "few_shot": len(train), "history": history})
+                                                       "few_shot": len(train), "valid": len(valid),
+                                                       "dtype": best["dtype"], "history": history})
         save_resolved_config(cfg, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
     return out
 
 
+def best_epoch(history: list[dict]) -> dict:
+    """The epoch kept: the highest validation AUC (never the last, never a test figure); an
+    epoch without an AUC (one class in the validation sample) loses to any with one."""
+    if not history:
+        raise ValueError("no epoch was validated")
+    return max(history, key=lambda h: -math.inf if math.isnan(h["val_auc"]) else h["val_auc"])
+
+
 def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """The paper's few-shot set: n training samples drawn uniformly without replacement, fixed
     by the seed (the whole split when n exceeds it)."""
-    if n >= len(train):
-        return train.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
-    return train.iloc[keep].reset_index(drop=True)
+    return fixed_subsample(train, n, seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

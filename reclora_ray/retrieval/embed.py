@@ -96,7 +96,8 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
     fit_all = len(items) <= cfg.embed.pca_fit_items
     fit_items = items if fit_all else items.iloc[np.sort(rng.choice(len(items), cfg.embed.pca_fit_items, replace=False))]
     log.info("encoding %d item texts with %s (%s pooling)", len(fit_items), encoder_config(cfg).model, cfg.embed.pooling)
-    hidden = encode(cfg, fit_items)
+    hidden, dtype = encode(cfg, fit_items)
+    log.info("item encoder computed in %s", dtype)
     pca = fit_pca(hidden, cfg.embed.pca_dim)
     log.info("PCA %d -> %d keeps %.1f%% of the variance", hidden.shape[1], cfg.embed.pca_dim,
              100 * pca["explained_variance_ratio"].sum())
@@ -104,7 +105,7 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
         vectors = project(hidden, pca["mean"], pca["components"])
     else:
         log.info("projecting all %d items in the actor pool", len(items))
-        vectors = encode(cfg, items, projection=(pca["mean"], pca["components"]))
+        vectors, _ = encode(cfg, items, projection=(pca["mean"], pca["components"]))
     with staged_output(run.embeddings, fp) as tmp:
         table = pa.table({
             "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
@@ -114,7 +115,7 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
         pq.write_table(table, tmp / EMBEDDINGS_FILE)
         np.savez(tmp / PCA_FILE, **pca)
         write_json_atomic(tmp / "embed.json", {
-            "encoder": encoder_config(cfg).model, "pooling": cfg.embed.pooling,
+            "encoder": encoder_config(cfg).model, "dtype": dtype, "pooling": cfg.embed.pooling,
             "hidden_size": int(hidden.shape[1]), "dim": int(vectors.shape[1]), "n_items": len(items),
             "pca_fit_items": len(fit_items),
             "explained_variance": float(pca["explained_variance_ratio"].sum()),
@@ -125,8 +126,10 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
     return run.embeddings
 
 
-def encode(cfg: Config, items: pd.DataFrame, projection: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Hidden states (or unit PCA vectors, with `projection`) of items.text, in row order."""
+def encode(cfg: Config, items: pd.DataFrame,
+           projection: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, str]:
+    """Hidden states (or unit PCA vectors, with `projection`) of items.text, in row order, and
+    the dtype the encoder computed in (llm.dtype resolved on the actors' device)."""
     import ray
 
     frame = items[["item_id", "text"]].reset_index(drop=True)
@@ -143,14 +146,16 @@ def encode(cfg: Config, items: pd.DataFrame, projection: tuple[np.ndarray, np.nd
     position = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     out = None
     done = 0
+    dtypes = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        dtypes.update(batch["dtype"].tolist())
         vectors = np.stack(batch["embedding"]).astype(np.float32)
         if out is None:
             out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
         out[position.loc[batch["item_id"]].to_numpy()] = vectors
         done += len(vectors)
         log.info("encoded %d/%d items", done, len(items))
-    return out
+    return out, ", ".join(sorted(dtypes))
 
 
 class ItemEncoder:
@@ -164,6 +169,7 @@ class ItemEncoder:
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_base(llm_cfg, self.device)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.tokenizer.padding_side = "right"
         self.pooling = pooling
         self.max_length = max_length
@@ -186,7 +192,7 @@ class ItemEncoder:
         vectors = pooled.float().cpu().numpy()
         if self.projection is not None:
             vectors = project(vectors, *self.projection)
-        return {"item_id": batch["item_id"].to_numpy(), "embedding": list(vectors)}
+        return {"item_id": batch["item_id"].to_numpy(), "embedding": list(vectors), "dtype": [self.dtype] * len(batch)}
 
 
 def fit_pca(hidden: np.ndarray, dim: int) -> dict[str, np.ndarray]:

@@ -1,24 +1,71 @@
-from reclora_ray.config import load_config
-from reclora_ray.llm.tune import deepspeed_config, few_shot_sample
+import numpy as np
+import pandas as pd
+import pytest
+
+from reclora_ray.config import ConfigError, load_config
+from reclora_ray.llm.tune import best_epoch, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
 
 
-def test_precision_batch_and_schedule_follow_the_config():
-    cfg = load_config("tiny", ["llm.dtype=bfloat16", "tune.micro_batch=4", "tune.grad_accum=8", "tune.zero_stage=1"])
+def test_batch_sizes_and_zero_stage_follow_the_config():
+    cfg = load_config("tiny", ["tune.micro_batch=4", "tune.grad_accum=8", "tune.zero_stage=1"])
     ds = deepspeed_config(cfg, world_size=3, total_steps=10)
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["train_batch_size"] == 4 * 8 * 3 and ds["zero_optimization"]["stage"] == 1
-    assert ds["scheduler"]["params"]["warmup_num_steps"] >= 1  # DeepSpeed rejects 0
 
 
-def test_an_8bit_base_trains_in_an_fp32_engine():
-    cfg = load_config("tiny", ["llm.dtype=float16", "llm.load_in_8bit=true"])
-    ds = deepspeed_config(cfg, world_size=1, total_steps=5)
-    assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+def test_the_engine_keeps_the_adapter_fp32_over_bf16_and_8bit_bases():
+    cfg = load_config("tiny")
+    assert engine_precision(cfg, "bfloat16") == "float32"
+    ds = deepspeed_config(cfg, 1, 5, engine_precision(cfg, "bfloat16"))
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    eight_bit = load_config("tiny", ["llm.load_in_8bit=true"])
+    assert engine_precision(eight_bit, "float16") == "float32"
+    fp16 = deepspeed_config(cfg, 1, 5, engine_precision(cfg, "float16"))  # loss scaling for fp16 gradients
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0
+
+
+def test_the_schedule_is_linear_without_a_forced_warm_up():
+    cfg = load_config("tiny", ["tune.lr=2e-3"])
+    params = deepspeed_config(cfg, 1, total_steps=100)["scheduler"]["params"]
+    assert params["warmup_min_lr"] == params["warmup_max_lr"] == 2e-3  # step 0 already at lr
+    assert params["total_num_steps"] == 100
+    warm = deepspeed_config(load_config("tiny", ["tune.warmup_ratio=0.1"]), 1, total_steps=100)["scheduler"]["params"]
+    assert warm["warmup_num_steps"] == 10 and warm["warmup_min_lr"] == 0.0
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        load_config("tiny", ["tune.warmup_ratio=1.5"])
+
+
+def test_each_epoch_is_a_new_seeded_permutation_dealt_to_the_ranks():
+    n, world, mb = 1000, 2, 8
+    epoch0 = [epoch_rows(n, 42, 0, rank, world, mb) for rank in range(world)]
+    assert all(len(r) == len(epoch0[0]) and len(r) % mb == 0 for r in epoch0)  # the engines step together
+    together = np.concatenate(epoch0)
+    assert len(np.unique(together)) == len(together) >= n - world * mb
+    assert np.array_equal(epoch_rows(n, 42, 0, 1, world, mb), epoch0[1])  # fixed by the seed
+    epoch1 = epoch_rows(n, 42, 1, 0, world, mb)
+    assert not np.array_equal(epoch1, epoch0[0])  # a new order every epoch
+    assert abs(np.corrcoef(epoch0[0], np.arange(len(epoch0[0])))[0, 1]) < 0.1  # no trace of the input order
+
+
+def test_a_time_ordered_few_shot_set_reaches_the_batches_shuffled():
+    # The few-shot set comes in time order (users in runs, labels drifting): batches must mix users.
+    users = np.repeat(np.arange(64), 32)
+    train = few_shot_sample(pd.DataFrame({"user_id": users, "label": np.arange(len(users)) < 1200}), 1024, seed=0)
+    rows = train.iloc[epoch_rows(len(train), 0, 0, 0, 1, 8)]
+    same_user = np.mean(rows["user_id"].to_numpy()[1:] == rows["user_id"].to_numpy()[:-1])
+    assert same_user < 0.05
+    last_quarter = rows["label"].to_numpy()[-len(rows) // 4:].mean()
+    assert abs(last_quarter - train["label"].mean()) < 0.08
+
+
+def test_the_best_epoch_is_chosen_on_validation_not_last():
+    history = [{"epoch": 0, "val_auc": 0.61}, {"epoch": 1, "val_auc": 0.66}, {"epoch": 2, "val_auc": 0.64},
+               {"epoch": 3, "val_auc": float("nan")}]
+    assert best_epoch(history)["epoch"] == 1
+    with pytest.raises(ValueError):
+        best_epoch([])
 
 
 def test_few_shot_sample_is_uniform_fixed_and_bounded():
-    import pandas as pd
-
     train = pd.DataFrame({"sample_id": range(1000)})
     a, b = few_shot_sample(train, 100, seed=1), few_shot_sample(train, 100, seed=1)
     assert a.equals(b) and len(a) == 100 and a["sample_id"].is_unique

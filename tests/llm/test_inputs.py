@@ -40,15 +40,15 @@ def test_a_prompt_scores_the_same_alone_and_in_a_padded_batch(reclora):
     model, _, inputs, rows = reclora
     hist = inputs.histories(rows)
     args = rows["user_id"].to_numpy(), rows["item_id"].to_numpy(), rows["timestamp"].to_numpy()
-    yes, no = inputs.collator.yes_id, inputs.collator.no_id
+    answer_ids = inputs.collator.yes_no
     together = np.zeros(len(rows))
     for index, batch in inputs.scoring_batches(*args, hist, batch_size=16):
         assert (batch["attention_mask"][:, -1] == 1).all()
-        together[index] = p_yes(model.last_logits(**batch), yes, no).numpy()
+        together[index] = p_yes(model.answer_scores(**batch, answer_ids=answer_ids)).numpy()
     for i in (0, 7):
         one = [a[i:i + 1] for a in args]
         (_, batch), = inputs.scoring_batches(*one, hist.take(np.array([i])), batch_size=1)
-        assert p_yes(model.last_logits(**batch), yes, no).item() == pytest.approx(together[i], abs=1e-5)
+        assert p_yes(model.answer_scores(**batch, answer_ids=answer_ids)).item() == pytest.approx(together[i], abs=1e-5)
 
 
 def test_the_adapter_fits_a_few_shot_batch(reclora):

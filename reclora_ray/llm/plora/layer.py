@@ -13,6 +13,7 @@ is a standard PEFT LoRA (see io.export_user_adapter).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -105,17 +106,23 @@ class PLoRALinear(nn.Module):
         rank = n_meta * r
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
-        # LoRA init (A ~ N(0, 1/r^2) as PEFT's "gaussian", B = 0): the wrapped model starts equal to the base.
-        nn.init.normal_(self.lora_A, std=1.0 / r)
+        # PEFT's default init, per meta-LoRA (as the authors' code): A kaiming-uniform (a = sqrt(5)),
+        # B = 0, so the wrapped model starts equal to the base.
+        with torch.no_grad():
+            for block in self.lora_A.view(n_meta, r, self.in_features):
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         self.alpha: Optional[torch.Tensor] = None  # (batch, n_meta) while routed
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        hidden = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., n_meta*r)
+        # The adapter's parameters stay fp32 (so do their gradients and optimizer state); the two
+        # matmuls run in the activations' dtype, bf16 over a bf16 base, like autocast would.
+        compute = x.dtype if x.dtype.is_floating_point else self.lora_A.dtype
+        hidden = F.linear(self.lora_dropout(x), self.lora_A.to(compute))  # (..., n_meta*r)
         if self.gated:
             hidden = self._mix(hidden, self._routed_alpha(x))
-        delta = F.linear(hidden, self.lora_B) * self.scaling
-        return result + delta.to(result.dtype)
+        delta = F.linear(hidden, self.lora_B.to(compute))
+        return result + (delta * self.scaling).to(result.dtype)
 
     def _mix(self, hidden: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         # alpha (batch, n_meta) -> (batch, 1, ..., n_meta, 1): broadcast over the token dimensions.
