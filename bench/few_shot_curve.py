@@ -33,7 +33,7 @@ from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
 from reclora_ray.llm.histories import load_samples  # noqa: E402
 from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
-from reclora_ray.llm.model import build_model  # noqa: E402
+from reclora_ray.llm.model import build_model, training_loss  # noqa: E402
 from reclora_ray.llm.score import Scorer  # noqa: E402
 from reclora_ray.llm.tune import few_shot_sample  # noqa: E402
 from reclora_ray.llm.variants import get_variant  # noqa: E402
@@ -46,7 +46,7 @@ log = logging.getLogger("few_shot_curve")
 def linear_schedule(optimizer, total_steps: int, warmup_steps: int):
     """Linear warm-up to the peak lr, then linear decay to 0 (DeepSpeed's WarmupDecayLR)."""
     def factor(step: int) -> float:
-        if step < warmup_steps:
+        if step < warmup_steps:  # none by default: the paper's schedule is a linear decay
             return (step + 1) / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -64,7 +64,7 @@ def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, 
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     per_epoch = len(train) // (t.micro_batch * t.grad_accum)
     total = max(1, per_epoch) * t.epochs
-    scheduler = linear_schedule(optimizer, total, max(1, int(t.warmup_ratio * total)))
+    scheduler = linear_schedule(optimizer, total, int(t.warmup_ratio * total))
     rng = np.random.default_rng(cfg.run.seed)
     start, steps = time.perf_counter(), 0
     model.train()
@@ -73,7 +73,8 @@ def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, 
         losses = []
         for i in range(0, per_epoch * t.micro_batch * t.grad_accum, t.micro_batch):
             batch = to_device(inputs.training_batch(train.iloc[order[i:i + t.micro_batch]]), device)
-            loss = model(**batch).loss / t.grad_accum
+            crm_repr = model.crm_repr(batch.pop("crm_features"))
+            loss = training_loss(model.llm, batch, crm_repr, t.loss, inputs.collator.yes_no) / t.grad_accum
             loss.backward()
             losses.append(loss.item() * t.grad_accum)
             if len(losses) % t.grad_accum == 0:

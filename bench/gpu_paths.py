@@ -24,13 +24,13 @@ from reclora_ray.config import load_config
 from reclora_ray.crm.features import build_features
 from reclora_ray.crm.models import build_model as build_crm
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.llm.base import load_base
+from reclora_ray.llm.base import dtype_name, load_base
 from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
-from reclora_ray.llm.model import RecLoRAModel
+from reclora_ray.llm.model import RecLoRAModel, causal_lm, training_loss
 from reclora_ray.llm.plora import PersonalizedLoRAModel
-from reclora_ray.llm.tune import deepspeed_config
+from reclora_ray.llm.tune import deepspeed_config, engine_precision
 from reclora_ray.llm.variants import get_variant
 from shapes import LLAMA_SHAPES, random_llama
 
@@ -67,19 +67,19 @@ def deepspeed_steps(cfg, model, inputs, rows, device, steps: int) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    precision = engine_precision(cfg, dtype_name(causal_lm(model.llm).dtype))
     engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, 1, steps), dist_init_required=False)
+                                      config=deepspeed_config(cfg, 1, steps, precision), dist_init_required=False)
     losses, start = [], None
     for step in range(steps):
         if step == 2:
             start = synced(device)
         batch = to_device(inputs.training_batch(rows.iloc[(step * 8) % 256:][:8]), device)
-        loss = engine(**batch, crm_repr=model.crm_repr(batch.pop("crm_features"))).loss
+        crm_repr = model.crm_repr(batch.pop("crm_features"))
+        loss = training_loss(engine, batch, crm_repr, cfg.tune.loss, inputs.collator.yes_no)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    ds = deepspeed_config(cfg, 1, steps)
-    precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
     return {"zero_stage": cfg.tune.zero_stage, "engine_precision": precision, "steps": steps,
             "step_s": round((synced(device) - start) / (steps - 2), 4), "loss_first": losses[0], "loss_last": losses[-1],
             "finite": all(torch.isfinite(torch.tensor(losses)).tolist())}

@@ -58,14 +58,25 @@ def run_pipeline(cfg: Config, out: str, overwrite: bool = False) -> dict:
     for variant in scored:
         stage(f"score {variant.name}", score_variant, cfg, run, variant.name, overwrite)
     notes = [
-        f"dataset {cfg.data.dataset}; LLM {cfg.llm.model} ({cfg.llm.dtype}{', 8-bit' if cfg.llm.load_in_8bit else ''}); "
-        f"CRM {cfg.crm.model}",
-        f"few-shot set: {cfg.tune.few_shot} training samples drawn uniformly (seed {cfg.run.seed}); "
-        f"test: {'a fixed random subsample of ' + str(cfg.data.test_subsample) + ' samples' if cfg.data.test_subsample else 'the whole split'}",
+        f"dataset {cfg.data.dataset}; LLM {cfg.llm.model} ({_computed_dtype(run, scored)}"
+        f"{', 8-bit' if cfg.llm.load_in_8bit else ''}); CRM {cfg.crm.model}",
+        f"few-shot set: {cfg.tune.few_shot} training samples drawn uniformly (seed {cfg.run.seed}), "
+        f"{cfg.tune.epochs} epoch(s), the best kept by validation AUC on {cfg.tune.valid_subsample or 'all'} "
+        "validation samples",
+        "test: " + (f"the LLM rows on a fixed random subsample of {cfg.score.llm_subsample} samples (seed "
+                    f"{cfg.run.seed}), the CRM on the whole split" if cfg.score.llm_subsample else "the whole split")
+        + (f" (itself a fixed subsample of {cfg.data.test_subsample})" if cfg.data.test_subsample else ""),
         f"histories: {cfg.retrieve.k_long} behaviours for the CRM, {cfg.retrieve.k_short} in the prompt",
         "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ]
     return stage("report", write_report, run, notes)
+
+
+def _computed_dtype(run: RunDir, scored) -> str:
+    """The dtype the LLM rows computed in, as the scoring actors resolved llm.dtype."""
+    found = {json.loads(path.read_text()).get("dtype") for v in scored
+             if (path := run.scores(v.name) / "metrics.json").exists()}
+    return ", ".join(sorted(d for d in found if d)) or "dtype unknown"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from reclora_ray.llm.base import load_base
+from reclora_ray.llm.base import cpu_has_native_bf16, load_base
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.llm.score import Scorer, score_variant
 from reclora_ray.llm.tune import tune_variant
@@ -28,7 +28,10 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]  # resumed at epoch 1, not restarted
     assert [h["attempt"] for h in metrics["history"]] == [0, 1]
-    assert metrics["few_shot"] == cfg.tune.few_shot
+    assert metrics["few_shot"] == cfg.tune.few_shot and metrics["valid"] == cfg.tune.valid_subsample
+    best = max(metrics["history"], key=lambda h: h["val_auc"])
+    assert metrics["best_epoch"] == best["epoch"] and metrics["best_val_auc"] == best["val_auc"]
+    assert metrics["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # llm.dtype auto, resolved
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert not (run.root / "adapter" / ".ray-train-reclora").exists()
 
@@ -43,7 +46,7 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
     gates = np.stack(preds["gate"].to_numpy())
     assert gates.shape == (len(test), cfg.lora.n_meta) and np.allclose(gates.sum(1), 1, atol=1e-5)
     reported = json.loads((scores / "metrics.json").read_text())
-    assert reported["n"] == len(test) and 0 <= reported["auc"] <= 1
+    assert reported["n"] == len(test) and 0 <= reported["auc"] <= 1 and reported["dtype"] == metrics["dtype"]
 
     # The batch path and a direct Scorer (the online service's core) agree sample by sample.
     from reclora_ray.llm.histories import load_samples
