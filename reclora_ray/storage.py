@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -135,9 +134,7 @@ def staged_output(location: str | Path, fingerprint: str, extra: dict | None = N
 
 def upload(local_dir: Path, location: str, fingerprint: str, extra: dict | None = None) -> None:
     """Mark a finished local directory with its fingerprint and publish it at `location`."""
-    marker = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    marker.update(extra or {})
-    (Path(local_dir) / MARKER).write_text(json.dumps(marker, indent=2))
+    (Path(local_dir) / MARKER).write_text(json.dumps(rundir.new_marker(fingerprint, extra), indent=2))
     publish(local_dir, location)
 
 

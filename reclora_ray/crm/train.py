@@ -32,7 +32,7 @@ from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
     """
     run = RunDir(out)
     out_dir = run.crm(checkpoint_name(cfg.crm))
-    stage_fingerprint = fingerprint(cfg)
+    stage_fingerprint = with_inputs(fingerprint(cfg), [run.data] + ([run.retrieval] if cfg.crm.history == "long" else []))
     if not check_can_write(out_dir, stage_fingerprint, overwrite):
         return out_dir
     prepared = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)

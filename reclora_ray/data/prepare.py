@@ -30,7 +30,7 @@ from reclora_ray.config import DATASETS, Config, DataConfig
 from reclora_ray.data import text
 from reclora_ray.data.prepared import SPLITS
 from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
-from reclora_ray.rundir import RunDir, check_can_write, staged_output
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ def fingerprint(cfg: Config) -> str:
 def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Prepare cfg.data into out_dir (normally OUT/data); a no-op when it is already there."""
     out_dir = Path(out_dir)
-    fp = fingerprint(cfg)
+    source = open_source(cfg.data.dataset, cfg.data.raw_dir)
+    fp = with_inputs(fingerprint(cfg), files=source.input_files())
     if not check_can_write(out_dir, fp, overwrite):
         return out_dir
-    source = open_source(cfg.data.dataset, cfg.data.raw_dir)
     started = time.perf_counter()
     init_ray(cfg)
     log.info("reading the %s log from %s", source.name, source.describe())

@@ -397,6 +397,10 @@ class Source:
     def required_files(self) -> list[Path]:
         raise NotImplementedError
 
+    def input_files(self) -> list[Path]:
+        """Every raw file `prepare` reads: their sizes and mtimes are part of its fingerprint."""
+        return self.required_files()
+
     def read_log(self, blocks: int | None):
         raise NotImplementedError
 
@@ -574,6 +578,10 @@ class GoodReads(Source):
         if not books:
             raise FileNotFoundError(f"{self.raw_dir}: no goodreads_books_*.json.gz file")
         return interactions + books
+
+    def input_files(self) -> list[Path]:
+        authors = self.raw_dir / "goodreads_book_authors.json.gz"
+        return self.required_files() + ([authors] if authors.is_file() else [])
 
     def read_log(self, blocks: int | None):
         return json_files_dataset(self._glob("goodreads_interactions*.json.gz"), parse_goodreads_interactions)

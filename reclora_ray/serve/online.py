@@ -31,7 +31,7 @@ from reclora_ray.llm.inputs import to_device
 from reclora_ray.llm.score import Scorer
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever
-from reclora_ray.rundir import RunDir, read_marker
+from reclora_ray.rundir import RunDir, identity, read_marker
 
 
 class RequestError(ValueError):
@@ -65,9 +65,11 @@ def serving_config(cfg: Config) -> Config:
 
 
 def model_version(run: RunDir, variant_name: str, has_adapter: bool) -> str:
-    """The adapter's stage fingerprint plus a hash of its weights, e.g. reclora-7115d944b6848b18.3fa2c1d0."""
+    """The adapter's identity (its fingerprint, which holds the identities of the data, retrieval
+    and CRM it was tuned on, and which write it was) plus a hash of its weights; without an
+    adapter, the variant and the identity of the prepared data."""
     if not has_adapter:
-        return variant_name
+        return f"{variant_name}.{hashlib.sha256(str(identity(run.data)).encode()).hexdigest()[:8]}"
     directory = run.adapter(variant_name)
     marker = read_marker(directory)
     if marker is None:
@@ -76,7 +78,7 @@ def model_version(run: RunDir, variant_name: str, has_adapter: bool) -> str:
     with open(directory / "adapter.safetensors", "rb") as weights:
         for chunk in iter(lambda: weights.read(1 << 20), b""):
             digest.update(chunk)
-    return f"{marker['fingerprint']}.{digest.hexdigest()[:8]}"
+    return f"{identity(directory)}.{digest.hexdigest()[:8]}"
 
 
 class OnlineScorer:
