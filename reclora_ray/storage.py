@@ -162,8 +162,21 @@ def download(location: str, local_dir: Path) -> bool:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return False
     local_dir.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = confined(local_dir, info.path[len(path):].strip("/"), location)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return True
+
+
+def confined(local_dir: Path, key: str, location: str) -> Path:
+    """local_dir/key, refusing a remote key (an object store keeps '..' as it is) that leaves it."""
+    root = Path(local_dir).resolve()
+    target = (root / key).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"{location}: remote key {key!r} points outside the scratch folder {root}; refusing it")
+    return target
 
 
 def finished_outputs(location: str) -> dict[str, str]:
@@ -201,7 +214,7 @@ def local_run_dir(out: str | Path, inputs: list[str], scratch: str | None = None
             download(join(out, part), local / part)
         before = finished_outputs(str(out))
         for rel, text in before.items():
-            marker = local / rel / MARKER
+            marker = confined(local, rel, str(out)) / MARKER
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(text)

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import pickle
 import shutil
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, ConfigError, CRMConfig
-from reclora_ray.crm.checkpoint import checkpoint_name, save_crm
+from reclora_ray.crm.checkpoint import CRMCheckpointError, checkpoint_name, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
@@ -164,7 +165,16 @@ def best_train_state(result) -> dict:
 
 def train_state(checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
+        return load_train_state(Path(directory) / TRAIN_STATE)
+
+
+def load_train_state(path: Path) -> dict:
+    """A saved train state: tensors, numbers, strings, lists and dicts only. The checkpoint
+    folder lives in the run directory across runs, so a pickle there could be anyone's code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CRMCheckpointError(f"{path}: refused, not a plain train state ({str(exc).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------- on each worker
@@ -209,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            saved = load_train_state(Path(directory) / TRAIN_STATE)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = EarlyStopping(**saved["state"])
