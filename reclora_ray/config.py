@@ -46,6 +46,10 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
     blocks: Optional[int] = None  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
+    rating_range: Optional[list[float]] = None  # [min, max] a rating may take; None: the dataset's own
+    timestamp_unit: Literal["s", "ms"] = "s"  # ms: the log holds milliseconds (converted); s refuses them
+    duplicates: Literal["drop", "refuse"] = "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
+    single_class: Literal["refuse", "warn"] = "refuse"  # a split whose labels are all 0 (or all 1): AUC is undefined
 
 
 @dataclass
