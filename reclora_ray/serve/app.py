@@ -62,7 +62,7 @@ def build(cfg: Config, out: str | Path) -> Application:
     variant = get_variant(cfg.serve.variant)
     if not (run.data / "meta.json").is_file():
         raise PreparedDataError(f"{run.data} holds no prepared dataset; run `reclora run --out {run.root}` first")
-    model_version(run, variant.name, variant.adapter is not None)  # raises when the adapter is missing
+    model_version(cfg, run, variant)  # raises when the adapter is missing
     if cfg.serve.max_ongoing_requests < cfg.serve.max_batch_size:
         log.warning("serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches never fill",
                     cfg.serve.max_ongoing_requests, cfg.serve.max_batch_size)
