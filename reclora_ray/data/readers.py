@@ -262,6 +262,7 @@ def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema,
             read_options=pjson.ReadOptions(use_threads=False),
             parse_options=pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
+        table.validate(full=True)  # the JSON reader passes invalid UTF-8 through into strings
     except pa.ArrowInvalid as exc:
         raise RawDataError(_first_bad_json_line(path, first_line, data, schema, required) or f"{path}: {exc}") from None
     for name in required:

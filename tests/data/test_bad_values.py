@@ -26,8 +26,8 @@ def replace_line(path, number: int, text: str) -> None:
     ("ml-1m", "ratings.dat", 3, "1::914::9::978301968", [],
      r"ratings\.dat, line 3: field 'rating' is outside 1\.\.5: 9 \(data.rating_range sets the range\)"),
     ("ml-1m", "ratings.dat", 2, "1::661::-2::978302109", [], r"ratings\.dat, line 2: field 'rating' is outside 1\.\.5: -2"),
-    ("ml-1m", "ratings.dat", 4, "2::1193::4::978298413", ["data.rating_range=[4.5,5]"],
-     r"ratings\.dat, line 4: field 'rating' is outside 4\.5\.\.5: 4"),
+    ("ml-1m", "ratings.dat", 3, "1::914::4::978301968", ["data.rating_range=[1,4.5]"],
+     r"ratings\.dat, line 1: field 'rating' is outside 1\.\.4\.5: 5"),
     ("ml-25m", "ratings.csv", 3, "1,306,3.5,-5", [], r"ratings\.csv, line 3: field 'timestamp' is not a time between 1970 and 2100"),
     ("ml-25m", "ratings.csv", 4, "1,307,3.0,1147868828000", [],
      r"ratings\.csv, line 4: field 'timestamp' looks like milliseconds, not seconds: 1147868828000 \(set data.timestamp_unit=ms"),
@@ -67,7 +67,7 @@ def test_exact_duplicates_are_dropped_and_counted_or_refused(ray_local, tmp_path
     assert all(len(set(items)) == len(items) for items in sequences["item_ids"])
 
     refused = tmp_path / "refused" / "data"
-    with pytest.raises(RawDataError, match=r"ratings\.dat.*: 3 rows repeat an earlier row exactly, e\.g\. user 1 item 661 "
+    with pytest.raises(RawDataError, match=r"ml-1m: the ml-1m log: 3 rows repeat an earlier row exactly, e\.g\. user 1 item 661 "
                                            r"rating 3 timestamp 978302109 \(data.duplicates=drop"):
         prepare(config, "ml-1m", raw, refused, "data.duplicates=refuse")
     assert_nothing_written(refused)
