@@ -8,8 +8,10 @@ adapter of serve.variant), waits for GET /healthz, sends --warmup requests that 
 then --requests POST /score requests from --concurrency concurrent clients, each for a random
 known user and --candidates distinct random items; --with-history of them also carry two new
 behaviours (the lifelong path). Latency is per request, send to full answer. The server is
-stopped (SIGTERM, which shuts Serve and Ray down) at the end.
-Last line: {"rps", "candidates_per_s", "p50_ms", "p99_ms", "errors", "mean_batch_requests", ...}.
+stopped (SIGTERM, which shuts Serve and Ray down) at the end. A 503 with Retry-After is load
+shed on purpose (serve.max_queued_requests): counted as "shed", not as an error. A probe polls
+GET /healthz every 0.5 s during the load ("healthz_p99_ms").
+Last line: {"rps", "candidates_per_s", "p50_ms", "p99_ms", "errors", "shed", "shed_share", ...}.
 """
 
 from __future__ import annotations
@@ -76,10 +78,12 @@ def make_requests(n: int, users: int, items: int, candidates: int, with_history:
     return bodies
 
 
-async def send_all(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], list[str], float]:
-    """(latencies of answered requests in s, error descriptions, wall seconds)."""
-    latencies, errors = [], []
+async def send_all(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """{"latencies" of answered requests in s, "errors" (descriptions), "shed" (503s with
+    Retry-After), "healthz" latencies in s, "wall" seconds}."""
+    latencies, errors, shed, health = [], [], [], []
     queue = iter(bodies)
+    done = asyncio.Event()
 
     async def client_loop(client: httpx.AsyncClient):
         for body in queue:
@@ -89,16 +93,35 @@ async def send_all(url: str, bodies: list[dict], concurrency: int) -> tuple[list
             except httpx.HTTPError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
+            if reply.status_code == 503 and "retry-after" in reply.headers:
+                shed.append(time.perf_counter() - started)
+                continue
             if reply.status_code != 200 or len(reply.json()["scores"]) != len(body["candidates"]):
                 errors.append(f"{reply.status_code}: {reply.text[:200]}")
                 continue
             latencies.append(time.perf_counter() - started)
 
+    async def probe():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                try:
+                    await client.get("/healthz")
+                    health.append(time.perf_counter() - started)
+                except httpx.HTTPError as exc:
+                    errors.append(f"/healthz {type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+
+    async def load(client: httpx.AsyncClient):
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        done.set()
+
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - started
+        await asyncio.gather(load(client), probe())
+        return {"latencies": latencies, "errors": errors, "shed": shed, "healthz": health,
+                "wall": time.perf_counter() - started}
 
 
 def main() -> int:
@@ -126,10 +149,11 @@ def main() -> int:
         log.info("serving %s (%d users, %d items) on %s", health["model_version"], health["users"], health["items"], url)
         bodies = make_requests(args.warmup + args.requests, health["users"], health["items"], args.candidates,
                                args.with_history, args.seed)
-        _, warm_errors, _ = asyncio.run(send_all(url, bodies[:args.warmup], args.concurrency))
+        warm_errors = asyncio.run(send_all(url, bodies[:args.warmup], args.concurrency))["errors"]
         before = httpx.get(f"{url}/stats", timeout=30).json()
         log.info("sending %d requests x %d candidates, %d at a time", args.requests, args.candidates, args.concurrency)
-        latencies, errors, wall = asyncio.run(send_all(url, bodies[args.warmup:], args.concurrency))
+        sent = asyncio.run(send_all(url, bodies[args.warmup:], args.concurrency))
+        latencies, errors, wall = sent["latencies"], sent["errors"], sent["wall"]
         after = httpx.get(f"{url}/stats", timeout=30).json()
     finally:
         server.send_signal(signal.SIGTERM)
@@ -146,6 +170,8 @@ def main() -> int:
         "rps": round(len(latencies) / wall, 3), "candidates_per_s": round(len(latencies) * args.candidates / wall, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "errors": len(errors) + len(warm_errors), "wall_s": round(wall, 1),
+        "shed": len(sent["shed"]), "shed_share": round(len(sent["shed"]) / args.requests, 4),
+        "healthz_p99_ms": round(float(np.percentile(np.array(sent["healthz"] or [np.nan]) * 1000, 99)), 1),
         "mean_batch_requests": round((after["requests"] - before["requests"]) / batches, 2) if batches else 0.0,
         "batch_requests_histogram": {size: n - before["batch_requests_histogram"].get(size, 0)
                                      for size, n in after["batch_requests_histogram"].items()
@@ -155,6 +181,7 @@ def main() -> int:
     }
     print(f"{result['rps']:.2f} requests/s, {result['candidates_per_s']:.1f} candidates/s, "
           f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result['errors']} errors, "
+          f"{result['shed']} shed (503, {100 * result['shed_share']:.1f}%), healthz p99 {result['healthz_p99_ms']:.0f} ms, "
           f"{result['mean_batch_requests']:.1f} requests per batch on average")
     print(json.dumps(result))
     return 0 if result["errors"] == 0 else 1

@@ -46,6 +46,10 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
     blocks: Optional[int] = None  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
+    rating_range: Optional[list[float]] = None  # [min, max] a rating may take; None: the dataset's own
+    timestamp_unit: Literal["s", "ms"] = "s"  # ms: the log holds milliseconds (converted); s refuses them
+    duplicates: Literal["drop", "refuse"] = "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
+    single_class: Literal["refuse", "warn"] = "refuse"  # a split whose labels are all 0 (or all 1): AUC is undefined
 
 
 @dataclass
@@ -230,6 +234,12 @@ class ServeConfig:
     max_history: int = 1000  # supplied behaviours per request
     max_body_bytes: int = 1_000_000
     max_ongoing_requests: int = 128  # per replica; at least max_batch_size, or batches never fill
+    # Requests queued (per proxy) while every replica is at max_ongoing_requests; beyond them the
+    # service answers 503 with Retry-After: retry_after_s instead of queueing forever. -1: unbounded.
+    max_queued_requests: int = 128
+    retry_after_s: int = 1
+    request_timeout_s: Optional[float] = 60.0  # end to end, queue included; over it: 408. None: no limit
+    health_check_period_s: float = 10.0  # how often Serve checks a replica (a dead one is replaced)
     num_replicas: int = 1  # fixed replicas, unless max_replicas > min_replicas turns on autoscaling
     min_replicas: int = 1
     max_replicas: int = 1
@@ -397,6 +407,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 def _validate(obj: Any, path: str) -> None:
     """Range checks that a type alone cannot express."""
     if isinstance(obj, DataConfig):
+        if obj.rating_range is not None and (len(obj.rating_range) != 2 or obj.rating_range[0] > obj.rating_range[1]):
+            raise ConfigError(f"{_join(path, 'rating_range')}: [min, max] with min <= max, got {obj.rating_range}")
         if len(obj.split) != 3 or any(s <= 0 for s in obj.split) or abs(sum(obj.split) - 1) > 1e-6:
             raise ConfigError(f"{_join(path, 'split')}: three positive fractions summing to 1")
         if obj.k_core < 0 or obj.min_history < 0:
@@ -426,6 +438,59 @@ def _validate(obj: Any, path: str) -> None:
             raise ConfigError(f"{_join(path, 'max_replicas')}: {obj.max_replicas} < min_replicas {obj.min_replicas}")
         if obj.forward_batch_size is not None and obj.forward_batch_size < 1:
             raise ConfigError(f"{_join(path, 'forward_batch_size')}: must be >= 1 (or null for score.batch_size)")
+    _check_ranges(obj, path)
+
+
+def _at_least(n: float) -> tuple:
+    return (lambda v: v >= n, f">= {n}")
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_DROPOUT = (lambda v: 0 <= v < 1, "in [0, 1)")
+_PORT = (lambda v: 1 <= v <= 65535, "a port in 1..65535")
+_RETRIES = (lambda v: v >= -1, ">= 0 (or -1: unlimited)")
+
+# The range of every number with a meaning (None passes: "not set"); a list's every element.
+RANGES: dict[type, dict[str, tuple]] = {
+    RunConfig: {"num_cpus": _at_least(1)},
+    DataConfig: {"test_subsample": _at_least(1), "blocks": _at_least(1)},
+    EmbedConfig: {"max_length": _at_least(1), "batch_size": _at_least(1), "concurrency": _at_least(1),
+                  "num_gpus": _at_least(0)},
+    RetrieveConfig: {"batch_size": _at_least(1), "concurrency": _at_least(1)},
+    SIMConfig: {"attention_layers": _at_least(1), "heads": _at_least(1), "search_k": _at_least(1)},
+    DINConfig: {"attention_hidden": _at_least(1)},
+    DeepFMConfig: {"dnn_hidden": _at_least(1)},
+    AutoIntConfig: {"attention_layers": _at_least(1), "attention_size": _at_least(1), "heads": _at_least(1)},
+    DCNv2Config: {"cross_layers": _at_least(1), "dnn_hidden": _at_least(1)},
+    GRU4RecConfig: {"gru_layers": _at_least(1), "gru_hidden": _at_least(1)},
+    CaserConfig: {"vertical_kernels": _at_least(1), "horizontal_kernels": _at_least(1),
+                  "horizontal_heights": _at_least(1)},
+    SASRecConfig: {"heads": _at_least(1), "attention_layers": _at_least(1), "attention_size": _at_least(1)},
+    CRMConfig: {"recent_k": _at_least(0), "embed_dim": _at_least(1), "mlp_hidden": _at_least(1), "dropout": _DROPOUT,
+                "lr": _POSITIVE, "weight_decay": _at_least(0), "patience": _at_least(1),
+                "steps_per_epoch": _at_least(1), "max_failures": _RETRIES},
+    LLMConfig: {"max_length": _at_least(1)},
+    LoRAConfig: {"alpha": _POSITIVE, "dropout": _DROPOUT, "gate_hidden": _at_least(1), "gate_dropout": _DROPOUT},
+    TuneConfig: {"few_shot": _at_least(1), "epochs": _at_least(1), "lr": _POSITIVE, "weight_decay": _at_least(0),
+                 "warmup_ratio": _FRACTION, "micro_batch": _at_least(1), "grad_accum": _at_least(1),
+                 "num_workers": _at_least(1), "max_failures": _RETRIES, "valid_subsample": _at_least(1)},
+    ScoreConfig: {"batch_size": _at_least(1), "concurrency": _at_least(1), "num_gpus": _at_least(0)},
+    ServeConfig: {"port": _PORT, "max_replicas": _at_least(1), "target_ongoing_requests": _POSITIVE,
+                  "num_cpus": _at_least(0), "num_gpus": _at_least(0),
+                  "max_queued_requests": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: unbounded)"),
+                  "retry_after_s": _at_least(0), "request_timeout_s": _POSITIVE, "health_check_period_s": _POSITIVE},
+}
+
+
+def _check_ranges(obj: Any, path: str) -> None:
+    for name, (ok, what) in RANGES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if v is not None and not ok(v):
+                where = _join(path, name) + ("" if i is None else f"[{i}]")
+                raise ConfigError(f"{where}: must be {what}, got {v!r}")
 
 
 def _join(path: str, key: Any) -> str:

@@ -2,12 +2,18 @@
 
 A stage writes into a hidden temporary sibling of its output directory and renames it into
 place only when everything is written, with a `_SUCCESS.json` marker holding the fingerprint
-(hash of the config sections the stage depends on). A re-run with the same fingerprint is a
-no-op; a different fingerprint refuses unless `overwrite=True`.
+and the output's identity. A re-run with the same fingerprint is a no-op; a different
+fingerprint refuses unless `overwrite=True`.
+
+A stage's fingerprint is `with_inputs(own, upstream, files)`: its own config sections, the
+identities of the upstream outputs it reads and the size and mtime of the raw files it reads.
+An identity is the fingerprint plus a token new at every write, so re-running an upstream stage
+(even with the same config: a retrained CRM has other weights) invalidates everything below it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -15,7 +21,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,32 @@ def read_marker(path: Path) -> dict | None:
         return None
 
 
+def new_marker(fingerprint: str, extra: dict | None = None) -> dict:
+    """The marker of an output finished now: `identity` is unique to this write."""
+    marker = {"fingerprint": fingerprint, "identity": f"{fingerprint}.{uuid.uuid4().hex[:8]}",
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    marker.update(extra or {})
+    return marker
+
+
+def identity(path: Path) -> str | None:
+    """Which write of a finished output this is; None when nothing finished is there."""
+    marker = read_marker(path)
+    if marker is None:
+        return None
+    return marker.get("identity") or marker.get("fingerprint")  # markers from before identities
+
+
+def with_inputs(own: str, upstream: Iterable[Path] = (), files: Iterable[Path] = ()) -> str:
+    """A stage's fingerprint: `own` (its config sections) + the identities of the upstream
+    outputs it reads + name, size and mtime of the raw files it reads."""
+    payload = {"upstream": [identity(Path(p)) for p in upstream], "files": []}
+    for f in files:
+        stat = Path(f).stat()
+        payload["files"].append([Path(f).name, stat.st_size, stat.st_mtime_ns])
+    return f"{own}.{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:8]}"
+
+
 def is_done(path: Path, fingerprint: str) -> bool:
     marker = read_marker(path)
     return marker is not None and marker.get("fingerprint") == fingerprint
@@ -99,9 +131,7 @@ def staged_output(path: Path, fingerprint: str, extra: dict | None = None) -> It
     tmp.mkdir()
     try:
         yield tmp
-        marker = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        marker.update(extra or {})
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        (tmp / MARKER).write_text(json.dumps(new_marker(fingerprint, extra), indent=2))
         if path.exists():
             trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(trash)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from reclora_ray.config import Config, load_config
@@ -34,9 +35,49 @@ def init_ray(cfg: Config) -> None:
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting a local Ray (num_cpus=%s)", cfg.run.num_cpus or "all")
+        log.info("starting a local Ray (num_cpus=%s) on 127.0.0.1", cfg.run.num_cpus or "all")
+        secure_local_ray()
         # Workers import the same reclora_ray as this driver, even from an uninstalled checkout.
         source_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+LOCAL_TOKEN_ENV = "RECLORA_RAY_TOKEN_FILE"  # default: ~/.config/reclora/ray_auth_token
+
+
+def write_private_token(path: Path) -> Path:
+    """A new random Ray auth token in `path`, readable by its owner only (0600)."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # the format `ray get-auth-token --generate` writes
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that was already there
+    return path
+
+
+def secure_local_ray() -> None:
+    """Before a local ray.init: every Ray server binds 127.0.0.1, and token auth is on with a
+    0600 token of our own (Ray would write a world-readable ~/.ray/auth_token).
+
+    Ray takes the node IP, which its servers bind, from the machine's outward address unless
+    it treats the machine as a single-node (laptop) setup; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    is that switch, read when ray is imported, so the imported constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the user chose the auth mode or the token file
+    path = Path(os.environ.get(LOCAL_TOKEN_ENV) or Path.home() / ".config" / "reclora" / "ray_auth_token")
+    if not path.is_file() or path.stat().st_mode & 0o077:
+        write_private_token(path)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayletConfig
+
+    RayletConfig.initialize("")  # Ray read RAY_AUTH_MODE when it was imported
+    AuthenticationTokenLoader.instance().reset_cache()

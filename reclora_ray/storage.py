@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -135,9 +134,7 @@ def staged_output(location: str | Path, fingerprint: str, extra: dict | None = N
 
 def upload(local_dir: Path, location: str, fingerprint: str, extra: dict | None = None) -> None:
     """Mark a finished local directory with its fingerprint and publish it at `location`."""
-    marker = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    marker.update(extra or {})
-    (Path(local_dir) / MARKER).write_text(json.dumps(marker, indent=2))
+    (Path(local_dir) / MARKER).write_text(json.dumps(rundir.new_marker(fingerprint, extra), indent=2))
     publish(local_dir, location)
 
 
@@ -165,8 +162,21 @@ def download(location: str, local_dir: Path) -> bool:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return False
     local_dir.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = confined(local_dir, info.path[len(path):].strip("/"), location)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return True
+
+
+def confined(local_dir: Path, key: str, location: str) -> Path:
+    """local_dir/key, refusing a remote key (an object store keeps '..' as it is) that leaves it."""
+    root = Path(local_dir).resolve()
+    target = (root / key).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"{location}: remote key {key!r} points outside the scratch folder {root}; refusing it")
+    return target
 
 
 def finished_outputs(location: str) -> dict[str, str]:
@@ -204,7 +214,7 @@ def local_run_dir(out: str | Path, inputs: list[str], scratch: str | None = None
             download(join(out, part), local / part)
         before = finished_outputs(str(out))
         for rel, text in before.items():
-            marker = local / rel / MARKER
+            marker = confined(local, rel, str(out)) / MARKER
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(text)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 
+from reclora_ray.runtime import write_private_token
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
@@ -229,11 +231,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ internals
 
     def _write_token(self) -> Path:
-        path = self.root / TOKEN_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))  # the format `ray get-auth-token --generate` writes
-        return path
+        return write_private_token(self.root / TOKEN_FILE)
 
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import pickle
 import shutil
 import tempfile
 import time
@@ -26,13 +27,13 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, ConfigError, CRMConfig
-from reclora_ray.crm.checkpoint import checkpoint_name, save_crm
+from reclora_ray.crm.checkpoint import CRMCheckpointError, checkpoint_name, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
     """
     run = RunDir(out)
     out_dir = run.crm(checkpoint_name(cfg.crm))
-    stage_fingerprint = fingerprint(cfg)
+    stage_fingerprint = with_inputs(fingerprint(cfg), [run.data] + ([run.retrieval] if cfg.crm.history == "long" else []))
     if not check_can_write(out_dir, stage_fingerprint, overwrite):
         return out_dir
     prepared = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
@@ -164,7 +165,16 @@ def best_train_state(result) -> dict:
 
 def train_state(checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
+        return load_train_state(Path(directory) / TRAIN_STATE)
+
+
+def load_train_state(path: Path) -> dict:
+    """A saved train state: tensors, numbers, strings, lists and dicts only. The checkpoint
+    folder lives in the run directory across runs, so a pickle there could be anyone's code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CRMCheckpointError(f"{path}: refused, not a plain train state ({str(exc).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------- on each worker
@@ -209,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            saved = load_train_state(Path(directory) / TRAIN_STATE)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = EarlyStopping(**saved["state"])

@@ -29,8 +29,9 @@ import pyarrow.parquet as pq
 from reclora_ray.config import DATASETS, Config, DataConfig
 from reclora_ray.data import text
 from reclora_ray.data.prepared import SPLITS
+from reclora_ray.data.checks import check_two_classes, drop_duplicates
 from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
-from reclora_ray.rundir import RunDir, check_can_write, staged_output
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ def fingerprint(cfg: Config) -> str:
 def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Prepare cfg.data into out_dir (normally OUT/data); a no-op when it is already there."""
     out_dir = Path(out_dir)
-    fp = fingerprint(cfg)
+    source = open_source(cfg.data.dataset, cfg.data.raw_dir, cfg.data)
+    fp = with_inputs(fingerprint(cfg), files=source.input_files())
     if not check_can_write(out_dir, fp, overwrite):
         return out_dir
-    source = open_source(cfg.data.dataset, cfg.data.raw_dir)
     started = time.perf_counter()
     init_ray(cfg)
     log.info("reading the %s log from %s", source.name, source.describe())
@@ -87,6 +88,7 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
     split = split_behaviours(behaviours, cfg.data, source, seed=cfg.run.seed)
     items = item_table(source, behaviours["item_raw"])
     users = user_table(source, behaviours["user_raw"])
+    check_split_classes(split, cfg.data, source)  # after the item and user files: their errors name a line
     with staged_output(out_dir, fp) as tmp:
         log.info("writing %s", out_dir)
         items.to_parquet(tmp / "items.parquet", index=False)
@@ -122,11 +124,15 @@ def read_behaviours(source: Source, blocks: int | None) -> dict:
     table = pa.concat_tables(tables)
     user, user_raw = dense_codes(table["user"])
     item, item_raw = dense_codes(table["item"])
-    return {
-        "user": user, "user_raw": user_raw, "item": item, "item_raw": item_raw,
-        "rating": table["rating"].to_numpy(),
-        "timestamp": table["timestamp"].to_numpy(),
-    }
+    b = {"user": user, "item": item, "rating": table["rating"].to_numpy(), "timestamp": table["timestamp"].to_numpy()}
+    keep, n_duplicates = drop_duplicates(
+        b, source.rules, f"{source.describe()}: the {source.name} log",
+        lambda row: (f"user {user_raw[int(b['user'][row])]} item {item_raw[int(b['item'][row])]} "
+                     f"rating {b['rating'][row]:g} timestamp {b['timestamp'][row]}"))
+    if keep is not None:
+        log.warning("dropped %d exact duplicate rows of %d (data.duplicates=refuse makes them an error)", n_duplicates, rows)
+        b = {name: values[keep] for name, values in b.items()}
+    return {**b, "user_raw": user_raw, "item_raw": item_raw, "n_parsed": rows, "n_duplicates": n_duplicates}
 
 
 def dense_codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -175,6 +181,8 @@ def split_behaviours(b: dict, data: DataConfig, source: Source, seed: int) -> di
     """
     op, threshold = label_rule(data, source)
     b["label"] = ((b["rating"] > threshold) if op == ">" else (b["rating"] >= threshold)).astype(np.int8)
+    check_two_classes(b["label"], f"{source.describe()}: the {source.name} log", f"rating {op} {threshold:g}",
+                      data.single_class)
     n_read = len(b["user"])
     if data.k_core > 0:
         keep = k_core_mask(b["user"], b["item"], len(b["user_raw"]), len(b["item_raw"]), data.k_core)
@@ -220,6 +228,14 @@ def split_behaviours(b: dict, data: DataConfig, source: Source, seed: int) -> di
         chosen = np.random.default_rng(seed).choice(len(test["rows"]), size=data.test_subsample, replace=False)
         test["sample_offsets"] = np.sort(chosen)
     return b
+
+
+def check_split_classes(b: dict, data: DataConfig, source: Source) -> None:
+    op, threshold = label_rule(data, source)
+    for name, split in b["splits"].items():
+        rows = split["rows"][split["sample_offsets"]] if "sample_offsets" in split else split["rows"]
+        check_two_classes(b["label"][rows], f"{source.name}: the {name} split", f"rating {op} {threshold:g}",
+                          data.single_class)
 
 
 # --------------------------------------------------------------------------- items and users
@@ -364,8 +380,10 @@ def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFram
         "split": list(cfg.data.split),
         "split_order": "global time: timestamp, then user raw id, then item raw id",
         "timestamp_field": source.timestamp_field,
+        "n_parsed": b["n_parsed"],
         "n_read": b["n_read"],
         "n_rows": len(b["user"]),
+        "dropped": {"exact_duplicates": b["n_duplicates"], "k_core": b["n_read"] - len(b["user"])},
         "n_samples": sum(len(s["rows"]) for s in b["splits"].values()),
         "n_users": n_users,
         "n_items": n_items,

@@ -11,12 +11,15 @@ RawDataError naming the file, the line and the field.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import glob
 import gzip
 import importlib.util
 import io
 import json
 import logging
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from reclora_ray.config import DataConfig
+from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lines_from, rows_from_one
 from reclora_ray.data.text import year_from_title
 
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")
@@ -56,10 +61,6 @@ NON_GENRE_SHELVES = frozenset({
 })
 GOODREADS_GENRES_PER_BOOK = 3
 GOODREADS_DATE_FORMAT = "%a %b %d %H:%M:%S %z %Y"  # "Thu Dec 17 11:29:36 -0800 2015"
-
-
-class RawDataError(ValueError):
-    """A raw input that cannot be read; the message names the file, line and field."""
 
 
 def require_file(path: Path) -> Path:
@@ -186,7 +187,7 @@ def line_number_at(path: str, offset: int) -> int:
     return count + 1
 
 
-def parse_delimited_range(task: dict, fmt: DelimitedFormat) -> pa.Table:
+def parse_delimited_range(task: dict, fmt: DelimitedFormat, rules: LogRules) -> pa.Table:
     path = task["path"]
     begin, data = read_line_range(path, task["start"], task["end"])
     if begin == 0 and fmt.header is not None:
@@ -195,7 +196,7 @@ def parse_delimited_range(task: dict, fmt: DelimitedFormat) -> pa.Table:
             raise RawDataError(f"{path}, line 1: expected the header {fmt.header!r}, got {first[:200]!r}")
         begin = len(first) + 1
     try:
-        return fmt.parse(data)
+        table = fmt.parse(data)
     except pa.ArrowInvalid as exc:
         bad = fmt.first_bad_line(data)
         if bad is None:
@@ -203,14 +204,22 @@ def parse_delimited_range(task: dict, fmt: DelimitedFormat) -> pa.Table:
         index, problem = bad
         raise RawDataError(f"{path}, line {line_number_at(path, begin) + index}: {problem}") from None
 
+    def where(row: int) -> str:  # the parser skips empty lines; only an error pays for this count
+        lines = [i for i, raw in enumerate(data.split(b"\n")) if raw.rstrip(b"\r")]
+        return f"line {line_number_at(path, begin) + lines[row]}"
 
-def read_delimited_log(path: Path, fmt: DelimitedFormat, blocks: int | None):
+    return check_log_block(table, path, where, rules)
+
+
+def read_delimited_log(path: Path, fmt: DelimitedFormat, blocks: int | None, rules: LogRules):
     import ray
 
     require_file(path)
+    if path.stat().st_size == 0:
+        raise RawDataError(f"{path}: the file is empty")
     tasks = byte_ranges(path, TARGET_CHUNK_BYTES, min_ranges=blocks or 1)
     return raising_original_errors(ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt), batch_size=1, batch_format="pyarrow"
+        lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt, rules), batch_size=1, batch_format="pyarrow"
     ))
 
 
@@ -223,7 +232,12 @@ def json_line_chunks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[tuple[i
     rest = b""
     with gzip.open(path, "rb") as f:
         while True:
-            block = f.read(chunk_bytes)
+            try:
+                block = f.read(chunk_bytes)
+            except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
+                at = line + rest.count(b"\n")
+                raise RawDataError(f"{path}, line {at}: not a complete gzip file "
+                                   f"(truncated, or not gzipped): {exc}") from None
             if not block:
                 break
             block = rest + block
@@ -248,6 +262,7 @@ def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema,
             read_options=pjson.ReadOptions(use_threads=False),
             parse_options=pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
+        table.validate(full=True)  # the JSON reader passes invalid UTF-8 through into strings
     except pa.ArrowInvalid as exc:
         raise RawDataError(_first_bad_json_line(path, first_line, data, schema, required) or f"{path}: {exc}") from None
     for name in required:
@@ -262,6 +277,10 @@ def _first_bad_json_line(path: str, first_line: int, data: bytes, schema: pa.Sch
     for index, raw in enumerate(data.split(b"\n")):
         if not raw.strip():
             continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{path}, line {first_line + index}: not UTF-8 text (byte {raw[exc.start]:#x} at position {exc.start})"
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -292,7 +311,9 @@ GOODREADS_INTERACTION_SCHEMA = pa.schema(
 )
 
 
-def parse_goodreads_interactions(path: str) -> Iterator[pa.Table]:
+def parse_goodreads_interactions(path: str, rules: LogRules) -> Iterator[pa.Table]:
+    rules = dataclasses.replace(rules, timestamp_unit="s")  # parsed from dates
+    fields = {"user": "user_id", "item": "book_id", "timestamp": "date_updated"}
     for first_line, data in json_line_chunks(path):
         table = parse_json_lines(path, first_line, data, GOODREADS_INTERACTION_SCHEMA)
         stamps = pc.strptime(table["date_updated"], format=GOODREADS_DATE_FORMAT, unit="s", error_is_null=True)
@@ -302,16 +323,13 @@ def parse_goodreads_interactions(path: str) -> Iterator[pa.Table]:
                 f"{path}, line {first_line + index}: field 'date_updated' is not a date like "
                 f"'Thu Dec 17 11:29:36 -0800 2015': {table['date_updated'][index]}"
             )
-        ratings = table["rating"]
-        if not pc.all(pc.and_(pc.greater_equal(ratings, 0), pc.less_equal(ratings, 5))).as_py():
-            index = pc.index(pc.or_(pc.less(ratings, 0), pc.greater(ratings, 5)), True).as_py()
-            raise RawDataError(f"{path}, line {first_line + index}: field 'rating' is outside 0..5: {ratings[index]}")
         parsed = pa.table({
             "user": table["user_id"],
             "item": to_int64(table["book_id"], path, first_line, "book_id"),
-            "rating": pc.cast(ratings, pa.float32()),
+            "rating": pc.cast(table["rating"], pa.float32()),
             "timestamp": pc.cast(stamps, pa.int64()),
         })
+        parsed = check_log_block(parsed, path, lines_from(first_line), rules, fields)
         yield parsed.filter(pc.greater(parsed["rating"], 0))  # 0 = shelved without a rating
 
 
@@ -332,11 +350,12 @@ def read_rows(path: Path, delimiter: str, n_fields: int | tuple[int, ...], encod
     """Every line of a small delimited file, split, checking the field count per line."""
     require_file(path)
     counts = (n_fields,) if isinstance(n_fields, int) else n_fields
-    with open(path, encoding=encoding, newline="") as f:
+    with open(path, "rb") as f:
+        text = decoded_lines(f, path, encoding)
         if delimiter == ",":
-            lines = enumerate(csv.reader(f), start=1)
+            lines = enumerate(csv.reader(text), start=1)
         else:
-            lines = ((i, line.rstrip("\r\n").split(delimiter)) for i, line in enumerate(f, start=1))
+            lines = ((i, line.rstrip("\r\n").split(delimiter)) for i, line in enumerate(text, start=1))
         rows = []
         for number, fields in lines:
             if number == 1 and header is not None:
@@ -349,6 +368,15 @@ def read_rows(path: Path, delimiter: str, n_fields: int | tuple[int, ...], encod
                 raise RawDataError(f"{path}, line {number}: expected {n_fields} fields separated by {delimiter!r}, got {len(fields)}")
             rows.append(fields + [str(number)])  # the line number rides along for later errors
     return rows
+
+
+def decoded_lines(f, path: Path, encoding: str) -> Iterator[str]:
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise RawDataError(f"{path}, line {number}: not {encoding} text "
+                               f"(byte {raw[exc.start]:#x} at position {exc.start})") from None
 
 
 def parse_int(value: str, path: Path, line: str, name: str) -> int:
@@ -387,8 +415,11 @@ class Source:
     default_label_threshold = 4.0
     label_strict = False  # True: label = rating > threshold (ML-25M), else rating >= threshold
 
+    rating_range = (1.0, 5.0)  # data.rating_range overrides it
+
     def __init__(self, raw_dir: Path | None):
         self.raw_dir = raw_dir
+        self.rules = LogRules(*self.rating_range)  # open_source applies the data config
 
     def check_files(self) -> None:
         for path in self.required_files():
@@ -396,6 +427,10 @@ class Source:
 
     def required_files(self) -> list[Path]:
         raise NotImplementedError
+
+    def input_files(self) -> list[Path]:
+        """Every raw file `prepare` reads: their sizes and mtimes are part of its fingerprint."""
+        return self.required_files()
 
     def read_log(self, blocks: int | None):
         raise NotImplementedError
@@ -449,7 +484,7 @@ class PackagedML100K(Source):
             "rating": pc.cast(table["rating"], pa.float32()),
             "timestamp": pc.cast(table["timestamp"], pa.int64()),
         })
-        return ray.data.from_arrow(log)
+        return ray.data.from_arrow(check_log_block(log, str(self._path("data")), rows_from_one, self.rules))
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         frame = pd.read_parquet(self._path("items"))
@@ -475,7 +510,7 @@ class ML100K(Source):
         return [self.raw_dir / n for n in ("u.data", "u.item", "u.user")]
 
     def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "u.data", self.log_format, blocks)
+        return read_delimited_log(self.raw_dir / "u.data", self.log_format, blocks, self.rules)
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         path = self.raw_dir / "u.item"
@@ -504,7 +539,7 @@ class ML1M(Source):
         return [self.raw_dir / n for n in ("ratings.dat", "movies.dat", "users.dat")]
 
     def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "ratings.dat", self.log_format, blocks)
+        return read_delimited_log(self.raw_dir / "ratings.dat", self.log_format, blocks, self.rules)
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         path = self.raw_dir / "movies.dat"
@@ -534,13 +569,14 @@ class ML25M(Source):
     name = "ml-25m"
     default_label_threshold = 3.0
     label_strict = True
+    rating_range = (0.5, 5.0)
     log_format = DelimitedFormat(",", ("user", "item", "rating", "timestamp"), header="userId,movieId,rating,timestamp")
 
     def required_files(self) -> list[Path]:
         return [self.raw_dir / n for n in ("ratings.csv", "movies.csv")]
 
     def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "ratings.csv", self.log_format, blocks)
+        return read_delimited_log(self.raw_dir / "ratings.csv", self.log_format, blocks, self.rules)
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         path = self.raw_dir / "movies.csv"
@@ -561,6 +597,7 @@ class GoodReads(Source):
 
     name = "goodreads"
     kind = "book"
+    rating_range = (0.0, 5.0)  # 0: shelved without a rating (dropped)
     timestamp_field = "date_updated"
 
     def _glob(self, pattern: str) -> list[Path]:
@@ -575,8 +612,13 @@ class GoodReads(Source):
             raise FileNotFoundError(f"{self.raw_dir}: no goodreads_books_*.json.gz file")
         return interactions + books
 
+    def input_files(self) -> list[Path]:
+        authors = self.raw_dir / "goodreads_book_authors.json.gz"
+        return self.required_files() + ([authors] if authors.is_file() else [])
+
     def read_log(self, blocks: int | None):
-        return json_files_dataset(self._glob("goodreads_interactions*.json.gz"), parse_goodreads_interactions)
+        return json_files_dataset(self._glob("goodreads_interactions*.json.gz"),
+                                  functools.partial(parse_goodreads_interactions, rules=self.rules))
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         wanted = pa.array(raw_ids, type=pa.int64())
@@ -627,8 +669,9 @@ def _goodreads_author_names(path: str) -> dict[str, str]:
     return names
 
 
-def open_source(dataset: str, raw_dir: str | None) -> Source:
-    """The reader for `dataset`; checks that its folder and files exist before any work starts."""
+def open_source(dataset: str, raw_dir: str | None, data: DataConfig | None = None) -> Source:
+    """The reader for `dataset` under the rules of `data` (rating range, timestamp unit,
+    duplicates); checks that its folder and files exist before any work starts."""
     classes = {"ml-100k": ML100K, "ml-1m": ML1M, "ml-25m": ML25M, "goodreads": GoodReads}
     if dataset not in classes:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(classes)}")
@@ -642,4 +685,7 @@ def open_source(dataset: str, raw_dir: str | None) -> Source:
             raise FileNotFoundError(f"raw data folder {folder} does not exist (data.raw_dir / --raw-dir)")
         source = classes[dataset](folder)
     source.check_files()
+    if data is not None:
+        low, high = data.rating_range or source.rating_range
+        source.rules = LogRules(low, high, data.timestamp_unit, data.duplicates)
     return source

@@ -26,9 +26,9 @@ from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
-from reclora_ray.llm.variants import crm_name, get_variant
+from reclora_ray.llm.variants import crm_name, get_variant, upstream_outputs
 from reclora_ray.metrics import binary_metrics
-from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, write_json_atomic
+from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,12 @@ def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) 
 
     variant = get_variant(name)
     out = run.scores(variant.name)
-    upstream = "base"
     if variant.adapter:
         marker = read_marker(run.adapter(variant.name))
         if marker is None:
             raise FileNotFoundError(f"{run.adapter(variant.name)} holds no adapter; run `reclora tune` first")
-        upstream = marker["fingerprint"]
-    fp = f"{fingerprint(cfg, variant)}-{upstream}-{cfg.section_hash('score')}"
+    adapter = [run.adapter(variant.name)] if variant.adapter else []
+    fp = with_inputs(f"{fingerprint(cfg, variant)}-{cfg.section_hash('score')}", upstream_outputs(cfg, run, variant) + adapter)
     if not check_can_write(out, fp, overwrite):
         return out
     rows = llm_test_rows(cfg, load_samples(run.data, "test", variant))
@@ -184,7 +183,7 @@ def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite
     if marker is None:
         raise FileNotFoundError(f"{crm_dir} holds no CRM; run `reclora pretrain-crm` first")
     out = run.scores(f"crm-{name}")
-    fp = f"crm-{marker['fingerprint']}-{cfg.section_hash('retrieve', 'score')}"
+    fp = with_inputs(f"crm-{cfg.section_hash('retrieve', 'score')}", upstream_outputs(cfg, run, variant) + [crm_dir])
     if not check_can_write(out, fp, overwrite):
         return out
     rows = load_samples(run.data, "test", variant)

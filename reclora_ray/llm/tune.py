@@ -26,8 +26,8 @@ from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.llm.variants import Variant, crm_name, get_variant
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
+from reclora_ray.llm.variants import Variant, crm_name, get_variant, upstream_outputs
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
     out = run.adapter(variant.name)
-    fp = fingerprint(cfg, variant)
+    fp = with_inputs(fingerprint(cfg, variant), upstream_outputs(cfg, run, variant))
     if not check_can_write(out, fp, overwrite):
         return out
     if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.config import Config, LLMConfig
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def fingerprint(cfg: Config) -> str:
 
 def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
     run = RunDir(out)
-    fp = fingerprint(cfg)
+    fp = with_inputs(fingerprint(cfg), [run.data])
     if not check_can_write(run.embeddings, fp, overwrite):
         return run.embeddings
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)

@@ -37,7 +37,7 @@ from reclora_ray.config import Config
 from reclora_ray.data.prepared import SPLITS, PreparedData
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever, lists_to_padded, padded_to_lists
-from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, write_json_atomic
+from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def uses_embeddings(cfg: Config) -> bool:
 
 def fingerprint(cfg: Config, run: RunDir) -> str:
     payload = {"data": asdict(cfg.data), "retrieve": asdict(cfg.retrieve)}
-    if uses_embeddings(cfg):
-        payload["embeddings"] = (read_marker(run.embeddings) or {}).get("fingerprint")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    own = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return with_inputs(own, [run.data] + ([run.embeddings] if uses_embeddings(cfg) else []))
 
 
 def retrieve_histories(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:

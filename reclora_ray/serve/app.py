@@ -17,15 +17,17 @@ The endpoints are described in `reclora_ray.serve.service`.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
 
-from reclora_ray.config import Config, load_config
+from reclora_ray.config import Config, ConfigError, load_config
 from reclora_ray.data.prepared import PreparedDataError
 from reclora_ray.llm.variants import get_variant
 from reclora_ray.rundir import RunDir
@@ -40,6 +42,9 @@ APP_NAME = "reclora"
 def deployment_options(cfg: Config) -> dict:
     s = cfg.serve
     options = {"name": "RecLoRAService", "max_ongoing_requests": s.max_ongoing_requests,
+               "max_queued_requests": s.max_queued_requests,
+               "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+               "health_check_period_s": s.health_check_period_s,
                "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}}
     if s.max_replicas > s.min_replicas:
         options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
@@ -57,7 +62,7 @@ def build(cfg: Config, out: str | Path) -> Application:
     variant = get_variant(cfg.serve.variant)
     if not (run.data / "meta.json").is_file():
         raise PreparedDataError(f"{run.data} holds no prepared dataset; run `reclora run --out {run.root}` first")
-    model_version(run, variant.name, variant.adapter is not None)  # raises when the adapter is missing
+    model_version(cfg, run, variant)  # raises when the adapter is missing
     if cfg.serve.max_ongoing_requests < cfg.serve.max_batch_size:
         log.warning("serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches never fill",
                     cfg.serve.max_ongoing_requests, cfg.serve.max_batch_size)
@@ -76,11 +81,23 @@ def build_app(args: dict) -> Application:
     return build(load_config(args.get("config", "quickstart"), overrides), args["run"])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """One line naming serve.host:serve.port when it cannot be listened on, before Ray starts."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        problem = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror})"
+        raise ConfigError(f"serve.port: {host}:{port} {problem}; pick another with --set serve.port=N") from None
+
+
 def start(cfg: Config, out: str | Path) -> str:
     """Start Ray (or connect), Serve on serve.host:serve.port, and the application; its URL."""
+    check_port_free(cfg.serve.host, cfg.serve.port)
     app = build(cfg, out)
     init_ray(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              "request_timeout_s": cfg.serve.request_timeout_s})
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ from reclora_ray.config import Config
 from reclora_ray.llm.histories import Histories
 from reclora_ray.llm.inputs import to_device
 from reclora_ray.llm.score import Scorer
+from reclora_ray.llm.variants import Variant, upstream_outputs
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever
-from reclora_ray.rundir import RunDir, read_marker
+from reclora_ray.rundir import RunDir, identity, read_marker
 
 
 class RequestError(ValueError):
@@ -64,19 +66,22 @@ def serving_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, score=score)
 
 
-def model_version(run: RunDir, variant_name: str, has_adapter: bool) -> str:
-    """The adapter's stage fingerprint plus a hash of its weights, e.g. reclora-7115d944b6848b18.3fa2c1d0."""
-    if not has_adapter:
-        return variant_name
-    directory = run.adapter(variant_name)
+def model_version(cfg: Config, run: RunDir, variant: Variant) -> str:
+    """What is served: the adapter's identity (which includes the identities of the outputs it was
+    tuned on) and a hash of its weights and of the identities of the outputs served with it now
+    (data, retrieval, CRM), so retraining any of them changes the version; without an adapter,
+    the variant name and that hash."""
+    digest = hashlib.sha256(json.dumps([identity(p) for p in upstream_outputs(cfg, run, variant)]).encode())
+    if variant.adapter is None:
+        return f"{variant.name}.{digest.hexdigest()[:8]}"
+    directory = run.adapter(variant.name)
     marker = read_marker(directory)
     if marker is None:
         raise FileNotFoundError(f"{directory} holds no finished adapter; run `reclora tune` first")
-    digest = hashlib.sha256()
     with open(directory / "adapter.safetensors", "rb") as weights:
         for chunk in iter(lambda: weights.read(1 << 20), b""):
             digest.update(chunk)
-    return f"{marker['fingerprint']}.{digest.hexdigest()[:8]}"
+    return f"{identity(directory)}.{digest.hexdigest()[:8]}"
 
 
 class OnlineScorer:
@@ -96,7 +101,7 @@ class OnlineScorer:
             embeddings = load_item_embeddings(run.embeddings, self.data.n_items, dim=cfg.embed.pca_dim)
         self.retriever_args = dict(embeddings=embeddings, k_long=cfg.retrieve.k_long,
                                    k_short=cfg.retrieve.k_short, **modes)
-        self.version = model_version(run, self.variant.name, self.variant.adapter is not None)
+        self.version = model_version(cfg, run, self.variant)
 
     @property
     def n_users(self) -> int:

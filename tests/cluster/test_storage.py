@@ -82,3 +82,33 @@ def test_small_files_and_joins(tmp_path):
 def test_unknown_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="output location nosuch://bucket/x"):
         storage.exists("nosuch://bucket/x")
+
+
+def test_remote_keys_with_dotdot_stay_inside_the_scratch_folder(tmp_path, monkeypatch):
+    """An object store keeps '../' in a key as it is; a marker or file under such a key must
+    not be written outside the scratch run directory (issue 21, finding 6)."""
+    import pyarrow.fs as pafs
+
+    store = pafs._MockFileSystem()  # keeps keys literally, as S3 and GCS do
+
+    def put(key: str, text: str):
+        store.create_dir(key.rsplit("/", 1)[0], recursive=True)
+        with store.open_output_stream(key) as f:
+            f.write(text.encode())
+
+    monkeypatch.setattr(storage, "filesystem", lambda location: (store, location.removeprefix("mock://")))
+    put("bucket/run/crm/sim/_SUCCESS.json", json.dumps({"fingerprint": "fp"}))
+    put("bucket/run/../../escaped/_SUCCESS.json", json.dumps({"fingerprint": "evil"}))
+    scratch = tmp_path / "scratch" / "deep" / "er"
+    scratch.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"remote key '\.\./\.\./escaped' points outside the scratch folder"):
+        with storage.local_run_dir("mock://bucket/run", inputs=[], scratch=str(scratch)):
+            pass
+    assert not list(tmp_path.rglob("escaped"))
+
+    store.delete_dir("bucket/run/../../escaped")
+    put("bucket/run/data/../../../../oops.txt", "x")
+    with pytest.raises(ValueError, match=r"run/data: remote key '(\.\./){4}oops\.txt' points outside"):
+        with storage.local_run_dir("mock://bucket/run", inputs=["data"], scratch=str(scratch)):
+            pass
+    assert not list(tmp_path.rglob("oops.txt"))

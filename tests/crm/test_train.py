@@ -1,6 +1,7 @@
 """`reclora pretrain-crm` end to end on the fixture data: Ray Train with 2 CPU workers."""
 
 import json
+import math
 import os
 
 import psutil
@@ -75,3 +76,40 @@ def test_bad_inputs_fail_before_writing(run_dir, tmp_path):
     assert not (run_dir / "crm").exists() and not (tmp_path / "empty" / "crm").exists()
     # the CLI turns these into one error line and exit status 2
     assert cli_main(["pretrain-crm", "--config", "tiny", "--model", "nope", "--out", str(run_dir)]) == 2
+
+
+def test_a_planted_pickle_in_the_train_checkpoint_folder_is_not_executed(tmp_path):
+    """OUT/crm/.ray-train-<model>/ survives a kill and is read by the next run: a pickle there
+    must be refused, not run (issue 21, finding 6)."""
+    import pickle
+
+    import torch
+    from ray.train import Checkpoint
+
+    from reclora_ray.crm.checkpoint import CRMCheckpointError
+    from reclora_ray.crm.train import TRAIN_STATE, load_train_state, train_state
+
+    pwned = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {pwned}",))
+
+    folder = tmp_path / "checkpoint_000000"
+    folder.mkdir()
+    with open(folder / TRAIN_STATE, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(CRMCheckpointError, match=r"train_state\.pt: refused, not a plain train state"):
+        train_state(Checkpoint.from_directory(folder))
+    assert not pwned.exists()
+
+    # What training saves loads back under the same rule.
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    state = {"epoch": 1, "best_auc": -math.inf, "history": [{"epoch": 0, "valid_auc": float("nan")}]}
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, folder / TRAIN_STATE)
+    loaded = load_train_state(folder / TRAIN_STATE)
+    assert loaded["state"]["epoch"] == 1 and torch.equal(loaded["model"]["weight"], model.weight)
+    torch.optim.AdamW(model.parameters(), lr=1e-3).load_state_dict(loaded["optimizer"])

@@ -6,6 +6,7 @@ import pytest
 
 from reclora_ray.data.prepare import prepare_dataset, read_behaviours
 from reclora_ray.data.prepared import SPLITS, PreparedData
+from reclora_ray.data.checks import LogRules
 from reclora_ray.data.readers import DelimitedFormat, byte_ranges, open_source, parse_delimited_range
 
 pytestmark = pytest.mark.ray
@@ -72,7 +73,7 @@ def test_byte_ranges_cover_every_line_once(tmp_path):
     path.write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
     fmt = DelimitedFormat(",", ("user", "item", "rating", "timestamp"), header="userId,movieId,rating,timestamp")
     for n in (1, 3, 7, 64):
-        parts = [parse_delimited_range(task, fmt) for task in byte_ranges(path, 10**9, min_ranges=n)]
+        parts = [parse_delimited_range(task, fmt, LogRules(0.5, 5.0)) for task in byte_ranges(path, 10**9, min_ranges=n)]
         users = np.concatenate([p["user"].to_numpy() for p in parts])
         assert np.array_equal(users, np.arange(1, 501)), n
 

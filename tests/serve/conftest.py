@@ -1,4 +1,4 @@
-"""One tuned tiny run and one Serve application on loopback for the whole module."""
+"""One tuned tiny run for the session and one Serve application on loopback per module."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def serve_config() -> Config:
     return tiny_config(*SERVE_OVERRIDES, f"serve.port={free_port()}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tuned_run(tiny_upstream, tmp_path_factory, serve_config) -> Path:
     """The tiny upstream run plus a tuned reclora adapter (the one tuning of this session)."""
     from reclora_ray.llm.tune import tune_variant

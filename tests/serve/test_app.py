@@ -47,3 +47,21 @@ def test_validation_messages_name_the_field():
         ScoreRequest.model_validate_json('{"user_id": 1, "candidates": [1, 2.5], "history": [{"item_id": 1}]}')
     assert describe(info.value) == ("history.0.rating: Field required; "
                                     "candidates.1: Input should be a valid integer")
+
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path, caplog):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = cli_main(["serve", "--config", "tiny", "--run", str(tmp_path), "--set", f"serve.port={port}"])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"serve.port: 127.0.0.1:{port} is already in use; pick another with --set serve.port=N"]
+
+
+def test_load_shedding_options_reach_the_deployment():
+    options = deployment_options(load_config("tiny", ["serve.max_queued_requests=7", "serve.retry_after_s=3",
+                                                      "serve.health_check_period_s=2"]))
+    assert options["max_queued_requests"] == 7 and options["health_check_period_s"] == 2.0
+    assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 3}
