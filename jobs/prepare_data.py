@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/prepare_data.py --config ml-25m --raw-dir /data/ml-25m --out /shared/runs/ml25m
 
 Under `ray job submit` RAY_ADDRESS is set, so the stage runs on that cluster. --out may be a
-shared path or any pyarrow URI (s3://, gs://, ...; see reclora_ray/cluster/entry.py).
+shared path or any pyarrow URI (s3://, gs://, ...; see reclora_ray/cli.py).
 """
 
 import os
@@ -17,7 +17,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from reclora_ray.cluster.entry import run_stage  # noqa: E402
+from reclora_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_stage("prepare", sys.argv[1:], inputs=[]))
+    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -1,10 +1,10 @@
 """Ray Job entry point for `reclora tune`: Few2Many tuning of the personalized LoRA (Ray Train + DeepSpeed).
 
     python jobs/tune_reclora.py --config quickstart --out runs/quickstart
-    ray job submit --working-dir . -- python jobs/tune_reclora.py --config ml-1m --out /shared/runs/ml-1m
+    ray job submit --working-dir . -- python jobs/tune_reclora.py --config ml-1m --out s3://BUCKET/runs/ml-1m
 
 Arguments are those of `reclora tune`; inside a Ray Job the stage joins the job's cluster
-(RAY_ADDRESS is set by Ray).
+(RAY_ADDRESS is set by Ray). --out may be a shared path or any pyarrow URI (see reclora_ray/cli.py).
 """
 
 import sys

@@ -3,6 +3,10 @@
 Each stage module exposes `add_arguments(parser)` and `main(args) -> int`; modules are imported
 only when their command runs, so `reclora --help` stays fast and a stage's heavy imports
 (torch, ray, transformers) are paid by the stage that needs them.
+
+--out may be a local/shared path or any pyarrow URI (s3://, gs://, file://, ...): for a URI the
+stage runs in a local run directory holding the parts of OUT it reads (URI_INPUTS) and the
+outputs it finishes are uploaded, markers last (reclora_ray.storage.local_run_dir).
 """
 
 from __future__ import annotations
@@ -26,6 +30,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("reclora_ray.report", "tables and plots of every scored model"),
     "run": ("reclora_ray.pipeline", "every stage in order, skipping finished ones"),
     "serve": ("reclora_ray.serve.app", "online personalized scoring with Ray Serve"),
+}
+
+
+# The run-directory parts each stage reads ("" = all of it), downloaded when --out is a URI.
+URI_INPUTS: dict[str, list[str]] = {
+    "prepare": [],
+    "embed": ["data"],
+    "retrieve": ["data", "embeddings"],
+    "pretrain-crm": ["data"],
+    "tune": ["data", "crm"],
+    "score": ["data", "crm", "adapter"],
+    "report": ["scores"],
+    "run": [""],
 }
 
 
@@ -61,8 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[split + 1:])
     setup_logging(args.verbose or known.verbose)
+    from reclora_ray import storage
+
     try:
-        return int(module.main(args) or 0)
+        out = getattr(args, "out", None)
+        if out is None or not storage.is_uri(out):
+            return int(module.main(args) or 0)
+        if known.command not in URI_INPUTS:
+            raise ValueError(f"reclora {known.command} --out {out}: this command takes a local path only")
+        with storage.local_run_dir(out, URI_INPUTS[known.command]) as local:
+            args.out = str(local)
+            return int(module.main(args) or 0)
     except (ConfigError, StageOutputExists, FileNotFoundError, ValueError) as exc:
         logging.getLogger("reclora").error("%s", exc)
         return 2

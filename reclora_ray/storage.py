@@ -201,9 +201,11 @@ def local_run_dir(out: str | Path, inputs: list[str], scratch: str | None = None
     $RECLORA_SCRATCH, else the system temp dir) gets the `inputs` (run-directory parts such as
     "data"; "" = everything) and the marker of every other finished output, so the stage skips
     what is done and refuses to replace another config's output as it would locally. On exit,
-    each output whose marker is new or changed is published back to `out`. On a multi-node
-    cluster, Ray tasks of the stage read and write the scratch directory: put it on a
-    filesystem every node mounts.
+    each output whose marker is new or changed is published back to `out`, then the new or
+    changed files at the top of the run directory (report.md, metrics.json, config.yaml, plots).
+    Outputs finished before a failure are published too (a pipeline re-run resumes from them);
+    the failure is raised after. On a multi-node cluster, Ray tasks of the stage read and write
+    the scratch directory: put it on a filesystem every node mounts.
     """
     if not is_uri(out):
         yield Path(out)
@@ -218,11 +220,24 @@ def local_run_dir(out: str | Path, inputs: list[str], scratch: str | None = None
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(text)
-        yield local
-        changed = [rel for rel in _local_outputs(local) if before.get(rel) != (local / rel / MARKER).read_text()]
-        for rel in changed:  # an output inside another changed one goes up with it
-            if not any(_inside(rel, parent) for parent in changed):
-                publish(local / rel, join(out, rel))
+        top_before = _top_files(local)
+        try:
+            yield local
+        finally:
+            changed = [rel for rel in _local_outputs(local) if before.get(rel) != (local / rel / MARKER).read_text()]
+            for rel in changed:  # an output inside another changed one goes up with it
+                if not any(_inside(rel, parent) for parent in changed):
+                    publish(local / rel, join(out, rel))
+            fs, root = filesystem(out)
+            for name, content in _top_files(local).items():
+                if top_before.get(name) != content:
+                    fs.create_dir(root, recursive=True)
+                    with fs.open_output_stream(join(root, name)) as f:
+                        f.write(content)
+
+
+def _top_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
 def _local_outputs(root: Path) -> list[str]:

@@ -85,6 +85,8 @@ class LocalCluster:
         failure_detection_s: int | None = None,
         ray_bin: str | None = None,
         head_cpus: int | None = None,
+        autoscale: dict[str, dict] | None = None,
+        idle_timeout_s: float = 60.0,
     ):
         self.root = Path(root).resolve()
         self.n_workers = n_workers
@@ -93,6 +95,10 @@ class LocalCluster:
         self.object_store_mb = object_store_mb
         self.failure_detection_s = failure_detection_s  # None: Ray's default (about 15 s)
         self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
+        # Worker node types the head's autoscaler launches on this machine (Ray's fake_multinode
+        # provider) as demand needs them, and stops after idle_timeout_s without work.
+        self.autoscale = autoscale
+        self.idle_timeout_s = idle_timeout_s
         self.info: ClusterInfo | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,12 +117,19 @@ class LocalCluster:
             failure_detection_s=self.failure_detection_s,
         )
         deadline = time.monotonic() + timeout_s
+        head_args, head_env = [], {}
+        if self.autoscale:
+            config = self.root / "autoscaler.json"
+            config.write_text(json.dumps(fake_autoscaler_config(
+                self.info.gcs_address, self.head_cpus, self.autoscale, self.idle_timeout_s), indent=2))
+            head_args = [f"--autoscaling-config={config}"]
+            head_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         try:
             self._start_node(HEAD, ["--head", f"--port={gcs_port}",
                                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                     f"--dashboard-port={dash_port}",
-                                    f"--ray-client-server-port={free_ports(1)[0]}"], deadline,
-                             self.head_cpus)
+                                    f"--ray-client-server-port={free_ports(1)[0]}", *head_args], deadline,
+                             self.head_cpus, head_env)
             self._wait_dashboard(deadline)
             for i in range(1, self.n_workers + 1):
                 self.add_worker(f"worker{i}", deadline=deadline)
@@ -247,7 +260,7 @@ class LocalCluster:
         return env
 
     def _start_node(self, name: str, role_args: list[str], deadline: float,
-                    num_cpus: int | None = None) -> NodeInfo:
+                    num_cpus: int | None = None, extra_env: dict[str, str] | None = None) -> NodeInfo:
         num_cpus = self.cpus_per_node if num_cpus is None else num_cpus
         node_dir = self.root / name
         node_dir.mkdir(exist_ok=True)
@@ -268,7 +281,7 @@ class LocalCluster:
         ]
         log.info("starting %s node: %s", name, " ".join(cmd))
         with open(log_file, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self._node_env(),
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self._node_env(), **(extra_env or {})},
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         node = NodeInfo(name, proc.pid, num_cpus, resources, str(temp_dir), str(log_file))
         self.info.nodes.append(node)
@@ -324,6 +337,30 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def fake_autoscaler_config(gcs_address: str, head_cpus: int, worker_types: dict[str, dict],
+                           idle_timeout_s: float) -> dict:
+    """An autoscaling config for Ray's fake_multinode provider: the head's autoscaler starts and
+    stops worker nodes (raylets) on this machine, inside the head's session, as a cloud provider
+    would start and stop instances."""
+    return {
+        "cluster_name": "reclora-local",
+        "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in worker_types.items()},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "docker": {}, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_s / 60,
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
 
 
 def session_processes(sid: int) -> list[psutil.Process]:

@@ -33,6 +33,7 @@ from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
+from reclora_ray.gpu import check_device
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 
@@ -212,6 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not crm.use_gpu:
         torch.set_num_threads(max(1, int(crm.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    check_device(device)
 
     model = build_model(config["spec"], crm, config["tables"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=crm.lr, weight_decay=crm.weight_decay)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from reclora_ray.config import LLMConfig
+from reclora_ray.gpu import check_device
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def load_base(llm_cfg: LLMConfig, device: str | torch.device | None = None):
     """The base causal LM (eval mode, on `device`) and its tokenizer (pad token set)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_device(device)
     dtype = resolve_dtype(llm_cfg.dtype, device)
     source = _checkpoint_dir(llm_cfg)
     model, tokenizer = _from_pretrained(source, llm_cfg, dtype, device)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reclora_ray.cluster.entry import run_stage
+from reclora_ray.cli import main as cli_main
 from reclora_ray.crm import load_crm
 from reclora_ray.rundir import MARKER
 
@@ -92,7 +92,7 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
 
     # Same config again: the finished output at the URI is seen, nothing is trained or uploaded.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert run_stage("pretrain-crm", args, inputs=["data"]) == 0
+    assert cli_main(["pretrain-crm", *args]) == 0
     # Another config for the same output is refused, as for a local --out; the URI keeps the old one.
-    assert run_stage("pretrain-crm", [*args, "--set", "crm.lr=0.1"], inputs=["data"]) == 2
+    assert cli_main(["pretrain-crm", *args, "--set", "crm.lr=0.1"]) == 2
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp

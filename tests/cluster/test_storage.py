@@ -112,3 +112,29 @@ def test_remote_keys_with_dotdot_stay_inside_the_scratch_folder(tmp_path, monkey
         with storage.local_run_dir("mock://bucket/run", inputs=["data"], scratch=str(scratch)):
             pass
     assert not list(tmp_path.rglob("oops.txt"))
+
+
+def test_local_run_dir_publishes_outputs_finished_before_a_failure_and_top_level_files(tmp_path):
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}"
+    with pytest.raises(RuntimeError, match="stage 2 failed"):
+        with storage.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
+            with storage.staged_output(local / "data", "fp-data") as tmp:
+                (tmp / "part-0.parquet").write_bytes(b"rows")
+            (local / "config.yaml").write_text("run: {}\n")
+            (local / "scores").mkdir()
+            (local / "scores" / "half.parquet").write_bytes(b"x")  # no marker: never published
+            raise RuntimeError("stage 2 failed")
+    assert storage.is_done(storage.join(uri, "data"), "fp-data")
+    assert (bucket / "data" / "part-0.parquet").read_bytes() == b"rows"
+    assert (bucket / "config.yaml").read_text() == "run: {}\n"
+    assert not (bucket / "scores").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bucket"]  # the scratch directory is gone
+
+    # A re-run downloads what is there; only what it changes goes up again.
+    stamp = (bucket / "data" / "part-0.parquet").stat().st_mtime_ns
+    with storage.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
+        assert storage.is_done(local / "data", "fp-data")
+        (local / "report.md").write_text("# report\n")
+    assert (bucket / "report.md").read_text() == "# report\n"
+    assert (bucket / "data" / "part-0.parquet").stat().st_mtime_ns == stamp
