@@ -177,17 +177,21 @@ def timestamps(col: pa.Array, name: str, at) -> pa.Array:
     _no_empty(col, name, at)
     if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
         return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
-    if pa.types.is_string(col.type) and not pc.match_substring_regex(col[0:1], NUMBER)[0].as_py():
-        ok = pc.match_substring_regex(col, ISO_DATE)
-        if not pc.all(ok).as_py():
-            index = _first(pc.invert(ok))
-            raise RawDataError(f"{at(index)}: field {name!r} is not a date (ISO-8601) or unix seconds: "
-                               f"{col[index].as_py()!r}")
-        try:
-            return pc.cast(pc.cast(col, pa.timestamp("s", tz="UTC")), pa.int64())
-        except pa.ArrowInvalid as exc:
-            raise RawDataError(f"{at(0)}: field {name!r}: {exc}") from None
-    return pc.cast(pc.floor(numbers(col, name, at)), pa.int64())
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        return pc.cast(pc.floor(pc.cast(col, pa.float64())), pa.int64())
+    if not pa.types.is_string(col.type):
+        raise RawDataError(f"{at(0)}: field {name!r} is not a time ({col.type})")
+    numeric, iso = pc.match_substring_regex(col, NUMBER), pc.match_substring_regex(col, ISO_DATE)
+    if pc.all(numeric).as_py():
+        return pc.cast(pc.floor(numbers(col, name, at)), pa.int64())
+    if not pc.all(iso).as_py():
+        neither = pc.invert(pc.or_(numeric, iso))
+        index = _first(neither) if pc.any(neither).as_py() else _first(pc.invert(iso))
+        raise RawDataError(f"{at(index)}: field {name!r} is not unix seconds or an ISO-8601 date: {col[index].as_py()!r}")
+    try:
+        return pc.cast(pc.cast(col, pa.timestamp("s", tz="UTC")), pa.int64())
+    except pa.ArrowInvalid as exc:
+        raise RawDataError(f"{at(0)}: field {name!r}: {exc}") from None
 
 
 def labels(col: pa.Array, name: str, at) -> pa.Array:
@@ -326,7 +330,8 @@ class Interactions(Source):
         clash = clash[clash["title"] != clash["title_first"]]
         if len(clash):
             row = clash.iloc[0]
-            raise RawDataError(f"{row['_where']}: field {cfg.title!r}: item {row['raw_id']!r} is titled "
+            raw = row["raw_id"].item() if isinstance(row["raw_id"], np.generic) else row["raw_id"]
+            raise RawDataError(f"{row['_where']}: field {cfg.title!r}: item {raw!r} is titled "
                                f"{row['title']!r} here but {row['title_first']!r} at {row['_where_first']}")
         return first.drop(columns="_where").reset_index(drop=True)
 
