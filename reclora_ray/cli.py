@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("reclora_ray.report", "tables and plots of every scored model"),
     "run": ("reclora_ray.pipeline", "every stage in order, skipping finished ones"),
     "serve": ("reclora_ray.serve.app", "online personalized scoring with Ray Serve"),
+    "export-adapter": ("reclora_ray.serve.export", "one user's adapter as a PEFT LoRA (or a merged model)"),
 }
 
 

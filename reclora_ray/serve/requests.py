@@ -3,12 +3,14 @@ values are rejected (422) with the offending field named, never coerced."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ItemId = Annotated[int, Field(ge=0, lt=2**31)]
-UserId = Annotated[int, Field(ge=0, lt=2**62)]
+# Catalogue ids (items.parquet / users.parquet raw_id): a number or a string, matched by its text.
+CatalogueId = Union[Annotated[int, Field(ge=0, lt=2**63)], Annotated[str, Field(min_length=1, max_length=256)]]
+ItemId = CatalogueId
+UserId = CatalogueId
 Timestamp = Annotated[int, Field(ge=0, lt=2**62, description="unix seconds")]
 
 
