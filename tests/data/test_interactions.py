@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from reclora_ray.config import ConfigError, load_config
-from reclora_ray.data.export import export_data
 from reclora_ray.data.prepare import prepare_dataset
 from reclora_ray.data.prepared import SPLITS, PreparedData
 from reclora_ray.data.readers import RawDataError
@@ -20,8 +19,8 @@ def assert_nothing_written(out):
 
 
 @pytest.mark.ray
-def test_ml100k_export_prepares_like_the_packaged_reader(ray_local, tmp_path, config):
-    raw = export_data("tiny", ["run.num_cpus=2"], tmp_path / "csv", files=3)
+def test_ml100k_export_prepares_like_the_packaged_reader(ml100k_csv, tmp_path):
+    raw = ml100k_csv
     assert len(list((raw / "interactions").glob("*.csv"))) == 3
     cfg = load_config(str(raw / "reclora.yaml"), ["run.num_cpus=2", "data.test_subsample=null"])
     data = PreparedData.load(prepare_dataset(cfg, tmp_path / "run" / "data"))
