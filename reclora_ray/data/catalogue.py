@@ -67,3 +67,19 @@ def add_catalogue_ids(frame: pd.DataFrame, data_dir) -> pd.DataFrame:
         frame.insert(frame.columns.get_loc(f"{kind}_id") + 1, f"{kind}_raw_id",
                      lookup.reindex(frame[f"{kind}_id"].to_numpy()).to_numpy())
     return frame
+
+
+def example_rows(data_dir, predictions: pd.DataFrame, n: int = 6) -> str:
+    """A markdown table of a few scored test samples by catalogue id and title: the highest and
+    lowest P(yes) of the model, so a reader can check them against the catalogue."""
+    from pathlib import Path
+
+    ranked = predictions.sort_values("p_yes", ascending=False, kind="stable")
+    picked = pd.concat([ranked.head(n - n // 2), ranked.tail(n // 2)]).drop_duplicates("sample_id")
+    picked = add_catalogue_ids(picked[["sample_id", "user_id", "item_id", "label", "p_yes"]].copy(), data_dir)
+    titles = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_id", "title"]).set_index("item_id")["title"]
+    lines = ["| user | item | title | label | P(yes) |", "|---|---|---|---|---|"]
+    for row in picked.itertuples():
+        title = str(titles[row.item_id]).replace("|", "\\|")
+        lines.append(f"| {row.user_raw_id} | {row.item_raw_id} | {title} | {row.label} | {row.p_yes:.3f} |")
+    return "\n".join(lines)

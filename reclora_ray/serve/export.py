@@ -32,10 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the folder to write (must not exist)")
     parser.add_argument("--merge", action="store_true", help="write a merged full model instead of the adapter")
     parser.add_argument("--variant", help="the tuned variant to export; default serve.variant")
+    parser.add_argument("--timestamp", type=int, help="scoring time, unix seconds (R_c reads it); default now")
 
 
 def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: bool = False,
-                   variant: str | None = None) -> Path:
+                   variant: str | None = None, timestamp: int | None = None) -> Path:
     from reclora_ray.serve.online import OnlineScorer, RequestError, serving_config
 
     out = Path(out)
@@ -48,7 +49,7 @@ def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: boo
         (target,) = online.check_items([item], "--item")
     except RequestError as exc:
         raise ValueError(str(exc)) from None
-    state = online.user_state(user)
+    state = online.user_state(user, timestamp=timestamp)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -61,6 +62,7 @@ def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: boo
             _merge(serving_config(cfg), adapter_dir, tmp)
             shutil.rmtree(adapter_dir)
         record = {"variant": online.variant.name, "model_version": online.version, "user": user, "item": item,
+                  "timestamp": state.timestamp,
                   "known_user": state.known_user, "history_length": len(state.items), "merged": merge,
                   "cold_start_item": bool(online.catalogue.cold_items[target])}
         (tmp / "reclora_export.json").write_text(json.dumps(record, indent=2))
@@ -83,5 +85,6 @@ def _merge(cfg, adapter_dir: Path, out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    export_adapter(config_from_args(args), args.run, args.user, args.item, args.out, args.merge, args.variant)
+    export_adapter(config_from_args(args), args.run, args.user, args.item, args.out, args.merge, args.variant,
+                   args.timestamp)
     return 0

@@ -64,3 +64,22 @@ def test_predictions_get_raw_ids_beside_dense_ones(cold_run):
     assert list(framed.columns) == ["sample_id", "user_id", "user_raw_id", "item_id", "item_raw_id", "label"]
     items = pd.read_parquet(data_dir / "items.parquet").set_index("item_id")["raw_id"]
     assert framed["item_raw_id"].tolist() == items.loc[framed["item_id"]].tolist()
+
+
+def test_report_examples_name_catalogue_ids_and_titles(cold_run):
+    from reclora_ray.data.catalogue import example_rows
+
+    _, out = cold_run
+    data_dir = RunDir(out).data
+    import pandas as pd
+
+    preds = pd.read_parquet(data_dir / "samples" / "test.parquet").head(10)[["sample_id", "user_id", "item_id", "label"]]
+    preds["p_yes"] = np.linspace(0.9, 0.1, len(preds))
+    lines = example_rows(data_dir, preds, n=4).splitlines()
+    items = pd.read_parquet(data_dir / "items.parquet").set_index("item_id")
+    users = pd.read_parquet(data_dir / "users.parquet").set_index("user_id")
+    top = preds.iloc[0]
+    assert lines[0] == "| user | item | title | label | P(yes) |" and len(lines) == 2 + 4
+    assert lines[2] == (f"| {users.raw_id[top.user_id]} | {items.raw_id[top.item_id]} | {items.title[top.item_id]} "
+                        f"| {top.label} | 0.900 |")
+    assert lines[-1].endswith("| 0.100 |")
