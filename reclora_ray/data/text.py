@@ -21,6 +21,8 @@ YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 MOVIE_DESCRIPTION = ("Here is a movie. Its title is {title}.", " The movie's genre is {genres}.")
 BOOK_DESCRIPTION = ("Here is a book. Its title is {title}.", " Its authors are {authors}.", " Its genres are {genres}.")
 ITEM_DESCRIPTION = ("Here is an item. Its title is {title}.", " {details}")
+PROMPT_FIELDS = ("profile", "Subject", "subject", "history", "title")  # data.text.prompt
+HISTORY_FIELDS = ("index", "title", "rating", "stars")  # data.text.history_item
 
 
 def year_from_title(title: str) -> int | None:
@@ -51,6 +53,10 @@ def check_templates(text_cfg, path: str) -> None:
             bad = [n for n in names if not n.isidentifier()]
             if bad:
                 raise ConfigError(f"{where}: {template!r} names {bad}; use plain field names like {{title}}")
+            allowed = {"prompt": PROMPT_FIELDS, "history_item": HISTORY_FIELDS}.get(key)
+            unknown = [n for n in names if allowed is not None and n not in allowed]
+            if unknown:
+                raise ConfigError(f"{where}: unknown fields {unknown}; available: {', '.join(allowed)}")
 
 
 def _value(value) -> str:

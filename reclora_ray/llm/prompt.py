@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from reclora_ray.data.text import template_fields
+from reclora_ray.data.text import HISTORY_FIELDS, PROMPT_FIELDS, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,6 @@ CLICKED_ITEMS = PromptTemplates((
     "You should ONLY tell me yes or no.",
 ), "{index}. {title}")
 WORDING = {"ml-100k": MOVIES, "ml-1m": MOVIES, "ml-25m": MOVIES, "goodreads": BOOKS}
-PROMPT_FIELDS = ("profile", "Subject", "subject", "history", "title")
-HISTORY_FIELDS = ("index", "title", "rating", "stars")
 
 
 def templates_for(dataset: str, rated: bool = True, lines=None, history_item=None) -> PromptTemplates:

@@ -134,6 +134,8 @@ def test_config_names_what_is_unmapped(config):
         config("data.files.interactions.usr=u")
     with pytest.raises(ConfigError, match=r"data\.text\.prompt\[1\]: .*names \['0'\]"):
         config("data.text.prompt=['{title}', 'the {0}']")
+    with pytest.raises(ConfigError, match=r"data\.text\.history_item: unknown fields \['name'\]; available: index"):
+        config("data.text.history_item='{index}. {name}'")
 
 
 def test_unknown_template_field_stops_before_work(tmp_path, config):
