@@ -21,6 +21,7 @@ from reclora_ray.rundir import StageOutputExists
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("reclora_ray.data.prepare", "parse, label, k-core filter and split a raw log"),
+    "export-data": ("reclora_ray.data.export", "a benchmark's raw files in the generic CSV layout"),
     "synth": ("reclora_ray.data.synth", "write a synthetic raw log in the ML-25M format"),
     "embed": ("reclora_ray.retrieval.embed", "semantic item embeddings (LLM hidden states + PCA)"),
     "retrieve": ("reclora_ray.retrieval.retrieve", "long/short history retrieval per sample"),
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("reclora_ray.report", "tables and plots of every scored model"),
     "run": ("reclora_ray.pipeline", "every stage in order, skipping finished ones"),
     "serve": ("reclora_ray.serve.app", "online personalized scoring with Ray Serve"),
+    "export-adapter": ("reclora_ray.serve.export", "one user's adapter as a PEFT LoRA (or a merged model)"),
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 PACKAGED_CONFIGS = ("quickstart", "tiny", "ml-1m", "ml-25m", "goodreads")
-DATASETS = ("ml-100k", "ml-1m", "ml-25m", "goodreads")
+DATASETS = ("ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions")
 
 
 class ConfigError(ValueError):
@@ -37,9 +37,63 @@ class RunConfig:
 
 
 @dataclass
+class InteractionFilesConfig:
+    """The behaviour log of `data.dataset: interactions`: CSV or Parquet files, column names mapped."""
+
+    paths: list[str] = field(default_factory=list)  # files, globs or URIs; relative to data.raw_dir
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"  # unix seconds (int or float) or ISO-8601 dates
+    rating: Optional[str] = None  # a numeric rating, labelled by data.label_threshold
+    label: Optional[str] = None  # an explicit 0/1 label (e.g. clicked); wins over the rating rule
+
+
+@dataclass
+class ItemFilesConfig:
+    paths: list[str] = field(default_factory=list)
+    item: str = "item_id"
+    title: str = "title"
+    text: Optional[str] = None  # an optional longer text (the `details` field of the description)
+    fields: list[str] = field(default_factory=list)  # categorical fields, list-valued allowed: CRM features
+    list_separator: str = "|"  # splits a CSV field into a list (Parquet lists are taken as they are)
+
+
+@dataclass
+class UserFilesConfig:
+    paths: list[str] = field(default_factory=list)  # empty: no user file (no profiles)
+    user: str = "user_id"
+    fields: list[str] = field(default_factory=list)  # profile fields (kept as strings)
+
+
+@dataclass
+class DataFilesConfig:
+    interactions: InteractionFilesConfig = field(default_factory=InteractionFilesConfig)
+    items: ItemFilesConfig = field(default_factory=ItemFilesConfig)
+    users: UserFilesConfig = field(default_factory=UserFilesConfig)
+
+
+@dataclass
+class TextConfig:
+    """Templates with named fields ({title}, {genres}, ...); None: the dataset's own wording
+    (Figure 2 for the benchmarks; neutral "items" for `interactions`, without stars when unrated).
+    A description or profile part, or a prompt line, that names an empty field is left out;
+    list fields are joined with ", "."""
+
+    description: Optional[list[str]] = None  # item text parts: any items-table field
+    profile: Optional[list[str]] = None  # user profile parts: any users-table field
+    prompt: Optional[list[str]] = None  # lines: {profile} {Subject} {subject} {history} {title}
+    history_item: Optional[str] = None  # one history entry: {index} {title} {rating} {stars}
+
+
+@dataclass
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads"] = "ml-100k"
+    dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions"] = "ml-100k"
     raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
+    files: DataFilesConfig = field(default_factory=DataFilesConfig)  # dataset `interactions` only
+    # Keep the items table's items that no behaviour left (never interacted with, or dropped by
+    # k-core) as cold-start items: embedded and scorable from their text (`interactions` only).
+    cold_items: bool = False
+    text: TextConfig = field(default_factory=TextConfig)
     label_threshold: Optional[float] = None  # None: the paper's rule (>= 4, or > 3.0 on ML-25M); t: rating >= t
     k_core: int = 5  # 0 disables; repeated until stable
     min_history: int = 0  # ReLLa protocol: a user's first N behaviours are history only
@@ -413,6 +467,14 @@ def _validate(obj: Any, path: str) -> None:
             raise ConfigError(f"{_join(path, 'split')}: three positive fractions summing to 1")
         if obj.k_core < 0 or obj.min_history < 0:
             raise ConfigError(f"{path}: k_core and min_history must be >= 0")
+        if obj.dataset == "interactions":
+            _validate_files(obj.files, _join(path, "files"))
+        elif obj.cold_items:
+            raise ConfigError(f"{_join(path, 'cold_items')}: only for dataset 'interactions'")
+    if isinstance(obj, TextConfig):
+        from reclora_ray.data.text import check_templates
+
+        check_templates(obj, path)
     if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
     if isinstance(obj, EmbedConfig) and (obj.pca_dim < 1 or obj.pca_fit_items < obj.pca_dim):
@@ -491,6 +553,17 @@ def _check_ranges(obj: Any, path: str) -> None:
             if v is not None and not ok(v):
                 where = _join(path, name) + ("" if i is None else f"[{i}]")
                 raise ConfigError(f"{where}: must be {what}, got {v!r}")
+
+
+def _validate_files(files: DataFilesConfig, path: str) -> None:
+    if not files.interactions.paths:
+        raise ConfigError(f"{path}.interactions.paths: dataset 'interactions' needs the log's files")
+    if not files.items.paths:
+        raise ConfigError(f"{path}.items.paths: dataset 'interactions' needs the items' files")
+    if files.interactions.rating is None and files.interactions.label is None:
+        raise ConfigError(f"{path}.interactions: map a rating or a label column (rating: ..., label: ...)")
+    if files.users.fields and not files.users.paths:
+        raise ConfigError(f"{path}.users.fields: set without users.paths")
 
 
 def _join(path: str, key: Any) -> str:

@@ -218,6 +218,13 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
         parts += ["![Gate weights](gates.png)", ""]
+    examples = next((run.scores(n) / "predictions.parquet" for n in (OURS, *sorted(scores))
+                     if (run.scores(n) / "predictions.parquet").is_file()), None)
+    if examples is not None and (run.data / "items.parquet").is_file():
+        from reclora_ray.data.catalogue import example_rows
+
+        parts += [f"## Examples ({examples.parent.name}, catalogue ids)", "",
+                  example_rows(run.data, pd.read_parquet(examples)), ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     tmp = run.report.with_name(".report.md.tmp")

@@ -77,3 +77,11 @@ def kill_one_train_worker(driver_pid: int, marker: Path):
             os.kill(victim.pid, signal.SIGKILL)
 
     return KillOneWorker()
+
+
+@pytest.fixture(scope="session")
+def ml100k_csv(tmp_path_factory, ray_local) -> Path:
+    """The packaged ML-100K exported to the generic CSV layout (`reclora export-data`), read-only."""
+    from reclora_ray.data.export import export_data
+
+    return export_data("tiny", TINY_OVERRIDES, tmp_path_factory.mktemp("export") / "ml100k-csv", files=3)

@@ -64,7 +64,7 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
         crm.user_fields, [c for c in users.columns if c not in NON_FEATURE_USER_COLUMNS],
         users.columns, "crm.user_fields", prepared.root / "users.parquet")
     item_names = _choose_fields(
-        crm.item_fields, [c for c in DEFAULT_ITEM_FIELDS if c in items.columns],
+        crm.item_fields, prepared.meta.get("item_features") or [c for c in DEFAULT_ITEM_FIELDS if c in items.columns],
         items.columns, "crm.item_fields", prepared.root / "items.parquet")
 
     user_fields: dict[str, int] = {}

@@ -86,8 +86,8 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
     log.info("reading the %s log from %s", source.name, source.describe())
     behaviours = read_behaviours(source, cfg.data.blocks)
     split = split_behaviours(behaviours, cfg.data, source, seed=cfg.run.seed)
-    items = item_table(source, behaviours["item_raw"])
-    users = user_table(source, behaviours["user_raw"])
+    items = item_table(source, behaviours["item_raw"], cfg.data)
+    users = user_table(source, behaviours["user_raw"], cfg.data.text.profile)
     check_split_classes(split, cfg.data, source)  # after the item and user files: their errors name a line
     with staged_output(out_dir, fp) as tmp:
         log.info("writing %s", out_dir)
@@ -121,10 +121,12 @@ def read_behaviours(source: Source, blocks: int | None) -> dict:
     if rows == 0:
         raise EmptyDatasetError(f"{source.describe()}: the {source.name} log holds no ratings")
     log.info("parsed %d ratings in %d blocks", rows, len(tables))
-    table = pa.concat_tables(tables)
+    table = source.finish_log(pa.concat_tables(tables))
     user, user_raw = dense_codes(table["user"])
     item, item_raw = dense_codes(table["item"])
     b = {"user": user, "item": item, "rating": table["rating"].to_numpy(), "timestamp": table["timestamp"].to_numpy()}
+    if "label" in table.column_names:  # an explicit 0/1 label column (generic logs)
+        b["label"] = table["label"].to_numpy()
     keep, n_duplicates = drop_duplicates(
         b, source.rules, f"{source.describe()}: the {source.name} log",
         lambda row: (f"user {user_raw[int(b['user'][row])]} item {item_raw[int(b['item'][row])]} "
@@ -179,10 +181,13 @@ def split_behaviours(b: dict, data: DataConfig, source: Source, seed: int) -> di
 
     Global order = (timestamp, user raw id, item raw id): ties broken by ids, never by file order.
     """
-    op, threshold = label_rule(data, source)
-    b["label"] = ((b["rating"] > threshold) if op == ">" else (b["rating"] >= threshold)).astype(np.int8)
-    check_two_classes(b["label"], f"{source.describe()}: the {source.name} log", f"rating {op} {threshold:g}",
-                      data.single_class)
+    if "label" not in b:
+        op, threshold = label_rule(data, source)
+        b["label"] = ((b["rating"] > threshold) if op == ">" else (b["rating"] >= threshold)).astype(np.int8)
+        rule = f"rating {op} {threshold:g}"
+    else:
+        rule = "the label column"
+    check_two_classes(b["label"], f"{source.describe()}: the {source.name} log", rule, data.single_class)
     n_read = len(b["user"])
     if data.k_core > 0:
         keep = k_core_mask(b["user"], b["item"], len(b["user_raw"]), len(b["item_raw"]), data.k_core)
@@ -241,25 +246,24 @@ def check_split_classes(b: dict, data: DataConfig, source: Source) -> None:
 # --------------------------------------------------------------------------- items and users
 
 
-def item_table(source: Source, raw_ids: pa.Array) -> pd.DataFrame:
-    meta = source.read_items(raw_ids.to_numpy()).drop_duplicates("raw_id").set_index("raw_id")
-    wanted = pd.Index(raw_ids.to_numpy())
+def item_table(source: Source, raw_ids: pa.Array, data: DataConfig) -> pd.DataFrame:
+    meta = source.read_items(raw_ids.to_numpy(zero_copy_only=False)).drop_duplicates("raw_id").set_index("raw_id")
+    wanted = pd.Index(raw_ids.to_numpy(zero_copy_only=False))
     missing = wanted.difference(meta.index)
     if len(missing):
         raise RawDataError(
             f"{source.describe()}: {len(missing)} rated items have no record in the {source.name} item file "
             f"(e.g. id {missing[0]})"
         )
+    if data.cold_items:  # after the items with behaviours, so their ids stay those of the log
+        wanted = wanted.append(meta.index.difference(wanted).sort_values())
     items = meta.loc[wanted].reset_index()
     items.insert(0, "item_id", np.arange(len(items), dtype=np.int64))
-    if source.kind == "book":
-        items["text"] = [text.book_text(t, a, g) for t, a, g in zip(items["title"], items["authors"], items["genres"])]
-    else:
-        items["text"] = [text.movie_text(t, g) for t, g in zip(items["title"], items["genres"])]
+    items["text"] = text.descriptions(items, data.text.description or source.description_parts())
     return items
 
 
-def user_table(source: Source, raw_ids: pa.Array) -> pd.DataFrame:
+def user_table(source: Source, raw_ids: pa.Array, profile_parts=None) -> pd.DataFrame:
     users = pd.DataFrame({"user_id": np.arange(len(raw_ids), dtype=np.int64), "raw_id": raw_ids.to_pandas()})
     profiles = source.read_users()
     if profiles is None:
@@ -272,7 +276,7 @@ def user_table(source: Source, raw_ids: pa.Array) -> pd.DataFrame:
             f"{source.describe()}: {len(missing)} users have no record in the {source.name} user file (e.g. id {missing[0]})"
         )
     users = users.join(profiles, on="raw_id")
-    return text.add_profile_text(users)
+    return text.add_profile_text(users, profile_parts)
 
 
 # --------------------------------------------------------------------------- write
@@ -361,20 +365,25 @@ def split_counts(b: dict, name: str, n_users: int, n_items: int) -> dict:
 def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFrame, users: pd.DataFrame) -> dict:
     op, threshold = label_rule(cfg.data, source)
     n_users, n_items = len(users), len(items)
-    user_fields = [c for c in ("gender", "age", "occupation", "zip") if c in users]
+    user_fields = [c for c in users.columns if c not in ("user_id", "raw_id", "profile_text")]
     item_fields = [c for c in items.columns if c not in ("item_id", "raw_id", "text")]
     vocab = {c: int(users[c].nunique()) for c in user_fields}
-    vocab["year"] = int(items["year"].nunique())
-    vocab["genres"] = len({g for gs in items["genres"] for g in gs})
-    if "authors" in items:
-        vocab["authors"] = len({a for authors in items["authors"] for a in authors})
+    for c in item_fields:
+        if c in ("title", "details"):
+            continue
+        values = items[c].dropna()
+        listed = len(values) and isinstance(values.iloc[0], (list, tuple, np.ndarray))
+        vocab[c] = len({v for vs in values for v in vs}) if listed else int(values.nunique())
+    label = (f"column {source.label_column!r}" if source.label_column else f"rating {op} {threshold:g}")
     return {
         "dataset": source.name,
         "source": source.describe(),
         "fingerprint": fp,
-        "label_rule": f"rating {op} {threshold:g}",
-        "label_threshold": threshold,
-        "label_op": op,
+        "label_rule": label,
+        "label_threshold": None if source.label_column else threshold,
+        "label_op": "column" if source.label_column else op,
+        "rated": source.rated,
+        "text": dataclasses.asdict(cfg.data.text),
         "k_core": cfg.data.k_core,
         "min_history": cfg.data.min_history,
         "split": list(cfg.data.split),
@@ -387,6 +396,7 @@ def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFram
         "n_samples": sum(len(s["rows"]) for s in b["splits"].values()),
         "n_users": n_users,
         "n_items": n_items,
+        "n_cold_items": n_items - len(b["item_raw"]),
         "splits": {s: split_counts(b, s, n_users, n_items) for s in SPLITS},
         "test_subsample": (
             {"size": len(b["splits"]["test"]["sample_offsets"]), "seed": cfg.run.seed,
@@ -395,5 +405,7 @@ def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFram
         ),
         "user_fields": user_fields,
         "item_fields": item_fields,
+        # The CRM's default item features: the mapped categorical fields of a generic items table.
+        "item_features": list(cfg.data.files.items.fields) if cfg.data.dataset == "interactions" else None,
         "vocab": vocab,
     }

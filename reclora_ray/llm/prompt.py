@@ -1,4 +1,4 @@
-"""The paper's hard prompt template (Figure 2), per dataset.
+"""The prompt: the paper's hard template (Figure 2) for the benchmarks, any template via data.text.
 
     The user is a male. His job is writer. His age is 35-45.
     He watched the following movies in order in the past, and rated them:
@@ -11,7 +11,9 @@ The profile sentence is users.profile_text (no pure ID fields; ML-25M and GoodRe
 profile, and the sentence is left out); the history is the sample's short history, oldest first,
 numbered from 0 and written as a Python list, as in Figure 2 and ReLLa's code; books read where
 movies are watched. Figure 2 prints "the user like the movie more"; ReLLa's templates, which the
-authors ran, say "liked", which is used here.
+authors ran, say "liked", which is used here. `data.text.prompt` / `history_item` replace the
+wording (meta.json carries them from prepare); a generic log reads "items", and one without
+ratings (clicks) gets no stars.
 
 `render` wraps the text for the model: with `llm.chat_template` as the user turn of the
 tokenizer's chat template (generation prompt added), otherwise as "Input:\\n...\\nOutput:\\n".
@@ -27,47 +29,84 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from reclora_ray.data.text import HISTORY_FIELDS, PROMPT_FIELDS, template_fields
+
 log = logging.getLogger(__name__)
 
 ANSWERS = ("No.", "Yes.")  # indexed by label
 
 
 @dataclass(frozen=True)
-class Wording:
-    noun: str
-    plural: str
-    past: str  # "He watched ..."
-    perfect: str  # "... he has watched"
+class PromptTemplates:
+    """A prompt as templates (data.text.prompt / history_item): each line is rendered with
+    {profile} {Subject} {subject} {history} {title}, and dropped when it renders empty (no profile);
+    a history entry with {index} {title} {rating} {stars}; {history} is the entries as a Python list."""
+
+    lines: tuple[str, ...]
+    history_item: str
 
 
-MOVIES = Wording("movie", "movies", "watched", "has watched")
-BOOKS = Wording("book", "books", "read", "has read")
+def figure2(noun: str, plural: str, past: str, perfect: str) -> PromptTemplates:
+    return PromptTemplates((
+        "{profile}",
+        f"{{Subject}} {past} the following {plural} in order in the past, and rated them:",
+        "{history}",
+        f"Based on the {plural} {{subject}} {perfect}, deduce if {{subject}} will like the {noun} ***{{title}}***.",
+        f"Note that more stars the user rated the {noun}, the user liked the {noun} more.",
+        "You should ONLY tell me yes or no.",
+    ), "{index}. {title} ({stars})")
+
+
+MOVIES = figure2("movie", "movies", "watched", "has watched")
+BOOKS = figure2("book", "books", "read", "has read")
+RATED_ITEMS = figure2("item", "items", "interacted with", "has interacted with")
+CLICKED_ITEMS = PromptTemplates((
+    "{profile}",
+    "{Subject} clicked the following items in order in the past:",
+    "{history}",
+    "Based on the items {subject} has clicked, deduce if {subject} will like the item ***{title}***.",
+    "You should ONLY tell me yes or no.",
+), "{index}. {title}")
 WORDING = {"ml-100k": MOVIES, "ml-1m": MOVIES, "ml-25m": MOVIES, "goodreads": BOOKS}
 
 
-def build_prompt(dataset: str, target_title: str, history_titles, history_ratings,
+def templates_for(dataset: str, rated: bool = True, lines=None, history_item=None) -> PromptTemplates:
+    """The dataset's wording (Figure 2 for the benchmarks), with any configured template in its place."""
+    if dataset in WORDING:
+        preset = WORDING[dataset]
+    elif dataset == "interactions":
+        preset = RATED_ITEMS if rated else CLICKED_ITEMS
+    else:
+        raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)} or interactions")
+    chosen = PromptTemplates(tuple(lines) if lines else preset.lines, history_item or preset.history_item)
+    for key, parts, allowed in (("prompt", chosen.lines, PROMPT_FIELDS), ("history_item", [chosen.history_item], HISTORY_FIELDS)):
+        unknown = sorted({n for part in parts for n in template_fields(part)} - set(allowed))
+        if unknown:
+            raise ValueError(f"data.text.{key}: unknown fields {unknown}; available: {', '.join(allowed)}")
+    return chosen
+
+
+def build_prompt(dataset: str | PromptTemplates, target_title: str, history_titles, history_ratings,
                  profile_text: str | None = None, gender: str | None = None) -> str:
-    """The Figure 2 instruction for one sample (history oldest first)."""
-    if dataset not in WORDING:
-        raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)}")
-    words = WORDING[dataset]
+    """The instruction for one sample (history oldest first): Figure 2 for a benchmark name."""
+    words = dataset if isinstance(dataset, PromptTemplates) else templates_for(dataset)
     who = _subject(gender)
-    history = [f"{i}. {title} {format_rating(rating)}"
+    history = [words.history_item.format(index=i, title=title, rating=f"{float(rating):g}", stars=stars(rating))
                for i, (title, rating) in enumerate(zip(history_titles, history_ratings))]
-    lines = [profile_text.strip()] if profile_text and profile_text.strip() else []
-    lines += [
-        f"{who[0].upper()}{who[1:]} {words.past} the following {words.plural} in order in the past, and rated them:",
-        str(history),
-        f"Based on the {words.plural} {who} {words.perfect}, deduce if {who} will like the {words.noun} ***{target_title}***.",
-        f"Note that more stars the user rated the {words.noun}, the user liked the {words.noun} more.",
-        "You should ONLY tell me yes or no.",
-    ]
-    return "\n".join(lines)
+    values = {"profile": (profile_text or "").strip(), "Subject": f"{who[0].upper()}{who[1:]}", "subject": who,
+              "history": str(history), "title": target_title}
+    lines = [line.format(**values) for line in words.lines]
+    return "\n".join(line for line in lines if line.strip())
+
+
+def stars(rating: float) -> str:
+    """4 stars, 1 star, 3.5 stars, 0.5 star."""
+    return f"{float(rating):g} {'star' if rating <= 1 else 'stars'}"
 
 
 def format_rating(rating: float) -> str:
     """(4 stars), (1 star), (3.5 stars), (0.5 star)."""
-    return f"({float(rating):g} {'star' if rating <= 1 else 'stars'})"
+    return f"({stars(rating)})"
 
 
 def _subject(gender: str | None) -> str:
@@ -94,10 +133,9 @@ class PromptBuilder:
     """Prompts for samples of one prepared dataset: titles and profiles looked up by id."""
 
     def __init__(self, dataset: str, items: pd.DataFrame, users: pd.DataFrame, tokenizer=None,
-                 chat_template: bool = False):
-        if dataset not in WORDING:
-            raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)}")
+                 chat_template: bool = False, templates: PromptTemplates | None = None):
         self.dataset = dataset
+        self.templates = templates or templates_for(dataset)
         self.titles = items.sort_values("item_id")["title"].to_numpy(dtype=object)
         users = users.sort_values("user_id")
         self.profiles = _optional_column(users, "profile_text")
@@ -107,7 +145,9 @@ class PromptBuilder:
 
     @classmethod
     def from_prepared(cls, data, tokenizer=None, chat_template: bool = False) -> "PromptBuilder":
-        return cls(data.dataset, data.items, data.users, tokenizer, chat_template)
+        text = data.meta.get("text") or {}  # prepared before templates existed: the dataset's wording
+        templates = templates_for(data.dataset, data.meta.get("rated", True), text.get("prompt"), text.get("history_item"))
+        return cls(data.dataset, data.items, data.users, tokenizer, chat_template, templates)
 
     def prompt(self, user_id: int, item_id: int, hist_item_ids, hist_ratings) -> str:
         """One rendered prompt; the history may be -1 padded (padding is skipped). A user id
@@ -116,7 +156,7 @@ class PromptBuilder:
         keep = hist_item_ids >= 0
         known = 0 <= user_id < len(self.profiles)
         text = build_prompt(
-            self.dataset, self.titles[item_id], self.titles[hist_item_ids[keep]], np.asarray(hist_ratings)[keep],
+            self.templates, self.titles[item_id], self.titles[hist_item_ids[keep]], np.asarray(hist_ratings)[keep],
             self.profiles[user_id] if known else None, self.genders[user_id] if known else None,
         )
         return render(text, self.tokenizer, self.chat_template)

@@ -5,7 +5,7 @@ forward pass: no `generate`, logits at the last position only, P(yes) = softmax(
 (paper Eq. 16), prompts grouped by token length so padded batches waste little. The CRM alone
 and the zero-shot base model are scored on the same samples, so every row of the report
 compares like with like. Output: OUT/scores/<name>/predictions.parquet (sample_id, user_id,
-item_id, label, p_yes[, gate]) and metrics.json (AUC, LogLoss, n).
+user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes[, gate]) and metrics.json (AUC, LogLoss, n).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
+from reclora_ray.data.catalogue import add_catalogue_ids
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
@@ -137,6 +138,7 @@ def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: 
     preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
     if "dtype" in preds:  # the LLM's dtype as the actors resolved it, saved with the metrics
         info = info | {"dtype": ", ".join(sorted(preds.pop("dtype").unique()))}
+    preds = add_catalogue_ids(preds, RunDir(ctor_kwargs["out"]).data)  # raw ids beside the dense ones
     metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy()) | info
     with staged_output(out, fp) as tmp:
         preds.to_parquet(tmp / "predictions.parquet", index=False)

@@ -9,9 +9,11 @@ N known behaviours instead, which replays an offline sample (its `pos`) exactly.
 Per candidate, the long and short histories are retrieved from that history by the same
 `HistoryRetriever` as `reclora retrieve` (or taken as the recent K, as the variant says), and
 `Scorer.score` does the rest, so a request scores exactly as `reclora score` scores the same
-sample. A user the prepared data does not know gets the CRM's unknown-user code and a prompt
-without a profile; with no behaviours at all the answer is a cold start (R_c from an empty
-history), which the caller flags.
+sample. Users and items are named by their catalogue (raw) ids (`Catalogue`); an unknown item
+is an error naming it, while a user the prepared data does not know gets the CRM's unknown-user
+code and a prompt without a profile; with no behaviours at all the answer is a cold start (R_c
+from an empty history), which the caller flags, as it flags cold-start items (in the items table,
+never interacted with: scored from their text).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from reclora_ray.config import Config
+from reclora_ray.data.catalogue import Catalogue, UnknownIds
 from reclora_ray.llm.histories import Histories
 from reclora_ray.llm.inputs import to_device
 from reclora_ray.llm.score import Scorer
@@ -48,7 +51,8 @@ class RequestError(ValueError):
 class UserState:
     """One user's state at scoring time: their behaviours, oldest first."""
 
-    user_id: int
+    user_id: int  # dense; -1 for a user the prepared data does not know
+    raw_user_id: object  # the catalogue id the request named
     timestamp: int
     items: np.ndarray  # int32
     ratings: np.ndarray  # float32
@@ -78,10 +82,18 @@ def model_version(cfg: Config, run: RunDir, variant: Variant) -> str:
     marker = read_marker(directory)
     if marker is None:
         raise FileNotFoundError(f"{directory} holds no finished adapter; run `reclora tune` first")
-    with open(directory / "adapter.safetensors", "rb") as weights:
+    from reclora_ray.llm.plora import adapter_files
+
+    with open(adapter_files(directory)[0], "rb") as weights:
         for chunk in iter(lambda: weights.read(1 << 20), b""):
             digest.update(chunk)
     return f"{identity(directory)}.{digest.hexdigest()[:8]}"
+
+
+def export_name(variant: str, raw_user_id, raw_item_id) -> str:
+    """The folder name of an exported adapter: the variant and the catalogue ids, filename-safe."""
+    safe = lambda raw: "".join(c if c.isalnum() or c in "-_." else "_" for c in str(raw))  # noqa: E731
+    return f"{variant}-user{safe(raw_user_id)}-item{safe(raw_item_id)}"
 
 
 class OnlineScorer:
@@ -93,6 +105,7 @@ class OnlineScorer:
         self.variant = self.scorer.variant
         self.data = self.scorer.data
         self.sequences = self.data.sequences
+        self.catalogue = Catalogue.from_prepared(self.data)
         # The variant's recent lists are the last K; its semantic ones are what `reclora retrieve` wrote.
         modes = {name: "recent" if getattr(self.variant, name) == "recent" else getattr(cfg.retrieve, name)
                  for name in ("long_mode", "short_mode")}
@@ -111,28 +124,32 @@ class OnlineScorer:
     def n_items(self) -> int:
         return self.data.n_items
 
-    def check_items(self, item_ids, what: str) -> None:
-        """404 naming the ids among item_ids that are not items of the prepared dataset."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        unknown = list(dict.fromkeys(ids[(ids < 0) | (ids >= self.n_items)].tolist()))
-        if unknown:
-            raise RequestError(404, f"unknown item ids in {what}: {unknown} (valid ids: 0..{self.n_items - 1})")
+    def check_items(self, raw_item_ids, what: str) -> np.ndarray:
+        """The dense ids of catalogue item ids; 404 naming those the items table does not hold."""
+        try:
+            return self.catalogue.items(list(raw_item_ids), what)
+        except UnknownIds as exc:
+            raise RequestError(404, f"{exc} (not in the items table of {self.data.root})") from None
 
-    def user_state(self, user_id: int, history_items=(), history_ratings=(), timestamp: int | None = None,
+    def user_state(self, raw_user_id, history_items=(), history_ratings=(), timestamp: int | None = None,
               as_of_position: int | None = None) -> UserState:
-        """The user's known behaviours (all, or the first as_of_position) + the supplied ones."""
-        known_user = 0 <= user_id < self.n_users
+        """The user's known behaviours (all, or the first as_of_position) + the supplied ones
+        (catalogue item ids)."""
+        dense = self.catalogue.user(raw_user_id)
+        known_user = dense is not None
+        user_id = dense if known_user else -1
         length = int(self.sequences.length(np.array([user_id]))[0]) if known_user else 0
         if as_of_position is not None and as_of_position > length:
-            who = f"user {user_id} has {length} known behaviours" if known_user else f"user {user_id} is unknown"
+            who = f"user {raw_user_id!r} has {length} known behaviours" if known_user else f"user {raw_user_id!r} is unknown"
             raise RequestError(422, f"as_of_position {as_of_position} is past the known history: {who}")
-        self.check_items(history_items, "history")
+        history_items = self.check_items(history_items, "history")
         keep = length if as_of_position is None else as_of_position
         start = int(self.sequences.offsets[user_id]) if known_user else 0
         items = np.concatenate([self.sequences.item_ids[start:start + keep], np.asarray(history_items, dtype=np.int32)])
         ratings = np.concatenate([self.sequences.ratings[start:start + keep],
                                   np.asarray(history_ratings, dtype=np.float32)])
-        return UserState(user_id, int(time.time()) if timestamp is None else timestamp, items, ratings, known_user)
+        return UserState(user_id, raw_user_id, int(time.time()) if timestamp is None else timestamp, items, ratings,
+                         known_user)
 
     def histories(self, states: list[UserState], candidates: list[np.ndarray]) -> Histories:
         """Per candidate, the long and short histories retrieved from its state's behaviours,

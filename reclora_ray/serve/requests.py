@@ -3,12 +3,26 @@ values are rejected (422) with the offending field named, never coerced."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema, model_validator
 
-ItemId = Annotated[int, Field(ge=0, lt=2**31)]
-UserId = Annotated[int, Field(ge=0, lt=2**62)]
+
+def _catalogue_id(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("a catalogue id is an integer or a string")
+    if isinstance(value, int) and not 0 <= value < 2**63:
+        raise ValueError("an integer id is in 0..2^63-1")
+    if isinstance(value, str) and not 1 <= len(value) <= 256:
+        raise ValueError("a string id has 1 to 256 characters")
+    return value
+
+
+# Catalogue ids (items.parquet / users.parquet raw_id): a number or a string, matched by its text.
+CatalogueId = Annotated[Any, PlainValidator(_catalogue_id),
+                        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]})]
+ItemId = CatalogueId
+UserId = CatalogueId
 Timestamp = Annotated[int, Field(ge=0, lt=2**62, description="unix seconds")]
 
 

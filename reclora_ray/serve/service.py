@@ -7,7 +7,9 @@
     GET  /healthz                    model version and dataset size
     GET  /stats                      this replica's batching counters
 
-Ids are the prepared dataset's dense user_id / item_id. Concurrent /score requests, from any
+Ids are catalogue ids (the logs' own user and item ids, numbers or strings), in requests and
+responses; each score says whether its item is a cold start (in the items table, never
+interacted with: scored from its text). Concurrent /score requests, from any
 users, are gathered by `@serve.batch` (serve.max_batch_size requests, waiting at most
 serve.batch_wait_timeout_s) and scored in one `Scorer.score` call; each response says how many
 requests and candidates its batch held. A request that arrives while a batch runs joins the
@@ -19,6 +21,7 @@ batches at once.
 Bad input is answered 4xx with a message naming the problem and never reaches the model:
 malformed JSON, wrong types, unknown fields, empty / oversized candidate lists or histories,
 duplicate candidates (422); bodies over serve.max_body_bytes (413); unknown item ids (404, named).
+An unknown user is not an error: it is answered as a new user (known_user false).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
@@ -42,8 +45,8 @@ from ray.serve import metrics
 from starlette.background import BackgroundTask
 
 from reclora_ray.config import Config
-from reclora_ray.serve.online import OnlineScorer, RequestError, UserState
-from reclora_ray.serve.requests import ExportRequest, ScoreRequest, UserContext, UserId, describe
+from reclora_ray.serve.online import OnlineScorer, RequestError, UserState, export_name
+from reclora_ray.serve.requests import ExportRequest, ScoreRequest, UserContext, describe
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +98,23 @@ class RecLoRAService:
         except ValidationError as exc:
             raise HTTPException(422, describe(exc)) from None
 
-    def _state(self, user_id: int, context: UserContext, target_items: list[int], what: str) -> UserState:
-        """The user's state after checking the request's items against the data (404 / 422)."""
+    def _state(self, user_id, context: UserContext, target_items: list, what: str) -> tuple[UserState, np.ndarray]:
+        """The user's state and the dense ids of the target items, after checking the request's
+        catalogue ids against the data (404 / 422)."""
         if len(context.history) > self.limits.max_history:
             raise HTTPException(422, f"history: {len(context.history)} behaviours, more than "
                                      f"serve.max_history={self.limits.max_history}")
         try:
-            self.online.check_items(target_items, what)
-            return self.online.user_state(user_id, [b.item_id for b in context.history],
-                                          [b.rating for b in context.history], context.timestamp,
-                                          context.as_of_position)
+            targets = self.online.check_items(target_items, what)
+            state = self.online.user_state(user_id, [b.item_id for b in context.history],
+                                           [b.rating for b in context.history], context.timestamp,
+                                           context.as_of_position)
+            return state, targets
         except RequestError as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
     def _user(self, state: UserState) -> dict:
-        return {"user_id": state.user_id, "known_user": state.known_user, "cold_start": state.cold_start,
+        return {"user_id": state.raw_user_id, "known_user": state.known_user, "cold_start": state.cold_start,
                 "history_length": len(state.items), "timestamp": state.timestamp,
                 "model_version": self.online.version}
 
@@ -133,38 +138,40 @@ class RecLoRAService:
         if len(body.candidates) > self.limits.max_candidates:
             raise HTTPException(422, f"candidates: {len(body.candidates)} items, more than "
                                      f"serve.max_candidates={self.limits.max_candidates}")
-        duplicates = [item for item, n in Counter(body.candidates).items() if n > 1]
+        duplicates = [item for item, n in Counter(str(c) for c in body.candidates).items() if n > 1]
         if duplicates:
             raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
-        state = self._state(body.user_id, body, body.candidates, "candidates")
+        state, items = self._state(body.user_id, body, body.candidates, "candidates")
         # Serve forms batches eagerly (one per batch_wait_timeout_s, queued behind the running one):
         # joining the queue only when no batch runs puts all that arrived meanwhile into the next one.
         await self.no_batch_running.wait()
-        probs, batch = await self.score_batch((state, np.asarray(body.candidates, dtype=np.int64)))
+        probs, batch = await self.score_batch((state, items))
         order = np.argsort(-probs, kind="stable")
+        catalogue = self.online.catalogue
         return {**self._user(state),
-                "scores": [{"item_id": body.candidates[i], "p_yes": float(probs[i])} for i in order],
+                "scores": [{"item_id": catalogue.item_raw[items[i]], "p_yes": float(probs[i]),
+                            "cold_start_item": bool(catalogue.cold_items[items[i]])} for i in order],
                 "batch": batch}
 
     @api.get("/users/{user_id}/adapter")
-    async def adapter(self, user_id: UserId, item_id: int = Query(ge=0, lt=2**31, description="target item"),
+    async def adapter(self, user_id: str, item_id: str = Query(min_length=1, max_length=256, description="target item"),
                       timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
                       as_of_position: Optional[int] = Query(None, ge=0)) -> dict:
-        state = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position),
-                            [item_id], "item_id")
-        gate = await self._on_model_thread(self.online.gate, state, item_id)
-        return {**self._user(state), "item_id": item_id, "variant": self.online.variant.name,
+        state, (item,) = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position),
+                                     [item_id], "item_id")
+        gate = await self._on_model_thread(self.online.gate, state, int(item))
+        return {**self._user(state), "item_id": self.online.catalogue.item_raw[item], "variant": self.online.variant.name,
                 "n_meta": gate.shape[-1], "gate": gate.tolist()}
 
     @api.post("/users/{user_id}/adapter/export")
-    async def export_adapter(self, user_id: UserId, request: Request) -> FileResponse:
+    async def export_adapter(self, user_id: str, request: Request) -> FileResponse:
         body = await self._body(request, ExportRequest)
-        state = self._state(user_id, body, [body.item_id], "item_id")
-        name = f"{self.online.variant.name}-user{user_id}-item{body.item_id}"
+        state, (item,) = self._state(user_id, body, [body.item_id], "item_id")
+        name = export_name(self.online.variant.name, user_id, body.item_id)
         workdir = Path(tempfile.mkdtemp(prefix="reclora-export-"))
         archive = workdir / f"{name}.zip"
         try:
-            await self._on_model_thread(self.online.export_adapter, state, body.item_id, workdir / name)
+            await self._on_model_thread(self.online.export_adapter, state, int(item), workdir / name)
             with zipfile.ZipFile(archive, "w") as zf:  # stored: safetensors do not compress
                 for path in sorted((workdir / name).iterdir()):
                     zf.write(path, f"{name}/{path.name}")

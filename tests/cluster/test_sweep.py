@@ -153,7 +153,7 @@ def test_the_default_experiment_runs_the_real_pipeline_for_each_grid_point(local
     # The shared CRM scores the same test split identically; the adapters differ by N_m.
     assert rows[1]["metrics"]["crm-sim.auc"] == rows[0]["metrics"]["crm-sim.auc"]
     for row in rows:
-        adapter = json.loads((tmp_path / row["name"] / "adapter" / "reclora" / "adapter_config.json").read_text())
+        adapter = json.loads((tmp_path / row["name"] / "adapter" / "reclora" / "reclora_adapter.json").read_text())
         assert adapter["lora"]["n_meta"] == row["overrides"]["lora.n_meta"]
     assert (tmp_path / "n_meta=2" / "crm" / "sim").is_symlink()
     assert "| n_meta=2 | 2 |" in (tmp_path / "sweep.md").read_text()

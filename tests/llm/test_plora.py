@@ -216,7 +216,7 @@ def test_save_load_round_trips_exactly(make_llama, batch, randomize, tmp_path):
     model = PersonalizedLoRAModel(make_llama(), cfg, CRM_DIM).eval()
     randomize(model)
     model.save_adapter(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["reclora_adapter.json", "reclora_adapter.safetensors"]
     loaded = load_adapter(make_llama(), tmp_path / "adapter").eval()
     assert loaded.lora_config == cfg and loaded.crm_dim == CRM_DIM
     saved, restored = trainable_state_dict(model), trainable_state_dict(loaded)
@@ -230,9 +230,9 @@ def test_load_onto_another_base_fails_clearly(make_llama, tmp_path):
         load_adapter(make_llama(hidden=32), tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="no adapter config"):
         load_adapter(make_llama(), tmp_path)
-    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "adapter" / "reclora_adapter.json").read_text())
     meta["layers"]["model.layers.5.self_attn.q_proj"] = [64, 64]
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "adapter" / "reclora_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="absent here.*layers.5"):
         load_adapter(make_llama(), tmp_path / "adapter")
 

@@ -46,7 +46,7 @@ def test_validation_messages_name_the_field():
     with pytest.raises(ValidationError) as info:
         ScoreRequest.model_validate_json('{"user_id": 1, "candidates": [1, 2.5], "history": [{"item_id": 1}]}')
     assert describe(info.value) == ("history.0.rating: Field required; "
-                                    "candidates.1: Input should be a valid integer")
+                                    "candidates.1: Value error, a catalogue id is an integer or a string")
 
 
 def test_a_port_in_use_is_one_line_naming_it(tmp_path, caplog):

@@ -6,12 +6,13 @@
     export_user_adapter(model, R_c[i], dir)   # one user's adapter as a standard PEFT LoRA
 """
 
-from reclora_ray.llm.plora.io import export_user_adapter, load_adapter, read_adapter_config, save_adapter
+from reclora_ray.llm.plora.io import adapter_files, export_user_adapter, load_adapter, read_adapter_config, save_adapter
 from reclora_ray.llm.plora.layer import Gate, PLoRALinear
 from reclora_ray.llm.plora.model import PersonalizedLoRAModel, trainable_state_dict, unwrap, wrap_lora_layers
 
 __all__ = [
     "Gate",
+    "adapter_files",
     "PLoRALinear",
     "PersonalizedLoRAModel",
     "export_user_adapter",

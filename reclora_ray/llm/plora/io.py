@@ -1,9 +1,13 @@
 """Adapter files: save / load a personalized-LoRA adapter, export one user's adapter for PEFT.
 
 An adapter directory holds
-    adapter.safetensors     the adapter state dict (names: see model.py)
-    adapter_config.json     {"format", "version", "lora": LoRAConfig fields, "crm_dim", "dtype",
-                             "base_model", "base_class", "layers": {module path: [d_in, d_out]}}
+    reclora_adapter.safetensors   the adapter state dict (names: see model.py)
+    reclora_adapter.json          {"format", "version", "lora": LoRAConfig fields, "crm_dim", "dtype",
+                                   "base_model", "base_class", "layers": {module path: [d_in, d_out]}}
+and, for a plain LoRA (no gate: TALLRec, ReLLa, the wo-meta-lora ablations), the same weights as a
+standard PEFT adapter (adapter_config.json + adapter_model.safetensors) that
+`peft.PeftModel.from_pretrained(base, dir)` loads. Runs written before these names held the
+project's files as adapter.safetensors + adapter_config.json; `load_adapter` still reads them.
 Nothing is pickled; loading checks the base model's layer shapes against "layers".
 """
 
@@ -25,8 +29,10 @@ from reclora_ray.llm.plora.model import PersonalizedLoRAModel, _matches, trainab
 
 FORMAT = "reclora-plora"
 VERSION = 1
-WEIGHTS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "reclora_adapter.safetensors"
+CONFIG_FILE = "reclora_adapter.json"
+LEGACY_FILES = ("adapter.safetensors", "adapter_config.json")  # the names of runs before 2026-12
+PEFT_CONFIG_FILE = "adapter_config.json"
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> None:
@@ -47,10 +53,27 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> None:
     }
     _write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(trainable_state_dict(model), tmp))
     _write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    if not model.gated:  # a plain LoRA is the same for every user: a standard PEFT adapter as well
+        export_user_adapter(model, None, out)
+
+
+def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, config) of an adapter directory: today's names, or those of older runs."""
+    directory = Path(adapter_dir)
+    if (directory / CONFIG_FILE).is_file():
+        return directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    legacy_weights, legacy_config = (directory / name for name in LEGACY_FILES)
+    if legacy_config.is_file() and legacy_weights.is_file():
+        try:
+            if json.loads(legacy_config.read_text()).get("format") == FORMAT:
+                return legacy_weights, legacy_config
+        except json.JSONDecodeError:
+            pass
+    return directory / WEIGHTS_FILE, directory / CONFIG_FILE
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(adapter_dir) / CONFIG_FILE
+    path = adapter_files(adapter_dir)[1]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config (is {adapter_dir} a directory written by save_adapter?)")
     try:
@@ -68,11 +91,11 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike) -> Perso
     lora_fields = {f.name for f in dataclasses.fields(LoRAConfig)}
     unknown = set(meta["lora"]) - lora_fields
     if unknown:
-        raise ValueError(f"{Path(adapter_dir) / CONFIG_FILE}: unknown lora fields {sorted(unknown)}")
+        raise ValueError(f"{adapter_files(adapter_dir)[1]}: unknown lora fields {sorted(unknown)}")
     lora_cfg = LoRAConfig(**meta["lora"])
     _check_base_shapes(base_model, lora_cfg.target_modules, meta["layers"], adapter_dir)
     model = PersonalizedLoRAModel(base_model, lora_cfg, meta["crm_dim"], dtype=getattr(torch, meta["dtype"]))
-    weights_path = Path(adapter_dir) / WEIGHTS_FILE
+    weights_path = adapter_files(adapter_dir)[0]
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: adapter weights missing")
     saved = load_file(str(weights_path))
