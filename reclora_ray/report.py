@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reclora_ray.curves import plot_curves
 from reclora_ray.metrics import rel_impr
 from reclora_ray.rundir import RunDir, write_json_atomic
 
@@ -134,6 +135,8 @@ def write_report(run: RunDir, notes: list[str] | None = None) -> dict:
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
         parts += ["![Gate weights](gates.png)", ""]
+    if plot_curves(run.root, run.root / "curves.png"):
+        parts += ["![Training loss and validation curves](curves.png)", ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     tmp = run.report.with_name(".report.md.tmp")

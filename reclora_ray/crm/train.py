@@ -31,6 +31,7 @@ from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
+from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
@@ -113,6 +114,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
             save_crm(model, tmp)
             write_json_atomic(tmp / "metrics.json", metrics)
             save_resolved_config(cfg, tmp)
+            keep_curves(storage, tmp)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     log.info("CRM %s: test AUC %.4f, LogLoss %.4f on %d samples -> %s", cfg.crm.model, auc, loss, len(labels), out_dir)
@@ -136,7 +138,8 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     resources = {"CPU": crm.cpus_per_worker, **({"GPU": 1} if crm.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed},
+        train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed,
+                           "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}")},
         scaling_config=ScalingConfig(num_workers=crm.num_workers, use_gpu=crm.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"crm-{crm.model}",
@@ -221,9 +224,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    curves = Curves(config["curves"], rank, state.attempt)
     for epoch in range(state.epoch, crm.epochs):
         started = time.perf_counter()
-        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device, rank, epoch)
+        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device, rank,
+                                                                  epoch, curves)
         train_seconds = time.perf_counter() - started
         loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
@@ -235,6 +240,7 @@ def train_loop_per_worker(config: dict) -> None:
             "attempt": state.attempt,
         }
         state.history.append(record)
+        curves.epoch(epoch, auc=auc, logloss=loss, train_loss=record["train_loss"])
         if rank == 0:
             log.info("epoch %d: train loss %.4f, valid AUC %.4f%s, %.0f samples/s", epoch,
                      record["train_loss"], auc, " (best)" if improved else "", record["train_samples_per_s"])
@@ -249,9 +255,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("early stop: no validation AUC gain for %d epochs", state.bad_epochs)
             break
+    curves.close()
 
 
-def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int):
+def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int, curves: Curves):
     """One pass (or crm.steps_per_epoch steps) over this worker's shard. Returns the loss sum and
     rows, and the rows and seconds after the first batch (the steady rate, without the warm-up
     of the data pipeline)."""
@@ -268,11 +275,12 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = len(batch["label"])
-        loss_sum += loss.item() * n
+        n, value = len(batch["label"]), loss.item()
+        loss_sum += value * n
+        curves.step(loss=value, lr=optimizer.param_groups[0]["lr"])
         rows += n
         if rank == 0 and step % LOG_EVERY_STEPS == 0:
-            log.info("epoch %d step %d: loss %.4f", epoch, step, loss.item())
+            log.info("epoch %d step %d: loss %.4f", epoch, step, value)
     steady_seconds = time.perf_counter() - first_at if first_at is not None else 0.0
     return loss_sum, rows, rows - first_rows, steady_seconds
 

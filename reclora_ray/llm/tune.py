@@ -24,6 +24,7 @@ import pandas as pd
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
+from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.variants import Variant, crm_name, get_variant
@@ -109,6 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         attempt = history[-1]["attempt"] + 1
         log.info("rank %d resumed from the checkpoint of epoch %d", rank, history[-1]["epoch"])
     start_epoch = len(history)
+    curves = Curves(loop_config["curves"], rank, attempt)
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -124,6 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
+            curves.step(loss=losses[-1], lr=engine.get_lr()[0])
             if rank == 0 and len(losses) % LOG_EVERY == 0:
                 log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d)", epoch, len(losses),
                          loop_config["micro_batches_per_epoch"], np.mean(losses[-LOG_EVERY:]), LOG_EVERY)
@@ -145,6 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_auc": valid["auc"], "val_logloss": valid["logloss"]}
         history.append(metrics)
+        curves.epoch(epoch, auc=valid["auc"], logloss=valid["logloss"], train_loss=metrics["train_loss"])
 
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
@@ -193,7 +197,8 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
-                           "total_steps": total_steps, "micro_batches_per_epoch": len(train) // (cfg.tune.micro_batch * world)},
+                           "total_steps": total_steps, "micro_batches_per_epoch": len(train) // (cfg.tune.micro_batch * world),
+                           "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}")},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
         run_config=RunConfig(
@@ -213,6 +218,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
                                                        "few_shot": len(train), "history": history})
         save_resolved_config(cfg, tmp)
+        keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
     return out
