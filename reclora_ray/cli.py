@@ -13,6 +13,7 @@ import logging
 import sys
 
 from reclora_ray.config import ConfigError
+from reclora_ray.console import setup_logging, stage_line
 from reclora_ray.rundir import StageOutputExists
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,19 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[split + 1:])
     setup_logging(args.verbose or known.verbose)
+    log = logging.getLogger("reclora")
     try:
-        return int(module.main(args) or 0)
+        with stage_line(log, f"reclora {known.command}"):
+            return int(module.main(args) or 0)
     except (ConfigError, StageOutputExists, FileNotFoundError, ValueError) as exc:
-        logging.getLogger("reclora").error("%s", exc)
+        log.error("%s", exc)
         return 2
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 if __name__ == "__main__":

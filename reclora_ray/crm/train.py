@@ -31,6 +31,7 @@ from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
+from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
@@ -39,7 +40,6 @@ from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
-LOG_EVERY_STEPS = 200
 # Rows are shuffled by randomizing the order of chunks (crm.chunk_rows) each epoch and, inside a
 # worker, through a buffer this many batches deep.
 SHUFFLE_BUFFER_BATCHES = 16
@@ -128,7 +128,6 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch logs say enough
     crm = cfg.crm
     sequences_ref = ray.put(prepared.sequences)
     datasets = {
@@ -139,6 +138,7 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed,
+                           "train_rows": prepared.meta["splits"]["train"]["rows"],
                            "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}")},
         scaling_config=ScalingConfig(num_workers=crm.num_workers, use_gpu=crm.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -227,8 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
     curves = Curves(config["curves"], rank, state.attempt)
     for epoch in range(state.epoch, crm.epochs):
         started = time.perf_counter()
-        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device, rank,
-                                                                  epoch, curves)
+        steps = math.ceil(config["train_rows"] / world / crm.batch_size)
+        progress = Progress(log, f"epoch {epoch}", min(steps, crm.steps_per_epoch or steps), active=rank == 0)
+        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device,
+                                                                  curves, progress)
         train_seconds = time.perf_counter() - started
         loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
@@ -258,7 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
     curves.close()
 
 
-def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int, curves: Curves):
+def train_epoch(model, optimizer, shard, crm: CRMConfig, device, curves: Curves, progress: Progress):
     """One pass (or crm.steps_per_epoch steps) over this worker's shard. Returns the loss sum and
     rows, and the rows and seconds after the first batch (the steady rate, without the warm-up
     of the data pipeline)."""
@@ -279,8 +281,8 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoc
         loss_sum += value * n
         curves.step(loss=value, lr=optimizer.param_groups[0]["lr"])
         rows += n
-        if rank == 0 and step % LOG_EVERY_STEPS == 0:
-            log.info("epoch %d step %d: loss %.4f", epoch, step, value)
+        progress.update(loss=value)
+    progress.close(loss=loss_sum / max(rows, 1))
     steady_seconds = time.perf_counter() - first_at if first_at is not None else 0.0
     return loss_sum, rows, rows - first_rows, steady_seconds
 
