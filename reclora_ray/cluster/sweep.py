@@ -1,9 +1,10 @@
-"""Run a grid of experiments as concurrent Ray tasks and merge their results into one table.
+"""Run a sweep of experiments as Ray Tune trials and merge their results into one table.
 
 A sweep = a base config (+ `--set` overrides), optional named variants (override sets, e.g. the
-paper's Table 3 ablations) and a grid (every combination of the listed values, e.g.
-`lora.n_meta=1,2,4,8,16`). Every experiment's config is built and validated before anything
-runs, then each experiment is one Ray task calling the experiment function
+paper's Table 3 ablations) and a search space: a grid (every combination of the listed values,
+e.g. `lora.n_meta=1,2,4,8,16`) or a random search (`num_samples` points drawn with Tune's
+samplers). Every experiment's config is built and validated before anything runs; each is then
+one Tune trial calling the experiment function
 
     experiment(cfg: Config, out: str) -> dict   # its metrics, possibly nested
 
@@ -12,23 +13,24 @@ with `out = OUT/<experiment name>`. The function is named by an import path; the
 `{"models": {name: {"auc": ..., "logloss": ...}}}`, which becomes the columns `name.auc`, ...
 
 Shared upstream stages: experiments whose configs agree on every section a stage output depends
-on (SHARED_STAGES) compute it once. The first experiment of each distinct set of upstream
-configs (a "leader") runs first; every other experiment then starts with the leaders' finished
-data, embeddings, retrieval and CRM outputs that fit its config already in its run directory
-(symlinked on a filesystem, copied at a URI), so its pipeline skips those stages. The N_m
-sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
-`share_upstream: false` runs every experiment at once, each computing everything.
+on (SHARED_STAGES) compute it once: the first experiment with each stage's config leads it, and
+the sweep runs in waves (one Tune experiment each) so that every experiment starts after the
+leaders it takes data, embeddings, retrieval and CRM outputs from, with those outputs already in
+its run directory (symlinked on a filesystem, copied at a URI); its pipeline skips those stages.
+The N_m sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
+`share_upstream: false` runs every experiment in one wave, each computing everything.
 
-Resources: each task asks for `resources` (default 1 CPU: an experiment that drives the
+Resources: each trial reserves `resources` (default 1 CPU: an experiment that drives the
 pipeline, whose stages then request their own workers' CPUs and GPUs from the config; an
-experiment that trains in its own process asks for its GPU here). Pending requests are the
-demand an autoscaling cluster grows for; on one machine Ray queues them. `max_concurrent`
-bounds how many experiments run at once.
+experiment that trains in its own process asks for its GPU here) as a placement-group bundle.
+Pending trials are the demand an autoscaling cluster grows for; on one machine they queue.
+`max_concurrent` is Tune's max_concurrent_trials.
 
 Results: OUT/<name>/experiment.json per experiment (a re-run skips experiments finished with the
-same config), and OUT/sweep.json + OUT/sweep.md for the whole grid; failed experiments are rows
-with their error, not a crash of the sweep. OUT may be a path or any pyarrow URI (experiments
-then run in a local scratch directory that is uploaded when they finish).
+same config), and OUT/sweep.json + OUT/sweep.md for the whole sweep; a failed trial is a row
+with its error, not a crash of the sweep. A re-run after the driver died restores each wave's
+Tune experiment (OUT/.tune/) with `Tuner.restore`. OUT may be a path or any pyarrow URI
+(experiments then run in a local scratch directory that is uploaded when they finish).
 """
 
 from __future__ import annotations
