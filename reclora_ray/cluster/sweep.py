@@ -20,10 +20,10 @@ its run directory (symlinked on a filesystem, copied at a URI); its pipeline ski
 The N_m sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
 `share_upstream: false` runs every experiment in one wave, each computing everything.
 
-Resources: each trial reserves `resources` (default 1 CPU: an experiment that drives the
-pipeline, whose stages then request their own workers' CPUs and GPUs from the config; an
-experiment that trains in its own process asks for its GPU here) as a placement-group bundle.
-Pending trials are the demand an autoscaling cluster grows for; on one machine they queue.
+Resources: each trial runs its experiment as a Ray task asking `resources` (default 1 CPU: an
+experiment that drives the pipeline, whose stages then request their own workers' CPUs and GPUs
+from the config; an experiment that trains in its own process asks for its GPU here). Pending
+experiments are the demand an autoscaling cluster grows for; on one machine they queue.
 `max_concurrent` is Tune's max_concurrent_trials.
 
 Results: OUT/<name>/experiment.json per experiment (a re-run skips experiments finished with the
@@ -255,7 +255,7 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
     plan = {e.name: _Plan(spec.experiment, e.cfg, storage.join(out, e.dirname), e.overrides,
                           _donors(e, experiments, rows, out) if spec.share_upstream else {},
                           spec.resources, _finished(e, out)) for e in wave}
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement(spec.resources))
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement())
     digest = hashlib.sha256(json.dumps([[e.name, _fingerprint(e.cfg)] for e in wave]).encode()).hexdigest()[:12]
     location = storage.join(out, ".tune", f"wave{index}-{digest}")
     if tune.Tuner.can_restore(location):
@@ -281,31 +281,28 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
         rows[name] = row
 
 
-def _placement(resources: dict[str, float]):
-    """One bundle of the experiment's resources (what an autoscaler sees pending); the trial
-    actor itself takes none and runs the experiment as a task in that bundle."""
+def _placement():
+    """The trial actor's own reservation: a token byte of memory (Tune needs a non-empty bundle),
+    so a trial only waits and leaves the cluster's CPUs and GPUs to its experiment's task."""
     from ray import tune
 
-    bundle = {"CPU": resources.get("num_cpus", 1), "GPU": resources.get("num_gpus", 0),
-              "memory": resources.get("memory", 0), **resources.get("resources", {})}
-    return tune.PlacementGroupFactory([{}, {k: v for k, v in bundle.items() if v}])
+    return tune.PlacementGroupFactory([{"memory": 1}])
 
 
 def _trial(config: dict, plan: dict[str, _Plan]) -> None:
-    """A Tune trial: the experiment as a Ray task in the trial's bundle, its child tasks free of
-    the trial's placement group (the pipeline's stages ask for their own workers). A failed
-    experiment reports its row, then fails the trial."""
+    """A Tune trial: its experiment as a Ray task asking the sweep's `resources` (what an
+    autoscaler sees pending), outside the trial's placement group. Inside one, a task blocked on
+    its stages would keep the bundle's CPUs from the stages' own Ray Train workers and Ray Data
+    tasks; outside, Ray lends a blocked task's CPUs to them. A failed experiment reports its
+    row, then fails the trial."""
     import ray
     from ray import tune
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     name = config["experiment"]
     p = plan[name]
     row = p.finished
     if row is None:
-        strategy = PlacementGroupSchedulingStrategy(ray.util.get_current_placement_group(),
-                                                    placement_group_capture_child_tasks=False)
-        task = ray.remote(_run_one).options(**p.resources, scheduling_strategy=strategy, name=f"sweep:{name}")
+        task = ray.remote(_run_one).options(**p.resources, scheduling_strategy="DEFAULT", name=f"sweep:{name}")
         row = ray.get(task.remote(p.experiment, p.cfg, p.out, name, p.overrides, p.donors))
     tune.report({"status": row["status"], "row": json.dumps(row)})
     if row["status"] != "succeeded":
