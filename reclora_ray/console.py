@@ -19,13 +19,19 @@ from typing import Iterator
 VERBOSE_ENV = "RECLORA_VERBOSE"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
+OURS = " reclora_ray."  # in every line our loggers write, on the driver and in workers
+_ALERT = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Warning:|Error\b|Exception\b|Traceback \(most recent call last\)")
 # A record in Ray's log format, e.g. "2026-12-02 06:31:20,286\tINFO tune.py:1007 -- Wrote ...".
-_RAY_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG) \S+:\d+ -- ")
-# Warnings Ray repeats on every local run that say nothing about this run.
+_RAY_INFO = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG) \S+:\d+ -- ")
+# Output Ray repeats on local runs that says nothing about this run.
 _NOISE = (
     "Failed to query Ray Train Controller actor state",  # no state API without the dashboard
     "Token authentication is enabled for this Ray cluster",
+    "ExecutionOptions.exclude_resources` is deprecated",
+    "self.exclude_resources = exclude_resources",
 )
+# Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
+_QUIET_ACTORS = ("PlacementGroupCleaner",)
 PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often
 
 
@@ -61,7 +67,7 @@ def quiet_ray() -> None:
 
 def _filtered(handle):
     def emit(batch: dict) -> None:
-        lines = [line for line in batch["lines"] if keep_worker_line(line)]
+        lines = worker_lines_to_show(batch["lines"], batch.get("actor_name") or "")
         if lines:
             handle({**batch, "lines": lines})
 
@@ -69,8 +75,21 @@ def _filtered(handle):
     return emit
 
 
-def keep_worker_line(line: str) -> bool:
-    return not (_RAY_RECORD.search(line) or any(noise in line for noise in _NOISE))
+def worker_lines_to_show(lines: list[str], actor: str = "") -> list[str]:
+    """Of a batch of forwarded worker output: our loggers' lines, and warnings, errors and whole
+    tracebacks that are not known noise; Ray's INFO records, prints and progress dumps are dropped."""
+    if any(actor.startswith(name) for name in _QUIET_ACTORS):
+        return []
+    shown, in_traceback = [], False
+    for line in lines:
+        if "Traceback (most recent call last)" in line:
+            in_traceback = True
+        keep = in_traceback or OURS in line or (_ALERT.search(line) and not _RAY_INFO.search(line))
+        if in_traceback and line[:1] not in (" ", "\t") and "Traceback (most recent call last)" not in line:
+            in_traceback = False  # the exception line ends it
+        if keep and not any(noise in line for noise in _NOISE):
+            shown.append(line)
+    return shown
 
 
 def setup_worker_logging() -> None:

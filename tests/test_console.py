@@ -4,23 +4,27 @@ import logging
 
 import pytest
 
-from reclora_ray.console import Progress, keep_worker_line, stage_line
+from reclora_ray.console import Progress, stage_line, worker_lines_to_show
 
 
-def test_ray_info_chatter_is_dropped_and_everything_else_kept():
-    dropped = [
+def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
+    ours = "06:31:20 INFO reclora_ray.crm.train: epoch 0: train loss 0.6000, valid AUC 0.7000 (best), 900 samples/s"
+    lines = [
         "2026-12-02 06:31:20,286\tINFO tune.py:1007 -- Wrote the latest version of all result files",
-        "(pid=123) 2026-12-02 06:31:20,286 DEBUG worker.py:88 -- something",
-        "2026-12-02 06:31:20,286\tWARNING placement_group_cleaner.py:85 -- Failed to query Ray Train Controller "
-        "actor state. State API may be temporarily unavailable. Continuing to monitor.",
-    ]
-    kept = [
-        "06:31:20 INFO reclora_ray.crm.train: epoch 0: train loss 0.6000, valid AUC 0.7000 (best), 900 samples/s",
+        "Requesting resources: {'CPU': 1.0} * 1",
+        "Moving model to device: cpu",
+        ours,
         "2026-12-02 06:31:20,286\tWARNING worker.py:1 -- A worker died or was killed while executing a task",
+        "RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated and will be removed",
         "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "    raise ValueError('crm.lr must be positive')",
         "ValueError: crm.lr must be positive",
+        "Loading weights: 100%|##########| 21/21",
     ]
-    assert [keep_worker_line(line) for line in dropped + kept] == [False] * len(dropped) + [True] * len(kept)
+    assert worker_lines_to_show(lines, "RayTrainWorker") == [ours, lines[4], *lines[6:10]]
+    assert worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"],
+                                "PlacementGroupCleaner") == []  # its monitor failing does not fail the run
 
 
 def test_stage_lines_say_how_long_and_how_it_ended(caplog):
