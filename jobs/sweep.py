@@ -1,4 +1,4 @@
-"""Run a grid of experiments as concurrent Ray tasks; merge their metrics into one table.
+"""Run a grid (or a random search) of experiments as Ray Tune trials; merge their metrics into one table.
 
     python jobs/sweep.py --config ml-1m --out OUT --grid lora.n_meta=1,2,4,8,16
     ray job submit --working-dir . -- python jobs/sweep.py --spec cluster/sweeps/table3.yaml \
@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", help="experiment function, module:function")
     parser.add_argument("--task-cpus", type=float, help="CPUs each experiment task asks for")
     parser.add_argument("--task-gpus", type=float, help="GPUs each experiment task asks for")
-    parser.add_argument("--max-concurrent", type=int, help="experiments running at once")
+    parser.add_argument("--max-concurrent", type=int, help="experiments running at once (max_concurrent_trials)")
+    parser.add_argument("--search", choices=["grid", "random"], help="every grid point, or --num-samples drawn")
+    parser.add_argument("--num-samples", type=int, help="points a random search draws")
     parser.add_argument("--no-share-upstream", action="store_true",
                         help="run every experiment at once, each computing its own upstream stages")
     args = parser.parse_args(argv)
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
             spec.resources = {**spec.resources, "num_gpus": args.task_gpus}
         spec.max_concurrent = args.max_concurrent or spec.max_concurrent
         spec.share_upstream = spec.share_upstream and not args.no_share_upstream
+        spec.search = args.search or spec.search
+        spec.num_samples = args.num_samples or spec.num_samples
 
         import ray
 

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from reclora_ray.config import ConfigError
+from reclora_ray.console import setup_logging, stage_line
 from reclora_ray.rundir import StageOutputExists
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,28 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[split + 1:])
     setup_logging(args.verbose or known.verbose)
+    log = logging.getLogger("reclora")
     from reclora_ray import storage
 
     try:
-        out = getattr(args, "out", None)
-        if out is None or not storage.is_uri(out):
-            return int(module.main(args) or 0)
-        if known.command not in URI_INPUTS:
-            raise ValueError(f"reclora {known.command} --out {out}: this command takes a local path only")
-        with storage.local_run_dir(out, URI_INPUTS[known.command]) as local:
-            args.out = str(local)
-            return int(module.main(args) or 0)
+        with stage_line(log, f"reclora {known.command}"):
+            out = getattr(args, "out", None)
+            if out is None or not storage.is_uri(out):
+                return int(module.main(args) or 0)
+            if known.command not in URI_INPUTS:
+                raise ValueError(f"reclora {known.command} --out {out}: this command takes a local path only")
+            with storage.local_run_dir(out, URI_INPUTS[known.command]) as local:
+                args.out = str(local)
+                return int(module.main(args) or 0)
     except (ConfigError, StageOutputExists, FileNotFoundError, ValueError) as exc:
-        logging.getLogger("reclora").error("%s", exc)
+        log.error("%s", exc)
         return 2
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 if __name__ == "__main__":

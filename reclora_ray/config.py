@@ -314,6 +314,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    # Where training curves also go (reclora_ray/curves.py); in no stage's fingerprint.
+    tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = "tensorboard"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -323,7 +325,8 @@ class Config:
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of the named sections: a stage's outputs are valid for it."""
-        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        values = {s: getattr(self, s) for s in sections}
+        payload = {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

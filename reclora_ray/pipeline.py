@@ -14,6 +14,7 @@ import time
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
+from reclora_ray.console import stage_line
 from reclora_ray.llm.variants import crm_config, crm_name, get_variant
 from reclora_ray.rundir import RunDir
 from reclora_ray.runtime import config_from_args, save_resolved_config
@@ -41,8 +42,8 @@ def run_pipeline(cfg: Config, out: str, overwrite: bool = False) -> dict:
 
     def stage(name, fn, *args):
         start = time.perf_counter()
-        log.info("==> %s", name)
-        result = fn(*args)
+        with stage_line(log, name):
+            result = fn(*args)
         timings[name] = round(time.perf_counter() - start, 1)
         return result
 

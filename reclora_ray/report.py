@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reclora_ray.curves import plot_curves
 from reclora_ray.metrics import BOOTSTRAP_ROUNDS, binary_metrics, bootstrap_metrics, interval, paired_p_value, rel_impr
 from reclora_ray.rundir import RunDir, write_json_atomic
 
@@ -218,13 +219,15 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
         parts += ["![Gate weights](gates.png)", ""]
-    examples = next((run.scores(n) / "predictions.parquet" for n in (OURS, *sorted(scores))
+    examples = next((run.scores(n) / "predictions.parquet" for n in (OURS, *sorted(preds))
                      if (run.scores(n) / "predictions.parquet").is_file()), None)
     if examples is not None and (run.data / "items.parquet").is_file():
         from reclora_ray.data.catalogue import example_rows
 
         parts += [f"## Examples ({examples.parent.name}, catalogue ids)", "",
                   example_rows(run.data, pd.read_parquet(examples)), ""]
+    if plot_curves(run.root, run.root / "curves.png"):
+        parts += ["![Training loss and validation curves](curves.png)", ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     tmp = run.report.with_name(".report.md.tmp")

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from reclora_ray.config import Config, load_config
+from reclora_ray.console import VERBOSE_ENV, is_verbose, quiet_ray
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def save_resolved_config(cfg: Config, directory: Path) -> Path:
 def init_ray(cfg: Config) -> None:
     """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray once."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
@@ -34,6 +37,7 @@ def init_ray(cfg: Config) -> None:
     if address:
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        quiet_ray()
     else:
         log.info("starting a local Ray (num_cpus=%s) on 127.0.0.1", cfg.run.num_cpus or "all")
         secure_local_ray()
@@ -41,7 +45,12 @@ def init_ray(cfg: Config) -> None:
         source_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, VERBOSE_ENV: "1" if is_verbose() else "0"},
+                              "worker_process_setup_hook": "reclora_ray.console.setup_worker_logging"})
+        quiet_ray()
+    # Ray Data's progress bars where a terminal shows them; without one they are multi-line
+    # dumps, and the stages log their own one-line progress.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty() or is_verbose()
 
 
 LOCAL_TOKEN_ENV = "RECLORA_RAY_TOKEN_FILE"  # default: ~/.config/reclora/ray_auth_token

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.pipeline import run_pipeline
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
@@ -27,6 +28,14 @@ def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local,
         assert label in report
     assert (tiny_run / "roc.png").stat().st_size > 0 and (tiny_run / "gates.png").stat().st_size > 0
     assert (tiny_run / "config.yaml").is_file()
+    # Curves of every tuned variant (and the CRM), plotted in the report and sent to TensorBoard.
+    for variant in ("reclora", "tallrec"):
+        curves = read_curves(run.adapter(variant) / CURVES_FILE)
+        assert [r["step"] for r in curves if r["kind"] == "step"] == list(range(64 // 8))  # 64 few-shot, micro-batch 8
+        assert [r["epoch"] for r in curves if r["kind"] == "epoch"] == [0]
+        assert list((tiny_run / "tracking" / f"tune-{variant}").glob("events.out.tfevents.*"))
+    assert "![Training loss and validation curves](curves.png)" in report
+    assert (tiny_run / "curves.png").stat().st_size > 0
 
     stamps = {p: p.stat().st_mtime_ns for p in (run.adapter("reclora") / "_SUCCESS.json", run.scores("reclora") / "predictions.parquet")}
     assert run_pipeline(cfg, str(tiny_run)) == metrics  # everything done: nothing is redone

@@ -1,9 +1,10 @@
-"""Run a grid of experiments as concurrent Ray tasks and merge their results into one table.
+"""Run a sweep of experiments as Ray Tune trials and merge their results into one table.
 
 A sweep = a base config (+ `--set` overrides), optional named variants (override sets, e.g. the
-paper's Table 3 ablations) and a grid (every combination of the listed values, e.g.
-`lora.n_meta=1,2,4,8,16`). Every experiment's config is built and validated before anything
-runs, then each experiment is one Ray task calling the experiment function
+paper's Table 3 ablations) and a search space: a grid (every combination of the listed values,
+e.g. `lora.n_meta=1,2,4,8,16`) or a random search (`num_samples` points drawn with Tune's
+samplers). Every experiment's config is built and validated before anything runs; each is then
+one Tune trial calling the experiment function
 
     experiment(cfg: Config, out: str) -> dict   # its metrics, possibly nested
 
@@ -12,27 +13,29 @@ with `out = OUT/<experiment name>`. The function is named by an import path; the
 `{"models": {name: {"auc": ..., "logloss": ...}}}`, which becomes the columns `name.auc`, ...
 
 Shared upstream stages: experiments whose configs agree on every section a stage output depends
-on (SHARED_STAGES) compute it once. The first experiment of each distinct set of upstream
-configs (a "leader") runs first; every other experiment then starts with the leaders' finished
-data, embeddings, retrieval and CRM outputs that fit its config already in its run directory
-(symlinked on a filesystem, copied at a URI), so its pipeline skips those stages. The N_m
-sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
-`share_upstream: false` runs every experiment at once, each computing everything.
+on (SHARED_STAGES) compute it once: the first experiment with each stage's config leads it, and
+the sweep runs in waves (one Tune experiment each) so that every experiment starts after the
+leaders it takes data, embeddings, retrieval and CRM outputs from, with those outputs already in
+its run directory (symlinked on a filesystem, copied at a URI); its pipeline skips those stages.
+The N_m sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
+`share_upstream: false` runs every experiment in one wave, each computing everything.
 
-Resources: each task asks for `resources` (default 1 CPU: an experiment that drives the
-pipeline, whose stages then request their own workers' CPUs and GPUs from the config; an
-experiment that trains in its own process asks for its GPU here). Pending requests are the
-demand an autoscaling cluster grows for; on one machine Ray queues them. `max_concurrent`
-bounds how many experiments run at once.
+Resources: each trial runs its experiment as a Ray task asking `resources` (default 1 CPU: an
+experiment that drives the pipeline, whose stages then request their own workers' CPUs and GPUs
+from the config; an experiment that trains in its own process asks for its GPU here). Pending
+experiments are the demand an autoscaling cluster grows for; on one machine they queue.
+`max_concurrent` is Tune's max_concurrent_trials.
 
 Results: OUT/<name>/experiment.json per experiment (a re-run skips experiments finished with the
-same config), and OUT/sweep.json + OUT/sweep.md for the whole grid; failed experiments are rows
-with their error, not a crash of the sweep. OUT may be a path or any pyarrow URI (experiments
-then run in a local scratch directory that is uploaded when they finish).
+same config), and OUT/sweep.json + OUT/sweep.md for the whole sweep; a failed trial is a row
+with its error, not a crash of the sweep. A re-run after the driver died restores each wave's
+Tune experiment (OUT/.tune/) with `Tuner.restore`. OUT may be a path or any pyarrow URI
+(experiments then run in a local scratch directory that is uploaded when they finish).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
 import json
@@ -75,7 +78,13 @@ class SweepSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     experiment: str = DEFAULT_EXPERIMENT
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1})
-    max_concurrent: int | None = None
+    max_concurrent: int | None = None  # Tune's max_concurrent_trials
+    max_failures: int = 0  # Tune retries of a failed trial
+    # grid: every combination of the grid's values; random: num_samples points drawn (seed) from
+    # it, where an axis may also be a range, {uniform: [lo, hi]}, {loguniform: ...} or {randint: ...}
+    search: str = "grid"
+    num_samples: int | None = None
+    seed: int = 0
     share_upstream: bool = True  # leaders first, the rest reuse their upstream stage outputs
 
     @classmethod
@@ -120,14 +129,12 @@ def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
 
 
 def expand(spec: SweepSpec) -> list[Experiment]:
-    """Every (variant, grid point) as a validated config; bad keys fail here, before any task."""
-    keys = list(spec.grid)
+    """Every (variant, search point) as a validated config; bad keys fail here, before any trial."""
     experiments = []
     for variant, variant_overrides in spec.variants.items():
-        for values in itertools.product(*(spec.grid[k] for k in keys)):
-            point = dict(zip(keys, values))
+        for tag, point in search_points(spec):
             overrides = {**(variant_overrides or {}), **point}
-            parts = [variant] if variant else []
+            parts = ([variant] if variant else []) + ([tag] if tag else [])
             parts += [f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in point.items()]
             name = ",".join(parts) or "base"
             try:
@@ -141,6 +148,46 @@ def expand(spec: SweepSpec) -> list[Experiment]:
     return experiments
 
 
+RANGES = ("uniform", "loguniform", "randint")
+
+
+def search_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(name tag, {key: value}) per point: the whole grid, or spec.num_samples points drawn
+    with Ray Tune's sampling domains (tune.choice over a list, tune.uniform/... over a range)."""
+    keys = list(spec.grid)
+    if spec.search == "grid":
+        for key, values in spec.grid.items():
+            if not isinstance(values, list):
+                raise ConfigError(f"sweep grid {key}: a list of values (ranges need search: random)")
+        return [("", dict(zip(keys, values))) for values in itertools.product(*(spec.grid[k] for k in keys))]
+    if spec.search != "random":
+        raise ConfigError(f"sweep search {spec.search!r}: one of 'grid', 'random'")
+    if not spec.num_samples or spec.num_samples < 1:
+        raise ConfigError("sweep search 'random' needs num_samples >= 1")
+    import numpy as np
+    from ray import tune
+
+    domains = {k: _domain(k, v, tune) for k, v in spec.grid.items()}
+    rng = np.random.RandomState(spec.seed)
+    return [(f"s{i}", {k: _plain(d.sample(random_state=rng)) for k, d in domains.items()})
+            for i in range(spec.num_samples)]
+
+
+def _domain(key: str, values: Any, tune):
+    if isinstance(values, list) and values:
+        return tune.choice(values)
+    if isinstance(values, dict) and len(values) == 1 and next(iter(values)) in RANGES:
+        kind, bounds = next(iter(values.items()))
+        if isinstance(bounds, list) and len(bounds) == 2:
+            return getattr(tune, kind)(*bounds)
+    raise ConfigError(f"sweep grid {key}: a list of values or one of {{{'|'.join(RANGES)}: [lo, hi]}}, got {values!r}")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from Tune's samplers -> Python numbers, for configs and JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def resolve(import_path: str) -> Callable[[Config, str], dict]:
     module, sep, attr = import_path.partition(":")
     if not sep:
@@ -152,33 +199,24 @@ def resolve(import_path: str) -> Callable[[Config, str], dict]:
 
 
 def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
-    """Run every experiment not already finished under `out`; write sweep.json and sweep.md."""
+    """Run the sweep's experiments as Ray Tune trials under `out`; write sweep.json and sweep.md.
+
+    Re-running the same command resumes: a wave's Tune experiment (OUT/.tune/wave<i>-<hash of its
+    experiments>) is restored with `Tuner.restore`, so finished trials keep their results and
+    errored or interrupted ones run again; an experiment finished with the same config under any
+    earlier wave (its experiment.json) is reused without running."""
     experiments = expand(spec)
     resolve(spec.experiment)  # fail before scheduling anything if the function is not there
+    if not storage.is_uri(out):
+        out = str(Path(out).resolve())  # trials run elsewhere; their paths must not depend on a cwd
     rows: dict[str, dict] = {}
-    todo = []
-    for exp in experiments:
-        done = _finished(exp, out)
-        if done:
-            log.info("%s: finished earlier, reusing its result", exp.name)
-            rows[exp.name] = done
-        else:
-            todo.append(exp)
-
-    if spec.share_upstream:
-        leaders = {}
-        held = {e.upstream_key for e in experiments if e.name in rows}
-        for exp in todo:
-            if exp.upstream_key not in held:
-                leaders.setdefault(exp.upstream_key, exp)
-        waves = [list(leaders.values()), [e for e in todo if e not in leaders.values()]]
-    else:
-        waves = [todo]
-    log.info("sweep: %d experiments to run (%d reused) in %s, up to %s at once, each asking %s",
-             len(todo), len(rows), " then ".join(f"{len(w)}" for w in waves if w),
+    waves = plan_waves(experiments) if spec.share_upstream else [experiments]
+    log.info("sweep: %d experiments as Ray Tune trials (%s search) in %s wave(s) of %s, up to %s at once, each asking %s",
+             len(experiments), spec.search, len([w for w in waves if w]), "+".join(str(len(w)) for w in waves if w),
              spec.max_concurrent or "all", spec.resources)
-    for wave in waves:
-        _run_wave(spec, wave, out, rows, experiments)
+    for index, wave in enumerate(waves):
+        if wave:
+            _run_wave(spec, index, wave, out, rows, experiments)
 
     ordered = [rows[e.name] for e in experiments]
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(ordered, indent=2))
@@ -186,27 +224,115 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
     return ordered
 
 
-def _run_wave(spec: SweepSpec, wave: list[Experiment], out: str, rows: dict[str, dict],
-              experiments: list[Experiment]) -> None:
-    """Run `wave` as Ray tasks, at most spec.max_concurrent at once; results go into `rows`.
-    Each experiment takes the upstream outputs of every experiment finished when it starts."""
-    import ray
+def plan_waves(experiments: list[Experiment]) -> list[list[Experiment]]:
+    """Experiments grouped so each runs after those it takes upstream stages from: per stage,
+    the first experiment with the same stage key computes it (the "leader" of that stage)."""
+    wave: dict[str, int] = {}
+    for exp in experiments:
+        leaders = [next(o for o in experiments if o.stage_key(stage) == exp.stage_key(stage)) for stage in SHARED_STAGES]
+        wave[exp.name] = 1 + max((wave[o.name] for o in leaders if o is not exp), default=-1)
+    return [[e for e in experiments if wave[e.name] == i] for i in range(max(wave.values(), default=-1) + 1)]
 
-    task = ray.remote(_run_one)
-    todo = list(wave)
-    limit = spec.max_concurrent or len(todo) or 1
-    pending: dict[Any, Experiment] = {}
-    while todo or pending:
-        while todo and len(pending) < limit:
-            exp = todo.pop(0)
-            donors = _donors(exp, experiments, rows, out) if spec.share_upstream else {}
-            ref = task.options(**spec.resources, name=f"sweep:{exp.name}").remote(
-                spec.experiment, exp.cfg, storage.join(out, exp.dirname), exp.name, exp.overrides, donors)
-            pending[ref] = exp
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        exp = pending.pop(ref)
-        rows[exp.name] = ray.get(ref)
-        log.info("sweep: %s %s (%d/%d)", exp.name, rows[exp.name]["status"], len(rows), len(experiments))
+
+@dataclass
+class _Plan:
+    """What one trial runs: everything but the Tune config, which only names the experiment."""
+    experiment: str
+    cfg: Config
+    out: str
+    overrides: dict
+    donors: dict[str, str]
+    resources: dict[str, float]
+    finished: dict | None  # its row, when finished earlier with the same config
+
+
+def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, rows: dict[str, dict],
+              experiments: list[Experiment]) -> None:
+    """One Tune experiment over `wave`; rows go into `rows`. Each experiment takes the upstream
+    outputs of the experiments finished in earlier waves."""
+    from ray import tune
+
+    plan = {e.name: _Plan(spec.experiment, e.cfg, storage.join(out, e.dirname), e.overrides,
+                          _donors(e, experiments, rows, out) if spec.share_upstream else {},
+                          spec.resources, _finished(e, out)) for e in wave}
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement())
+    digest = hashlib.sha256(json.dumps([[e.name, _fingerprint(e.cfg)] for e in wave]).encode()).hexdigest()[:12]
+    location = storage.join(out, ".tune", f"wave{index}-{digest}")
+    if tune.Tuner.can_restore(location):
+        log.info("sweep: resuming the Tune experiment %s", location)
+        tuner = tune.Tuner.restore(location, trainable, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"experiment": tune.grid_search([e.name for e in wave])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
+                                        trial_name_creator=lambda trial: trial.config["experiment"],
+                                        trial_dirname_creator=lambda trial: f"{trial.trial_id}"),
+            run_config=tune.RunConfig(name=location.rsplit("/", 1)[-1], storage_path=storage.join(out, ".tune"),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      verbose=0, callbacks=[_trial_log()]),
+        )
+    for result in tuner.fit():
+        name = result.config["experiment"]
+        row = json.loads(result.metrics["row"]) if result.metrics and "row" in result.metrics else None
+        if row is None:  # the trial died before reporting (a crashed worker, a lost node)
+            row = {"name": name, "overrides": plan[name].overrides, "fingerprint": _fingerprint(plan[name].cfg),
+                   "shared": {}, "status": "failed", "metrics": {}, "error": _error_text(result.error), "seconds": 0.0}
+        rows[name] = row
+
+
+def _placement():
+    """The trial actor's own reservation: a token byte of memory (Tune needs a non-empty bundle),
+    so a trial only waits and leaves the cluster's CPUs and GPUs to its experiment's task."""
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"memory": 1}])
+
+
+def _trial(config: dict, plan: dict[str, _Plan]) -> None:
+    """A Tune trial: its experiment as a Ray task asking the sweep's `resources` (what an
+    autoscaler sees pending), outside the trial's placement group. Inside one, a task blocked on
+    its stages would keep the bundle's CPUs from the stages' own Ray Train workers and Ray Data
+    tasks; outside, Ray lends a blocked task's CPUs to them. A failed experiment reports its
+    row, then fails the trial."""
+    import ray
+    from ray import tune
+
+    name = config["experiment"]
+    p = plan[name]
+    row = p.finished
+    if row is None:
+        task = ray.remote(_run_one).options(**p.resources, scheduling_strategy="DEFAULT", name=f"sweep:{name}")
+        row = ray.get(task.remote(p.experiment, p.cfg, p.out, name, p.overrides, p.donors))
+    tune.report({"status": row["status"], "row": json.dumps(row)})
+    if row["status"] != "succeeded":
+        raise ExperimentFailed(f"{name}: {row['error']}")
+
+
+class ExperimentFailed(RuntimeError):
+    """A sweep experiment raised; its row (with the error) was reported first."""
+
+
+def _error_text(error: BaseException | None) -> str:
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}" if cause is not None else "no result"
+
+
+def _trial_log():
+    """A Tune callback: one console line per trial start and end instead of Tune's status table."""
+    from ray.tune import Callback
+
+    class TrialLog(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("sweep: %s started", trial.config["experiment"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            log.info("sweep: %s succeeded", trial.config["experiment"])
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.info("sweep: %s failed", trial.config["experiment"])
+
+    return TrialLog()
 
 
 def _donors(exp: Experiment, experiments: list[Experiment], rows: dict[str, dict], out: str) -> dict[str, str]:
@@ -235,7 +361,7 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict,
                 share_stage(donor, run_dir, stage)
             metrics = flatten_metrics(resolve(experiment)(cfg, str(run_dir)))
         row.update(status="succeeded", metrics=metrics, error=None)
-    except Exception as exc:  # noqa: BLE001 - one failed grid point must not sink the sweep
+    except Exception as exc:  # noqa: BLE001 - reported as the trial's row, then the trial fails
         logging.getLogger(__name__).exception("experiment %s failed", name)
         row.update(status="failed", metrics={}, error=f"{type(exc).__name__}: {exc}")
     row["seconds"] = round(time.time() - started, 3)

@@ -32,6 +32,8 @@ from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.represent import predict_split
+from reclora_ray.console import Progress
+from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.gpu import check_device
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
@@ -40,7 +42,6 @@ from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
 log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
-LOG_EVERY_STEPS = 200
 # Rows are shuffled by randomizing the order of chunks (crm.chunk_rows) each epoch and, inside a
 # worker, through a buffer this many batches deep.
 SHUFFLE_BUFFER_BATCHES = 16
@@ -115,6 +116,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
             save_crm(model, tmp)
             write_json_atomic(tmp / "metrics.json", metrics)
             save_resolved_config(cfg, tmp)
+            keep_curves(storage, tmp)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     log.info("CRM %s: test AUC %.4f, LogLoss %.4f on %d samples -> %s", cfg.crm.model, auc, loss, len(labels), out_dir)
@@ -128,7 +130,6 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch logs say enough
     crm = cfg.crm
     sequences_ref = ray.put(prepared.sequences)
     datasets = {
@@ -138,7 +139,9 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     resources = {"CPU": crm.cpus_per_worker, **({"GPU": 1} if crm.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed},
+        train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed,
+                           "train_rows": prepared.meta["splits"]["train"]["rows"],
+                           "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}")},
         scaling_config=ScalingConfig(num_workers=crm.num_workers, use_gpu=crm.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"crm-{crm.model}",
@@ -233,9 +236,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    curves = Curves(config["curves"], rank, state.attempt)
     for epoch in range(state.epoch, crm.epochs):
         started = time.perf_counter()
-        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device, rank, epoch)
+        steps = math.ceil(config["train_rows"] / world / crm.batch_size)
+        progress = Progress(log, f"epoch {epoch}", min(steps, crm.steps_per_epoch or steps), active=rank == 0)
+        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device,
+                                                                  curves, progress)
         train_seconds = time.perf_counter() - started
         loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
@@ -247,6 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
             "attempt": state.attempt,
         }
         state.history.append(record)
+        curves.epoch(epoch, auc=auc, logloss=loss, train_loss=record["train_loss"])
         if rank == 0:
             log.info("epoch %d: train loss %.4f, valid AUC %.4f%s, %.0f samples/s", epoch,
                      record["train_loss"], auc, " (best)" if improved else "", record["train_samples_per_s"])
@@ -261,9 +269,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("early stop: no validation AUC gain for %d epochs", state.bad_epochs)
             break
+    curves.close()
 
 
-def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoch: int):
+def train_epoch(model, optimizer, shard, crm: CRMConfig, device, curves: Curves, progress: Progress):
     """One pass (or crm.steps_per_epoch steps) over this worker's shard. Returns the loss sum and
     rows, and the rows and seconds after the first batch (the steady rate, without the warm-up
     of the data pipeline)."""
@@ -280,11 +289,12 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, rank: int, epoc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = len(batch["label"])
-        loss_sum += loss.item() * n
+        n, value = len(batch["label"]), loss.item()
+        loss_sum += value * n
+        curves.step(loss=value, lr=optimizer.param_groups[0]["lr"])
         rows += n
-        if rank == 0 and step % LOG_EVERY_STEPS == 0:
-            log.info("epoch %d step %d: loss %.4f", epoch, step, loss.item())
+        progress.update(loss=value)
+    progress.close(loss=loss_sum / max(rows, 1))
     steady_seconds = time.perf_counter() - first_at if first_at is not None else 0.0
     return loss_sum, rows, rows - first_rows, steady_seconds
 

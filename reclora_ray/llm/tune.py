@@ -24,6 +24,7 @@ import pandas as pd
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
+from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
 from reclora_ray.llm.variants import Variant, crm_name, get_variant, upstream_outputs
@@ -136,6 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     answer_ids = inputs.collator.yes_no
     mb = cfg.tune.micro_batch
     valid = valid.iloc[rank::world]
+    curves = Curves(loop_config["curves"], rank, attempt)
 
     for epoch in range(start_epoch, cfg.tune.epochs):
         engine.train()
@@ -148,6 +150,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
+            curves.step(loss=losses[-1], lr=engine.get_lr()[0])
             if rank == 0 and len(losses) % LOG_EVERY == 0:
                 log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d), lr %.2e", epoch, len(losses),
                          len(order) // mb, np.mean(losses[-LOG_EVERY:]), LOG_EVERY, engine.get_lr()[0])
@@ -169,6 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_auc": valid_metrics["auc"], "val_logloss": valid_metrics["logloss"], "dtype": base_dtype}
         history.append(metrics)
+        curves.epoch(epoch, auc=valid_metrics["auc"], logloss=valid_metrics["logloss"], train_loss=metrics["train_loss"])
 
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
@@ -220,7 +224,8 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         # The few-shot set is small and fixed: each worker reads it whole from the object store and
         # takes its share of a new permutation every epoch (epoch_rows).
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
-                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid)},
+                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid),
+                           "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}")},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         run_config=RunConfig(
             name=f"tune-{fp}", storage_path=str(storage), callbacks=callbacks or [],
@@ -240,6 +245,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
                                                        "few_shot": len(train), "valid": len(valid),
                                                        "dtype": best["dtype"], "history": history})
         save_resolved_config(cfg, tmp)
+        keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
     return out

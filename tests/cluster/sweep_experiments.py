@@ -56,3 +56,13 @@ def upstream_stages(cfg: Config, out: str) -> dict:
                 (tmp / "part-0.bin").write_bytes(fingerprint.encode())
             ran.append(stage)
     return {"ran": " ".join(ran) or "-", "models": {"plora": {"n_meta": cfg.lora.n_meta}}}
+
+
+def slow(cfg: Config, out: str) -> dict:
+    """Sleeps crm.epochs seconds (long enough to kill the sweep's driver meanwhile), then
+    writes its output; the result says when it ran."""
+    started = time.time()
+    time.sleep(cfg.crm.epochs)
+    with storage.staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
+        (tmp / "slept.txt").write_text(str(cfg.crm.epochs))
+    return {"start": started, "end": time.time(), "pid": os.getpid()}

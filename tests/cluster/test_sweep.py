@@ -3,6 +3,11 @@ failures as rows, resume, and the merged markdown + JSON report."""
 
 import importlib.util
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +162,37 @@ def test_the_default_experiment_runs_the_real_pipeline_for_each_grid_point(local
         assert adapter["lora"]["n_meta"] == row["overrides"]["lora.n_meta"]
     assert (tmp_path / "n_meta=2" / "crm" / "sim").is_symlink()
     assert "| n_meta=2 | 2 |" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.ray
+def test_a_killed_driver_resumes_with_tuner_restore(local_ray, tmp_path, caplog):
+    """SIGKILL the sweep's driver (a second driver on the test's Ray) once the first trial has
+    finished; the same command restores the Tune experiment, keeps the finished trial and runs
+    the interrupted one."""
+    argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", "sweep_experiments:slow",
+            "--grid", "crm.epochs=1,12", "--max-concurrent", "1"]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=f"{HERE}:{REPO}")
+    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, second = tmp_path / "epochs=1" / "experiment.json", tmp_path / "epochs=12"
+    deadline = time.time() + 120
+    while not (first.exists() and second.exists()) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait()
+    assert first.exists() and not (second / "experiment.json").exists() and not (tmp_path / "sweep.json").exists()
+    finished = json.loads(first.read_text())
+
+    caplog.set_level(logging.INFO, logger="reclora_ray.cluster.sweep")
+    job = load_job("sweep")
+    assert job.main(argv[:-3] + ["crm.epochs=1,2", "--max-concurrent", "1"]) == 0  # a new grid: a new experiment
+    assert "resuming the Tune experiment" not in caplog.text
+    resumed = job.main(argv)
+    assert resumed == 0 and "resuming the Tune experiment" in caplog.text
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
+    assert rows[0] == finished  # the finished trial was kept, not run again
+    assert rows[1]["started_at"] > finished["started_at"] and rows[1]["metrics"]["end"] - rows[1]["metrics"]["start"] >= 12
 
 
 def test_markdown_table_lists_every_metric_and_escapes_pipes():

@@ -12,6 +12,7 @@ from reclora_ray.config import ConfigError, load_config
 from reclora_ray.crm import load_crm
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.crm.train import auc_logloss, pretrain_crm, select_model
+from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
 from reclora_ray.rundir import StageOutputExists
 from tests.conftest import kill_one_train_worker
@@ -31,6 +32,13 @@ def test_pretrain_writes_a_loadable_checkpoint(ray_local, run_dir):
     assert [h["epoch"] for h in metrics["history"]] == [0, 1] and metrics["restarts"] == 0
     assert metrics["auc"] > 0.6
     assert not any(p.name.startswith(".") for p in (run_dir / "crm").iterdir())  # no Ray Train scratch left
+    curves = read_curves(out / CURVES_FILE)  # every step's loss and lr, every epoch's validation
+    steps = [r for r in curves if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(len(steps))) and len(steps) >= 2
+    assert all(r["loss"] > 0 and r["lr"] == 5e-3 for r in steps)
+    epochs = [r for r in curves if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["auc"]) for r in epochs] == [(h["epoch"], h["valid_auc"]) for h in metrics["history"]]
+    assert list((run_dir / "tracking" / "crm-din").glob("events.out.tfevents.*"))
 
     model = load_crm(out)  # no Ray needed; the same predictions as the evaluation
     labels, probs = predict_split(model, PreparedData.load(run_dir / "data"), "test")
@@ -56,6 +64,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, run_dir):
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]  # every epoch once: resumed, not restarted
     assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1
+    epochs = [(r["epoch"], r["attempt"]) for r in read_curves(out / CURVES_FILE) if r["kind"] == "epoch"]
+    assert epochs[0] == (0, 0) and epochs[-1] == (2, 1)  # the restart appended to the same curves
 
 
 def test_bad_inputs_fail_before_writing(run_dir, tmp_path):

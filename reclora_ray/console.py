@@ -1,0 +1,163 @@
+"""What a run prints: our own progress and results, warnings, one line per stage start and end.
+
+Ray's own INFO chatter stays out of the console (it is still in the session's log files under
+/tmp/ray/session_*/logs); `--verbose` brings it back. Worker output reaches the driver through
+Ray's log forwarding; a filter there drops Ray's INFO/DEBUG records and known-harmless
+warnings, and keeps everything else (our workers' lines, warnings, tracebacks, prints).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+VERBOSE_ENV = "RECLORA_VERBOSE"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%H:%M:%S"
+OURS = " reclora_ray."  # in every line our loggers write, on the driver and in workers
+_ALERT = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Warning:|Error\b|Exception\b|Traceback \(most recent call last\)")
+# A record in Ray's log format, e.g. "2026-12-02 06:31:20,286\tINFO tune.py:1007 -- Wrote ...".
+_RAY_INFO = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG) \S+:\d+ -- ")
+# Output Ray repeats on local runs that says nothing about this run.
+_NOISE = (
+    "Failed to query Ray Train Controller actor state",  # no state API without the dashboard
+    "Token authentication is enabled for this Ray cluster",
+    "ExecutionOptions.exclude_resources` is deprecated",
+    "self.exclude_resources = exclude_resources",
+)
+# Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
+_QUIET_ACTORS = ("PlacementGroupCleaner",)
+PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our loggers at INFO (DEBUG with --verbose); Ray's console output quiet unless verbose."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # init_ray reads it, possibly in another module's call
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt=DATEFMT)
+    if not verbose:
+        # Tune's new output engine prints an experiment banner even at verbose=0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray() -> None:
+    """After ray.init on a driver: Ray's console handlers at WARNING, worker lines filtered."""
+    if is_verbose():
+        return
+    import ray.data  # noqa: F401 - configures the ray.data logger, whose console handler is quieted here
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:  # files keep every level
+                handler.setLevel(max(handler.level, logging.WARNING))
+    # Ray has no public hook to filter what it forwards from workers to the driver's console.
+    with dispatcher._lock:
+        dispatcher.handlers = [(n, h if getattr(h, "quiet", False) or n != "ray_print_logs" else _filtered(h))
+                               for n, h in dispatcher.handlers]
+
+
+def _filtered(handle):
+    def emit(batch: dict) -> None:
+        lines = worker_lines_to_show(batch["lines"], batch.get("actor_name") or "")
+        if lines:
+            handle({**batch, "lines": lines})
+
+    emit.quiet = True
+    return emit
+
+
+def worker_lines_to_show(lines: list[str], actor: str = "") -> list[str]:
+    """Of a batch of forwarded worker output: our loggers' lines, and warnings, errors and whole
+    tracebacks that are not known noise; Ray's INFO records, prints and progress dumps are dropped."""
+    if any(actor.startswith(name) for name in _QUIET_ACTORS):
+        return []
+    shown, in_traceback = [], False
+    for line in lines:
+        if "Traceback (most recent call last)" in line:
+            in_traceback = True
+        keep = in_traceback or OURS in line or (_ALERT.search(line) and not _RAY_INFO.search(line))
+        if in_traceback and line[:1] not in (" ", "\t") and "Traceback (most recent call last)" not in line:
+            in_traceback = False  # the exception line ends it
+        if keep and not any(noise in line for noise in _NOISE):
+            shown.append(line)
+    return shown
+
+
+def setup_worker_logging() -> None:
+    """Ray's worker_process_setup_hook: our loggers print INFO in workers (forwarded to the
+    driver) in the driver's format, whatever Ray set up for the root logger there."""
+    logger = logging.getLogger("reclora_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if is_verbose() else logging.INFO)
+        logger.propagate = False
+
+
+@contextmanager
+def stage_line(log: logging.Logger, name: str) -> Iterator[None]:
+    """`==> name` when a stage starts, `<== name: done in 12.3 s` (or `FAILED after`) when it ends."""
+    started = time.perf_counter()
+    log.info("==> %s", name)
+    try:
+        yield
+    except BaseException as exc:
+        log.error("<== %s: FAILED after %.1f s (%s)", name, time.perf_counter() - started, type(exc).__name__)
+        raise
+    log.info("<== %s: done in %.1f s", name, time.perf_counter() - started)
+
+
+class Progress:
+    """Rate and ETA of a long loop: a tqdm bar on a terminal; elsewhere (a log file, a Ray
+    worker's output forwarded to the driver) one log line at most every `every_s` seconds and
+    one at the end."""
+
+    def __init__(self, log: logging.Logger, what: str, total: int | None = None, unit: str = "steps",
+                 every_s: float = PROGRESS_EVERY_S, active: bool = True):
+        self.log, self.what, self.total, self.unit, self.every_s, self.active = log, what, total, unit, every_s, active
+        self.done, self.started = 0, time.perf_counter()
+        self.last = self.started
+        self.bar = None
+        if active and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=unit.rstrip("s") or unit, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **extra: float) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(n)
+            if extra:
+                self.bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
+        elif self.active and now - self.last >= self.every_s:
+            self.last = now
+            self.log.info("%s", self.line(now, extra))
+
+    def close(self, **extra: float) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.active and self.done:
+            self.log.info("%s", self.line(time.perf_counter(), extra))
+
+    def line(self, now: float, extra: dict) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        parts = [f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
+        if self.total:
+            parts[0] += f" ({100 * self.done / self.total:.0f}%)"
+        parts.append(f"{rate:.1f} {self.unit}/s")
+        if self.total and rate > 0 and self.done < self.total:
+            parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
+        parts += [f"{k} {v:.4f}" for k, v in extra.items()]
+        return ", ".join(parts)

@@ -1,0 +1,59 @@
+"""The console: which forwarded worker lines are shown, stage lines, one-line progress."""
+
+import logging
+
+import pytest
+
+from reclora_ray.console import Progress, stage_line, worker_lines_to_show
+
+
+def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
+    ours = "06:31:20 INFO reclora_ray.crm.train: epoch 0: train loss 0.6000, valid AUC 0.7000 (best), 900 samples/s"
+    lines = [
+        "2026-12-02 06:31:20,286\tINFO tune.py:1007 -- Wrote the latest version of all result files",
+        "Requesting resources: {'CPU': 1.0} * 1",
+        "Moving model to device: cpu",
+        ours,
+        "2026-12-02 06:31:20,286\tWARNING worker.py:1 -- A worker died or was killed while executing a task",
+        "RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated and will be removed",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "    raise ValueError('crm.lr must be positive')",
+        "ValueError: crm.lr must be positive",
+        "Loading weights: 100%|##########| 21/21",
+    ]
+    assert worker_lines_to_show(lines, "RayTrainWorker") == [ours, lines[4], *lines[6:10]]
+    assert worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"],
+                                "PlacementGroupCleaner") == []  # its monitor failing does not fail the run
+
+
+def test_stage_lines_say_how_long_and_how_it_ended(caplog):
+    log = logging.getLogger("reclora_ray.test")
+    caplog.set_level(logging.INFO)
+    with stage_line(log, "embed"):
+        pass
+    with pytest.raises(KeyError), stage_line(log, "tune reclora"):
+        raise KeyError("x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "==> embed" and lines[1].startswith("<== embed: done in ")
+    assert lines[2] == "==> tune reclora" and lines[3].startswith("<== tune reclora: FAILED after ")
+    assert lines[3].endswith(" s (KeyError)")
+
+
+def test_progress_lines_carry_rate_eta_and_extras(caplog):
+    log = logging.getLogger("reclora_ray.test")
+    caplog.set_level(logging.INFO)
+    progress = Progress(log, "epoch 0", total=10, every_s=0.0)
+    progress.update(4, loss=0.5)
+    progress.close()
+    first, last = (r.getMessage() for r in caplog.records)
+    assert first.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in first and first.endswith("loss 0.5000")
+    assert last.startswith("epoch 0: 4/10 steps (40%)")
+    caplog.clear()
+    quiet = Progress(log, "epoch 0", total=10, every_s=3600.0)  # rate-limited: nothing until the end
+    quiet.update(3)
+    assert not caplog.records
+    quiet.close()
+    assert len(caplog.records) == 1
+    Progress(log, "rank 1", total=10, every_s=0.0, active=False).update(5)
+    assert len(caplog.records) == 1
