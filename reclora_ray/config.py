@@ -37,6 +37,16 @@ class RunConfig:
 
 
 @dataclass
+class NextItemDataConfig:
+    """The next-item ranking task (iLoRA / LLaRA protocol), built by prepare beside the CTR samples."""
+
+    history: int = 10  # behaviours before the target shown in the prompt (any split)
+    candidates: int = 20  # the target and candidates - 1 items the user never interacted with
+    min_history: int = 1  # targets with fewer earlier behaviours are left out
+    max_per_split: Optional[int] = 100_000  # a seeded random subsample of a larger split's targets
+
+
+@dataclass
 class DataConfig:
     dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads"] = "ml-100k"
     raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
@@ -46,6 +56,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
     blocks: Optional[int] = None  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
+    next_item: NextItemDataConfig = field(default_factory=NextItemDataConfig)
 
 
 @dataclass
@@ -393,6 +404,9 @@ def _validate(obj: Any, path: str) -> None:
             raise ConfigError(f"{_join(path, 'split')}: three positive fractions summing to 1")
         if obj.k_core < 0 or obj.min_history < 0:
             raise ConfigError(f"{path}: k_core and min_history must be >= 0")
+    if isinstance(obj, NextItemDataConfig) and (obj.history < 1 or obj.candidates < 2 or obj.min_history < 0
+                                                or (obj.max_per_split is not None and obj.max_per_split < 1)):
+        raise ConfigError(f"{path}: history >= 1, candidates >= 2, min_history >= 0, max_per_split >= 1 (or null)")
     if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
     if isinstance(obj, EmbedConfig) and (obj.pca_dim < 1 or obj.pca_fit_items < obj.pca_dim):
