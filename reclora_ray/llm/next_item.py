@@ -118,7 +118,7 @@ def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]]
     logits = first_logits[:, None, :]
     if width > 1:  # the continuation's last token predicts nothing that is scored
         rest = llm(input_ids=cont[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-                   past_key_values=cache, use_cache=True, **_llm_kwargs(repr_rows))
+                   cache=cache, use_cache=True, **_llm_kwargs(repr_rows))
         logits = torch.cat([logits, rest.logits], dim=1)
     return _mean_token_logprob(logits, cont, cont_mask).view(len(prompt_ids), n_cand)
 
@@ -133,12 +133,12 @@ def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int
         batch = collator.pad([list(prompt) + list(t) for t in cands])
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b:b + 1].expand(len(cands), -1)}
-        logits = llm(**batch, **kwargs).logits
-        width = batch["input_ids"].shape[1]
-        targets = torch.zeros((len(cands), width - 1), dtype=torch.long, device=device)
+        keep = max(len(t) for t in cands)  # left-padded: the titles are the last tokens
+        logits = llm(**batch, logits_to_keep=keep + 1, **kwargs).logits[:, :-1]  # position j predicts j + 1
+        targets = torch.zeros((len(cands), keep), dtype=torch.long, device=device)
         mask = torch.zeros_like(targets)
-        for i, t in enumerate(cands):  # left-padded: the title is the last len(t) tokens
-            targets[i, width - 1 - len(t):] = torch.tensor(t, device=device)
-            mask[i, width - 1 - len(t):] = 1
-        rows.append(_mean_token_logprob(logits[:, :-1], targets, mask))
+        for i, t in enumerate(cands):
+            targets[i, keep - len(t):] = torch.tensor(t, device=device)
+            mask[i, keep - len(t):] = 1
+        rows.append(_mean_token_logprob(logits, targets, mask))
     return torch.stack(rows)
