@@ -86,6 +86,16 @@ class TextConfig:
 
 
 @dataclass
+class NextItemDataConfig:
+    """The next-item ranking task (iLoRA / LLaRA protocol), built by prepare beside the CTR samples."""
+
+    history: int = 10  # behaviours before the target shown in the prompt (any split)
+    candidates: int = 20  # the target and candidates - 1 items the user never interacted with
+    min_history: int = 1  # targets with fewer earlier behaviours are left out
+    max_per_split: Optional[int] = 100_000  # a seeded random subsample of a larger split's targets
+
+
+@dataclass
 class DataConfig:
     dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions"] = "ml-100k"
     raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
@@ -104,6 +114,7 @@ class DataConfig:
     timestamp_unit: Literal["s", "ms"] = "s"  # ms: the log holds milliseconds (converted); s refuses them
     duplicates: Literal["drop", "refuse"] = "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
     single_class: Literal["refuse", "warn"] = "refuse"  # a split whose labels are all 0 (or all 1): AUC is undefined
+    next_item: NextItemDataConfig = field(default_factory=NextItemDataConfig)
 
 
 @dataclass
@@ -478,6 +489,9 @@ def _validate(obj: Any, path: str) -> None:
         from reclora_ray.data.text import check_templates
 
         check_templates(obj, path)
+    if isinstance(obj, NextItemDataConfig) and (obj.history < 1 or obj.candidates < 2 or obj.min_history < 0
+                                                or (obj.max_per_split is not None and obj.max_per_split < 1)):
+        raise ConfigError(f"{path}: history >= 1, candidates >= 2, min_history >= 0, max_per_split >= 1 (or null)")
     if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
     if isinstance(obj, EmbedConfig) and (obj.pca_dim < 1 or obj.pca_fit_items < obj.pca_dim):

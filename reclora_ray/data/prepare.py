@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reclora_ray.config import DATASETS, Config, DataConfig
-from reclora_ray.data import text
+from reclora_ray.data import next_item, text
 from reclora_ray.data.prepared import SPLITS
 from reclora_ray.data.checks import check_two_classes, drop_duplicates
 from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
@@ -66,11 +66,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def fingerprint(cfg: Config) -> str:
-    """What the prepared data depends on: the data section (less the parallelism knob) and,
-    when the test split is subsampled, the seed."""
+    """What the prepared data depends on: the data section (less the parallelism knob) and the
+    seed (the test subsample, the next-item candidates)."""
     data = dataclasses.asdict(cfg.data)
     data.pop("blocks")
-    payload = {"data": data, "seed": cfg.run.seed if cfg.data.test_subsample else None}
+    payload = {"data": data, "seed": cfg.run.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -95,7 +95,11 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
         users.to_parquet(tmp / "users.parquet", index=False)
         write_samples(tmp / "samples", split)
         write_sequences(tmp / "sequences.parquet", split, cfg.data.blocks)
+        tasks = next_item_tables(split, cfg, len(items))
+        next_item.write_next_item(tmp / next_item.NEXT_ITEM_DIR, tasks)
         meta = build_meta(cfg, fp, source, split, items, users)
+        meta["next_item"] = {**dataclasses.asdict(cfg.data.next_item), "seed": cfg.run.seed,
+                             "rows": {s: t.num_rows for s, t in tasks.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_resolved_config(cfg, tmp)
     log.info("prepared %s in %.1f s: %d behaviours, %d users, %d items; samples %s",
@@ -297,6 +301,21 @@ def split_samples(b: dict, name: str) -> pa.Table:
         "timestamp": b["timestamp"][rows],
         "pos": b["pos"][rows],
     })
+
+
+def next_item_tables(b: dict, cfg: Config, n_items: int) -> dict[str, pa.Table]:
+    """The next-item rows of every split, from the split's behaviours before any test subsample."""
+    keys = next_item.interaction_keys(b["user"], b["item"], n_items)
+    tables = {}
+    for i, name in enumerate(SPLITS):
+        split = b["splits"][name]
+        rows = split["rows"]
+        tables[name] = next_item.next_item_table(
+            sample_id=np.arange(len(rows), dtype=np.int64) + split["first_sample_id"],
+            user=b["user"][rows], item=b["item"][rows], timestamp=b["timestamp"][rows], pos=b["pos"][rows],
+            keys=keys, n_items=n_items, cfg=cfg.data.next_item, rng=np.random.default_rng([cfg.run.seed, i]),
+        )
+    return tables
 
 
 def write_samples(directory: Path, b: dict) -> None:

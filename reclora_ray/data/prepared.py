@@ -8,6 +8,9 @@ On disk (one directory, usually OUT/data):
                                 a folder of parquet shards (any pyarrow/pandas reader takes it)
   samples/{train,valid,test}.parquet
                                 sample_id, user_id, item_id, label, rating, timestamp, pos
+  next_item/{train,valid,test}.parquet
+                                the next-item task: sample_id, user_id, item_id (target), timestamp,
+                                pos, candidates, target_index (reclora_ray/data/next_item.py)
 A sample's history is sequences[user][:pos]; it is never copied per sample. In memory the
 sequences are held in CSR form (offsets + flat arrays), so ML-25M fits on one machine.
 
@@ -96,6 +99,18 @@ class PreparedData:
 
     def samples(self, split: str, columns: list[str] | None = None) -> pd.DataFrame:
         return pd.read_parquet(self.split_path(split), columns=columns)
+
+    def next_item(self, split: str) -> tuple[pd.DataFrame, np.ndarray]:
+        """The split's next-item rows (less the candidates) and their candidates, (n, C) int64."""
+        from reclora_ray.data.next_item import NEXT_ITEM_DIR
+
+        path = self.root / NEXT_ITEM_DIR / f"{self.split_path(split).name}"
+        if not path.is_file():
+            raise PreparedDataError(f"{path} is missing: prepare this dataset again (it predates the next-item task)")
+        table = pq.read_table(path)
+        width = table.schema.field("candidates").type.list_size
+        candidates = table.column("candidates").combine_chunks().flatten().to_numpy().reshape(-1, width)
+        return table.drop(["candidates"]).to_pandas(), candidates
 
     @classmethod
     def load(cls, root: str | Path, expect_dataset: str | None = None) -> "PreparedData":

@@ -12,6 +12,7 @@ adapter lands in OUT/adapter/<variant>/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -197,6 +198,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     variant = get_variant(variant_name)
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
+    cfg = dataclasses.replace(cfg, tune=variant.tune_config(cfg.tune))  # a variant's own lr (ilora)
     out = run.adapter(variant.name)
     fp = with_inputs(fingerprint(cfg, variant), upstream_outputs(cfg, run, variant))
     if not check_can_write(out, fp, overwrite):

@@ -7,10 +7,10 @@ long (ID) and short (text) histories are chosen. Tuning, scoring and serving all
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
-from reclora_ray.config import Config, CRMConfig, LoRAConfig
+from reclora_ray.config import Config, CRMConfig, LoRAConfig, TuneConfig
 
 HistoryMode = Literal["semantic", "recent"]
 
@@ -22,6 +22,11 @@ class Variant:
     short_mode: HistoryMode  # the text history in the prompt
     long_mode: HistoryMode  # the ID history the CRM reads (only when the adapter is plora)
     description: str
+    # A method's own settings over the config's: its LoRA shape (lora.* keys), the CRM its gate
+    # reads (crm.model) and its learning rate (tune.lr). None / empty: the config's.
+    lora: dict[str, Any] = field(default_factory=dict, hash=False)
+    crm_model: Optional[str] = None
+    lr: Optional[float] = None
 
     @property
     def uses_crm(self) -> bool:
@@ -40,8 +45,13 @@ class Variant:
     def lora_config(self, base: LoRAConfig) -> LoRAConfig:
         if self.adapter is None:
             raise ValueError(f"variant {self.name!r} has no adapter")
-        return dataclasses.replace(base, variant=self.adapter)
+        return dataclasses.replace(base, variant=self.adapter, **self.lora)
 
+    def tune_config(self, base: TuneConfig) -> TuneConfig:
+        return base if self.lr is None else dataclasses.replace(base, lr=self.lr)
+
+
+ILORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -59,6 +69,15 @@ VARIANTS: dict[str, Variant] = {
         Variant("wo-short-retriever", "plora", "recent", "semantic",
                 "Table 3: the prompt holds the recent history instead of the retrieved short list"),
         Variant("wo-both-retrievers", "plora", "recent", "recent", "Table 3: recent histories only"),
+        # iLoRA (Kong et al., 2024): one LoRA of rank 8 on every attention and MLP projection, split
+        # into N = 4 experts of rank 2, mixed at the output by one gate fed by the frozen SASRec's
+        # representation of the recent sequence. Its scaling alpha / r = 32 / 8 (the whole LoRA's
+        # rank) is our alpha / (rank per expert) = 8 / 2.
+        Variant("ilora", "plora", "recent", "recent",
+                "iLoRA: 4 LoRA experts of rank 2 on all projections, gate fed by SASRec's R_c",
+                lora={"r": 2, "n_meta": 4, "alpha": 8, "mixing": "paper", "gate": "shared", "temperature": 1.0,
+                      "target_modules": list(ILORA_TARGETS)},
+                crm_model="sasrec", lr=8e-4),
     ]
 }
 
@@ -70,8 +89,8 @@ def get_variant(name: str) -> Variant:
 
 
 def crm_config(cfg: Config, variant: Variant) -> CRMConfig:
-    """The CRM a variant's gate reads: the configured model, on the variant's long history."""
-    return dataclasses.replace(cfg.crm, history=variant.crm_history)
+    """The CRM a variant's gate reads: its own model or the configured one, on its long history."""
+    return dataclasses.replace(cfg.crm, history=variant.crm_history, model=variant.crm_model or cfg.crm.model)
 
 
 def upstream_outputs(cfg: Config, run, variant: Variant) -> list:

@@ -1,0 +1,144 @@
+"""The next-item task for the LLM: iLoRA's prompt, and scoring by candidate likelihood.
+
+Prompt (iLoRA's code; books read where movies are watched), rendered like the CTR prompt:
+
+    This user has watched Titanic (1997), Antz (1998), ... in the previous. Please predict the
+    next movie this user will watch. Choose the answer from the following 20 movie titles:
+    Fargo (1996), ..., Heat (1995). Answer:
+
+A candidate's score is the mean log-probability of its title's tokens after the prompt. The
+prompt runs once (one prefix pass for a batch of prompts, left-padded, positions counting real
+tokens only); its key/value cache is repeated for the C candidates and the C continuations run
+in one batch on top of it: a prompt costs one prefix plus C short continuations, not C full
+forwards. `full_prompt_logliks` is the plain form (every prompt + candidate as its own
+sequence), kept as the reference and the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reclora_ray.data.prepared import Sequences
+from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
+from reclora_ray.llm.prompt import BOOKS, WORDING, PromptBuilder, render
+
+
+def next_item_text(dataset: str, history_titles, candidate_titles) -> str:
+    if dataset not in WORDING:
+        raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)}")
+    words = WORDING[dataset]
+    return (f"This user has {words.past} {', '.join(history_titles)} in the previous. "
+            f"Please predict the next {words.noun} this user will {'read' if words is BOOKS else 'watch'}. "
+            f"Choose the answer from the following {len(candidate_titles)} {words.noun} titles: "
+            f"{', '.join(candidate_titles)}. Answer:")
+
+
+class NextItemInputs:
+    """Token ids of next-item prompts and of candidate titles for one prepared dataset."""
+
+    def __init__(self, prompts: PromptBuilder, collator: PromptCollator, sequences: Sequences, history: int):
+        self.prompts = prompts
+        self.collator = collator
+        self.sequences = sequences
+        self.history = history
+        tokenizer = collator.tokenizer
+        # Every title's tokens as an answer, computed once: candidates repeat across prompts.
+        self.title_ids = tokenizer(list(prompts.titles), add_special_tokens=False)["input_ids"]
+
+    def history_items(self, user_ids, pos) -> np.ndarray:
+        """(n, history) item ids of the behaviours before each target, -1 padded on the left."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        return self.sequences.gather(user_ids, self.sequences.recent(user_ids, pos, self.history), "item_ids")
+
+    def prompt_ids(self, user_ids, pos, candidates: np.ndarray) -> list[list[int]]:
+        titles = self.prompts.titles
+        texts = []
+        for hist, cand in zip(self.history_items(user_ids, pos), candidates):
+            text = next_item_text(self.prompts.dataset, titles[hist[hist >= 0]], titles[cand])
+            texts.append(render(text, self.prompts.tokenizer, self.prompts.chat_template))
+        return self.collator.encode(texts)
+
+    def candidate_ids(self, candidates: np.ndarray) -> list[list[list[int]]]:
+        return [[self.title_ids[c] for c in row] for row in candidates]
+
+    def training_batch(self, user_ids, pos, candidates: np.ndarray, target_index) -> dict[str, torch.Tensor]:
+        """Prompt + the target's title; the loss on the title tokens only."""
+        sequences, labels = [], []
+        for prompt, row, t in zip(self.prompt_ids(user_ids, pos, candidates), candidates, target_index):
+            answer = self.title_ids[row[t]]
+            sequences.append(list(prompt) + answer)
+            labels.append([IGNORE_INDEX] * len(prompt) + answer)
+        return self.collator.pad(sequences, labels)
+
+
+def _llm_kwargs(crm_repr: torch.Tensor | None) -> dict:
+    return {} if crm_repr is None else {"crm_repr": crm_repr}
+
+
+def _mean_token_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked positions of log softmax(logits)[target]: (rows, L, V), (rows, L) -> (rows,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = mask.to(logp.dtype)
+    return (logp * mask).sum(-1) / mask.sum(-1)
+
+
+@torch.inference_mode()
+def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]],
+                      candidate_ids: list[list[list[int]]], crm_repr: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) length-normalised log-likelihoods of each prompt's C candidates, one prefix pass.
+
+    `llm`: a HF causal LM or a PersonalizedLoRAModel (then `crm_repr` (B, d_c) routes its gate;
+    each continuation row reads its prompt's gate weights)."""
+    n_cand = {len(c) for c in candidate_ids}
+    if len(n_cand) != 1:
+        raise ValueError(f"every prompt needs the same number of candidates; got {sorted(n_cand)}")
+    n_cand = n_cand.pop()
+    if min(len(t) for c in candidate_ids for t in c) == 0:
+        raise ValueError("a candidate title tokenizes to nothing")
+    device = next(llm.parameters()).device
+    prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
+    out = llm(**prefix, use_cache=True, logits_to_keep=1, **_llm_kwargs(crm_repr))
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_cand)
+    first_logits = out.logits[:, -1, :].repeat_interleave(n_cand, dim=0)  # predicts each title's first token
+
+    flat = [t for c in candidate_ids for t in c]
+    width = max(len(t) for t in flat)
+    cont = torch.full((len(flat), width), collator.pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for i, tokens in enumerate(flat):
+        cont[i, :len(tokens)] = torch.tensor(tokens)
+        cont_mask[i, :len(tokens)] = 1
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    prompt_len = prefix["attention_mask"].sum(-1).repeat_interleave(n_cand)
+    position_ids = prompt_len[:, None] + torch.arange(width, device=device)[None, :]
+    attention_mask = torch.cat([prefix["attention_mask"].repeat_interleave(n_cand, dim=0), cont_mask], dim=1)
+    repr_rows = None if crm_repr is None else crm_repr.repeat_interleave(n_cand, dim=0)
+    logits = first_logits[:, None, :]
+    if width > 1:  # the continuation's last token predicts nothing that is scored
+        rest = llm(input_ids=cont[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+                   cache=cache, use_cache=True, **_llm_kwargs(repr_rows))
+        logits = torch.cat([logits, rest.logits], dim=1)
+    return _mean_token_logprob(logits, cont, cont_mask).view(len(prompt_ids), n_cand)
+
+
+@torch.inference_mode()
+def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]],
+                        candidate_ids: list[list[list[int]]], crm_repr: torch.Tensor | None = None) -> torch.Tensor:
+    """The same scores with every prompt + candidate as its own sequence (one batch per prompt)."""
+    device = next(llm.parameters()).device
+    rows = []
+    for b, (prompt, cands) in enumerate(zip(prompt_ids, candidate_ids)):
+        batch = collator.pad([list(prompt) + list(t) for t in cands])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b:b + 1].expand(len(cands), -1)}
+        keep = max(len(t) for t in cands)  # left-padded: the titles are the last tokens
+        logits = llm(**batch, logits_to_keep=keep + 1, **kwargs).logits[:, :-1]  # position j predicts j + 1
+        targets = torch.zeros((len(cands), keep), dtype=torch.long, device=device)
+        mask = torch.zeros_like(targets)
+        for i, t in enumerate(cands):
+            targets[i, keep - len(t):] = torch.tensor(t, device=device)
+            mask[i, keep - len(t):] = 1
+        rows.append(_mean_token_logprob(logits, targets, mask))
+    return torch.stack(rows)
