@@ -29,6 +29,7 @@ _NOISE = (
     "Token authentication is enabled for this Ray cluster",
     "ExecutionOptions.exclude_resources` is deprecated",
     "self.exclude_resources = exclude_resources",
+    "Progress bars disabled. To enable",  # Ray Data, where we turned them off on purpose
 )
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
@@ -49,7 +50,8 @@ def is_verbose() -> bool:
 
 
 def quiet_ray() -> None:
-    """After ray.init on a driver: Ray's console handlers at WARNING, worker lines filtered."""
+    """On a driver, before and after ray.init: Ray's console handlers at WARNING without known
+    noise (its file handlers keep every record), and the worker output it forwards filtered."""
     if is_verbose():
         return
     import ray.data  # noqa: F401 - configures the ray.data logger, whose console handler is quieted here
@@ -57,12 +59,20 @@ def quiet_ray() -> None:
 
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:  # files keep every level
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(max(handler.level, logging.WARNING))
+                if not any(isinstance(f, _NoiseFilter) for f in handler.filters):
+                    handler.addFilter(_NoiseFilter())
     # Ray has no public hook to filter what it forwards from workers to the driver's console.
     with dispatcher._lock:
         dispatcher.handlers = [(n, h if getattr(h, "quiet", False) or n != "ray_print_logs" else _filtered(h))
                                for n, h in dispatcher.handlers]
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
 
 
 def _filtered(handle):
