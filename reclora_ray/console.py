@@ -30,6 +30,9 @@ _NOISE = (
     "ExecutionOptions.exclude_resources` is deprecated",
     "self.exclude_resources = exclude_resources",
     "Progress bars disabled. To enable",  # Ray Data, where we turned them off on purpose
+    "Setting accelerator to CPU",  # DeepSpeed on a CPU run
+    "Attempting to get learning rate from scheduler before it has started",  # DeepSpeed, first micro-batches
+    "all_gather_into_tensor` is deprecated",  # torch, inside DeepSpeed
 )
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
@@ -137,6 +140,7 @@ class Progress:
         self.log, self.what, self.total, self.unit, self.every_s, self.active = log, what, total, unit, every_s, active
         self.done, self.started = 0, time.perf_counter()
         self.last = self.started
+        self.warm = None  # (time, done) at the first update: the rate leaves out a pipeline's warm-up
         self.bar = None
         if active and sys.stderr.isatty():
             from tqdm import tqdm
@@ -146,6 +150,8 @@ class Progress:
     def update(self, n: int = 1, **extra: float) -> None:
         self.done += n
         now = time.perf_counter()
+        if self.warm is None:
+            self.warm, self.last = (now, self.done), now
         if self.bar is not None:
             self.bar.update(n)
             if extra:
@@ -161,13 +167,13 @@ class Progress:
             self.log.info("%s", self.line(time.perf_counter(), extra))
 
     def line(self, now: float, extra: dict) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
+        warm_at, warm_done = self.warm or (self.started, 0)
+        rate = (self.done - warm_done) / (now - warm_at) if now > warm_at and self.done > warm_done else None
         parts = [f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
-        parts.append(f"{rate:.1f} {self.unit}/s")
-        if self.total and rate > 0 and self.done < self.total:
+        parts.append(f"{rate:.1f} {self.unit}/s" if rate is not None else f"{now - self.started:.0f} s")
+        if self.total and rate and self.done < self.total:
             parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
         parts += [f"{k} {v:.4f}" for k, v in extra.items()]
         return ", ".join(parts)

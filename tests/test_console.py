@@ -1,6 +1,7 @@
 """The console: which forwarded worker lines are shown, stage lines, one-line progress."""
 
 import logging
+import time
 
 import pytest
 
@@ -44,10 +45,14 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     log = logging.getLogger("reclora_ray.test")
     caplog.set_level(logging.INFO)
     progress = Progress(log, "epoch 0", total=10, every_s=0.0)
-    progress.update(4, loss=0.5)
+    progress.update(1)  # the first step (after a data pipeline's warm-up) starts the rate's clock
+    time.sleep(0.01)
+    progress.update(3, loss=0.5)
     progress.close()
-    first, last = (r.getMessage() for r in caplog.records)
-    assert first.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in first and first.endswith("loss 0.5000")
+    first, second, last = (r.getMessage() for r in caplog.records)
+    assert first.startswith("epoch 0: 1/10 steps (10%), ") and first.endswith(" s") and "ETA" not in first
+    assert second.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in second
+    assert second.endswith("loss 0.5000")
     assert last.startswith("epoch 0: 4/10 steps (40%)")
     caplog.clear()
     quiet = Progress(log, "epoch 0", total=10, every_s=3600.0)  # rate-limited: nothing until the end
