@@ -33,6 +33,7 @@ _NOISE = (
     "Setting accelerator to CPU",  # DeepSpeed on a CPU run
     "Attempting to get learning rate from scheduler before it has started",  # DeepSpeed, first micro-batches
     "all_gather_into_tensor` is deprecated",  # torch, inside DeepSpeed
+    "Failed to kill actor",  # the GCS, about an actor that had already exited
 )
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)

@@ -22,6 +22,8 @@ def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
         "    raise ValueError('crm.lr must be positive')",
         "ValueError: crm.lr must be positive",
         "Loading weights: 100%|##########| 21/21",
+        "[2026-12-02 07:24:21,622 E 12145 12145] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor d7f4, "
+        "return status: Invalid: KillActor RPC failed for actor d7f4: RpcError: RPC error: Socket closed",
     ]
     assert worker_lines_to_show(lines, "RayTrainWorker") == [ours, lines[4], *lines[6:10]]
     assert worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"],
