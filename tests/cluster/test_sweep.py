@@ -79,6 +79,22 @@ def test_grid_args_and_expansion():
     assert exps[0].cfg.retrieve.long_mode == "semantic"
 
 
+def test_random_search_draws_validated_points_with_tunes_samplers():
+    spec = SweepSpec(config="tiny", search="random", num_samples=4, seed=3,
+                     grid={"crm.lr": {"loguniform": [1e-4, 1e-2]}, "lora.n_meta": [1, 2, 4]})
+    exps = expand(spec)
+    assert [e.name.split(",")[0] for e in exps] == ["s0", "s1", "s2", "s3"]
+    assert all(1e-4 <= e.cfg.crm.lr <= 1e-2 and e.cfg.lora.n_meta in (1, 2, 4) for e in exps)
+    assert len({e.cfg.crm.lr for e in exps}) == 4
+    assert [e.name for e in expand(spec)] == [e.name for e in exps]  # the seed fixes the draw: resumable
+    with pytest.raises(ConfigError, match="ranges need search: random"):
+        expand(SweepSpec(config="tiny", grid={"crm.lr": {"uniform": [0.1, 0.2]}}))
+    with pytest.raises(ConfigError, match="needs num_samples"):
+        expand(SweepSpec(config="tiny", search="random", grid={"crm.lr": [0.1]}))
+    with pytest.raises(ConfigError, match="a list of values or one of"):
+        expand(SweepSpec(config="tiny", search="random", num_samples=1, grid={"crm.lr": {"normal": [0, 1]}}))
+
+
 def test_bad_grid_key_fails_before_anything_runs():
     with pytest.raises(ConfigError, match=r"experiment n_mta=2: lora\.n_mta: unknown key"):
         expand(SweepSpec(config="tiny", grid={"lora.n_mta": [2]}))
