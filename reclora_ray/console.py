@@ -29,6 +29,11 @@ _NOISE = (
     "Token authentication is enabled for this Ray cluster",
     "ExecutionOptions.exclude_resources` is deprecated",
     "self.exclude_resources = exclude_resources",
+    "Progress bars disabled. To enable",  # Ray Data, where we turned them off on purpose
+    "Setting accelerator to CPU",  # DeepSpeed on a CPU run
+    "Attempting to get learning rate from scheduler before it has started",  # DeepSpeed, first micro-batches
+    "all_gather_into_tensor` is deprecated",  # torch, inside DeepSpeed
+    "Failed to kill actor",  # the GCS, about an actor that had already exited
 )
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
@@ -49,7 +54,8 @@ def is_verbose() -> bool:
 
 
 def quiet_ray() -> None:
-    """After ray.init on a driver: Ray's console handlers at WARNING, worker lines filtered."""
+    """On a driver, before and after ray.init: Ray's console handlers at WARNING without known
+    noise (its file handlers keep every record), and the worker output it forwards filtered."""
     if is_verbose():
         return
     import ray.data  # noqa: F401 - configures the ray.data logger, whose console handler is quieted here
@@ -57,12 +63,20 @@ def quiet_ray() -> None:
 
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:  # files keep every level
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(max(handler.level, logging.WARNING))
+                if not any(isinstance(f, _NoiseFilter) for f in handler.filters):
+                    handler.addFilter(_NoiseFilter())
     # Ray has no public hook to filter what it forwards from workers to the driver's console.
     with dispatcher._lock:
         dispatcher.handlers = [(n, h if getattr(h, "quiet", False) or n != "ray_print_logs" else _filtered(h))
                                for n, h in dispatcher.handlers]
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
 
 
 def _filtered(handle):
@@ -127,6 +141,7 @@ class Progress:
         self.log, self.what, self.total, self.unit, self.every_s, self.active = log, what, total, unit, every_s, active
         self.done, self.started = 0, time.perf_counter()
         self.last = self.started
+        self.warm = None  # (time, done) at the first update: the rate leaves out a pipeline's warm-up
         self.bar = None
         if active and sys.stderr.isatty():
             from tqdm import tqdm
@@ -136,6 +151,8 @@ class Progress:
     def update(self, n: int = 1, **extra: float) -> None:
         self.done += n
         now = time.perf_counter()
+        if self.warm is None:
+            self.warm, self.last = (now, self.done), now
         if self.bar is not None:
             self.bar.update(n)
             if extra:
@@ -151,13 +168,13 @@ class Progress:
             self.log.info("%s", self.line(time.perf_counter(), extra))
 
     def line(self, now: float, extra: dict) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
+        warm_at, warm_done = self.warm or (self.started, 0)
+        rate = (self.done - warm_done) / (now - warm_at) if now > warm_at and self.done > warm_done else None
         parts = [f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
-        parts.append(f"{rate:.1f} {self.unit}/s")
-        if self.total and rate > 0 and self.done < self.total:
+        parts.append(f"{rate:.1f} {self.unit}/s" if rate is not None else f"{now - self.started:.0f} s")
+        if self.total and rate and self.done < self.total:
             parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
         parts += [f"{k} {v:.4f}" for k, v in extra.items()]
         return ", ".join(parts)

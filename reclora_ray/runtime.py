@@ -33,6 +33,7 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)

@@ -1,6 +1,7 @@
 """The console: which forwarded worker lines are shown, stage lines, one-line progress."""
 
 import logging
+import time
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
         "    raise ValueError('crm.lr must be positive')",
         "ValueError: crm.lr must be positive",
         "Loading weights: 100%|##########| 21/21",
+        "[2026-12-02 07:24:21,622 E 12145 12145] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor d7f4, "
+        "return status: Invalid: KillActor RPC failed for actor d7f4: RpcError: RPC error: Socket closed",
     ]
     assert worker_lines_to_show(lines, "RayTrainWorker") == [ours, lines[4], *lines[6:10]]
     assert worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"],
@@ -44,10 +47,14 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     log = logging.getLogger("reclora_ray.test")
     caplog.set_level(logging.INFO)
     progress = Progress(log, "epoch 0", total=10, every_s=0.0)
-    progress.update(4, loss=0.5)
+    progress.update(1)  # the first step (after a data pipeline's warm-up) starts the rate's clock
+    time.sleep(0.01)
+    progress.update(3, loss=0.5)
     progress.close()
-    first, last = (r.getMessage() for r in caplog.records)
-    assert first.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in first and first.endswith("loss 0.5000")
+    first, second, last = (r.getMessage() for r in caplog.records)
+    assert first.startswith("epoch 0: 1/10 steps (10%), ") and first.endswith(" s") and "ETA" not in first
+    assert second.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in second
+    assert second.endswith("loss 0.5000")
     assert last.startswith("epoch 0: 4/10 steps (40%)")
     caplog.clear()
     quiet = Progress(log, "epoch 0", total=10, every_s=3600.0)  # rate-limited: nothing until the end

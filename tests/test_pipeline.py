@@ -31,7 +31,8 @@ def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local,
     # Curves of every tuned variant (and the CRM), plotted in the report and sent to TensorBoard.
     for variant in ("reclora", "tallrec"):
         curves = read_curves(run.adapter(variant) / CURVES_FILE)
-        assert [r["step"] for r in curves if r["kind"] == "step"] == list(range(64 // 8))  # 64 few-shot, micro-batch 8
+        micro_batches = cfg.tune.few_shot // (cfg.tune.micro_batch * cfg.tune.num_workers)  # on rank 0, one epoch
+        assert [r["step"] for r in curves if r["kind"] == "step"] == list(range(micro_batches))
         assert [r["epoch"] for r in curves if r["kind"] == "epoch"] == [0]
         assert list((tiny_run / "tracking" / f"tune-{variant}").glob("events.out.tfevents.*"))
     assert "![Training loss and validation curves](curves.png)" in report

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
@@ -140,7 +141,7 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed,
-                           "train_rows": prepared.meta["splits"]["train"]["rows"],
+                           "train_rows": pq.ParquetFile(prepared.split_path("train")).metadata.num_rows,
                            "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}")},
         scaling_config=ScalingConfig(num_workers=crm.num_workers, use_gpu=crm.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reclora_ray.config import Config, LLMConfig
+from reclora_ray.console import Progress
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
@@ -145,7 +146,7 @@ def encode(cfg: Config, items: pd.DataFrame,
     )
     position = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     out = None
-    done = 0
+    progress = Progress(log, "encoding items", total=len(items), unit="items")
     dtypes = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         dtypes.update(batch["dtype"].tolist())
@@ -153,8 +154,8 @@ def encode(cfg: Config, items: pd.DataFrame,
         if out is None:
             out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
         out[position.loc[batch["item_id"]].to_numpy()] = vectors
-        done += len(vectors)
-        log.info("encoded %d/%d items", done, len(items))
+        progress.update(len(vectors))
+    progress.close()
     return out, ", ".join(sorted(dtypes))
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reclora_ray.config import Config
+from reclora_ray.console import Progress
 from reclora_ray.data.prepared import SPLITS, PreparedData
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever, lists_to_padded, padded_to_lists
@@ -118,6 +119,7 @@ def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dic
         compute=ray.data.ActorPoolStrategy(size=cfg.retrieve.concurrency),
     )
     started, done = time.time(), 0
+    progress = Progress(log, f"{out_path.stem}: retrieving", total=len(sample_ids), unit="samples")
     scratch = out_path.parent / f".{out_path.stem}-blocks"
     scratch.mkdir()
     blocks = []
@@ -128,8 +130,8 @@ def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dic
             np.save(f"{path}-short.npy", batch["hist_short"])
             blocks.append((batch["row"], path))
             done += len(batch["row"])
-            log.info("%s: retrieved %d/%d samples (%.0f/s)", out_path.stem, done, len(sample_ids),
-                     done / max(time.time() - started, 1e-9))
+            progress.update(len(batch["row"]))
+        progress.close()
         if done != len(sample_ids):
             raise RuntimeError(f"{samples_path}: {len(sample_ids)} samples but {done} retrieval rows")
         stats = _write_in_row_order(out_path, sample_ids, blocks, cfg.retrieve)

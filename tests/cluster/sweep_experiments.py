@@ -62,6 +62,8 @@ def slow(cfg: Config, out: str) -> dict:
     """Sleeps crm.epochs seconds (long enough to kill the sweep's driver meanwhile), then
     writes its output; the result says when it ran."""
     started = time.time()
+    with open(f"{out}.started", "a") as marker:  # beside its output, which replaces its directory
+        marker.write(f"{started}\n")
     time.sleep(cfg.crm.epochs)
     with storage.staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
         (tmp / "slept.txt").write_text(str(cfg.crm.epochs))

@@ -46,7 +46,14 @@ def max_overlap(rows):
 @pytest.fixture(scope="module")
 def local_ray():
     path = f"{HERE}:{REPO}"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    # In the raylet's environment too, so the workers of another driver on this Ray (the killed
+    # one below) import the experiments as well.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = path
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
     yield
     ray.shutdown()
 
@@ -70,6 +77,22 @@ def test_grid_args_and_expansion():
     assert exps[3].dirname == "w_o_long,n_meta=4,lr=0.0010"
     assert exps[3].cfg.retrieve.long_mode == "recent" and exps[3].cfg.lora.n_meta == 4
     assert exps[0].cfg.retrieve.long_mode == "semantic"
+
+
+def test_random_search_draws_validated_points_with_tunes_samplers():
+    spec = SweepSpec(config="tiny", search="random", num_samples=4, seed=3,
+                     grid={"crm.lr": {"loguniform": [1e-4, 1e-2]}, "lora.n_meta": [1, 2, 4]})
+    exps = expand(spec)
+    assert [e.name.split(",")[0] for e in exps] == ["s0", "s1", "s2", "s3"]
+    assert all(1e-4 <= e.cfg.crm.lr <= 1e-2 and e.cfg.lora.n_meta in (1, 2, 4) for e in exps)
+    assert len({e.cfg.crm.lr for e in exps}) == 4
+    assert [e.name for e in expand(spec)] == [e.name for e in exps]  # the seed fixes the draw: resumable
+    with pytest.raises(ConfigError, match="ranges need search: random"):
+        expand(SweepSpec(config="tiny", grid={"crm.lr": {"uniform": [0.1, 0.2]}}))
+    with pytest.raises(ConfigError, match="needs num_samples"):
+        expand(SweepSpec(config="tiny", search="random", grid={"crm.lr": [0.1]}))
+    with pytest.raises(ConfigError, match="a list of values or one of"):
+        expand(SweepSpec(config="tiny", search="random", num_samples=1, grid={"crm.lr": {"normal": [0, 1]}}))
 
 
 def test_bad_grid_key_fails_before_anything_runs():
@@ -172,27 +195,30 @@ def test_a_killed_driver_resumes_with_tuner_restore(local_ray, tmp_path, caplog)
     argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", "sweep_experiments:slow",
             "--grid", "crm.epochs=1,12", "--max-concurrent", "1"]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=f"{HERE}:{REPO}")
-    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = tmp_path.parent / "killed-driver.log"
+    with output.open("w") as sink:
+        driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], env=env,
+                                  stdout=sink, stderr=subprocess.STDOUT)
     first, second = tmp_path / "epochs=1" / "experiment.json", tmp_path / "epochs=12"
+    started = tmp_path / "epochs=12.started"
     deadline = time.time() + 120
-    while not (first.exists() and second.exists()) and time.time() < deadline and driver.poll() is None:
+    while not (first.exists() and started.exists()) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
     driver.kill()
     driver.wait()
-    assert first.exists() and not (second / "experiment.json").exists() and not (tmp_path / "sweep.json").exists()
+    assert first.exists(), output.read_text()[-3000:]
+    assert not (second / "experiment.json").exists() and not (tmp_path / "sweep.json").exists()
     finished = json.loads(first.read_text())
 
     caplog.set_level(logging.INFO, logger="reclora_ray.cluster.sweep")
     job = load_job("sweep")
-    assert job.main(argv[:-3] + ["crm.epochs=1,2", "--max-concurrent", "1"]) == 0  # a new grid: a new experiment
-    assert "resuming the Tune experiment" not in caplog.text
-    resumed = job.main(argv)
-    assert resumed == 0 and "resuming the Tune experiment" in caplog.text
+    assert job.main(argv) == 0
+    assert caplog.text.count("resuming the Tune experiment") == 2  # both waves: the data leader's, then the rest
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
     assert rows[0] == finished  # the finished trial was kept, not run again
     assert rows[1]["started_at"] > finished["started_at"] and rows[1]["metrics"]["end"] - rows[1]["metrics"]["start"] >= 12
+    assert len(started.read_text().split()) == 2  # interrupted once, then run to the end
 
 
 def test_markdown_table_lists_every_metric_and_escapes_pipes():
