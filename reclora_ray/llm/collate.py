@@ -13,6 +13,8 @@ import logging
 import numpy as np
 import torch
 
+from reclora_ray.llm.base import answer_token_ids
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -27,11 +29,12 @@ class PromptCollator:
         self.answer_ids = {
             label: tokenizer(text, add_special_tokens=False)["input_ids"] for label, text in ANSWERS.items()
         }
-        self.yes_id = self.answer_ids[1][0]
-        self.no_id = self.answer_ids[0][0]
-        self.yes_no = (self.yes_id, self.no_id)
-        if self.yes_id == self.no_id:
-            raise ValueError("the tokenizer gives 'Yes.' and 'No.' the same first token; cannot score")
+        self.yes_no = answer_token_ids(tokenizer)  # what scoring reads at the answer slot
+        self.yes_id, self.no_id = self.yes_no
+        if (self.answer_ids[1][0], self.answer_ids[0][0]) != self.yes_no:
+            raise ValueError(f"the tokenizer starts the answers {ANSWERS[1]!r}/{ANSWERS[0]!r} with tokens "
+                             f"{self.answer_ids[1][0]}/{self.answer_ids[0][0]}, not the answer-slot tokens "
+                             f"{self.yes_no}: training and scoring would read different tokens")
         self.truncated = 0
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
