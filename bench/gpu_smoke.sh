@@ -47,7 +47,8 @@ step() {
 
 if [ $DRY_RUN -eq 1 ]; then
   DEVICE=cpu CONFIG=tiny
-  SETS=(--set run.num_cpus=2 --set crm.num_workers=1 --set crm.cpus_per_worker=1)
+  SETS=(--set run.num_cpus=2 --set crm.num_workers=1 --set crm.cpus_per_worker=1
+        --set "tune.variants=[reclora]" --set score.zero_shot=false)
   PLORA=(--shapes 135m --batch 1 --seq 32 --warmup 0 --repeats 1)
   SCORE=(--shape smollm2-135m --layers 2 --prompts 16 --batch-size 8 --rounds 1 --generate-tokens 2)
   LIMITS=(60 600 300 300)
