@@ -51,7 +51,7 @@ if [ $DRY_RUN -eq 1 ]; then
         --set "tune.variants=[reclora]" --set score.zero_shot=false)
   PLORA=(--shapes 135m --batch 1 --seq 32 --warmup 0 --repeats 1)
   SCORE=(--shape smollm2-135m --layers 2 --prompts 16 --batch-size 8 --rounds 1 --generate-tokens 2)
-  LIMITS=(60 600 300 300)
+  LIMITS=(120 1800 600 600)  # a CPU plumbing check: slow on a loaded machine
 else
   DEVICE=cuda CONFIG=quickstart
   SETS=(--set tune.use_gpu=true --set tune.num_workers=1 --set tune.grad_accum=2
