@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-PACKAGED_CONFIGS = ("quickstart", "tiny", "ml-1m", "ml-25m", "goodreads")
+PACKAGED_CONFIGS = ("quickstart", "tiny", "ml-1m", "ml-1m-1gpu", "ml-25m", "goodreads")
 DATASETS = ("ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions")
 
 
@@ -270,6 +270,7 @@ class TuneConfig:
     micro_batch: int = 8
     grad_accum: int = 16
     zero_stage: int = 2
+    gradient_checkpointing: bool = False  # recompute activations in backward: 7B tuning on 16 GB GPUs
     num_workers: int = 1
     use_gpu: bool = True
     max_failures: int = 2

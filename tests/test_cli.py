@@ -29,7 +29,9 @@ def test_tune_score_and_run_read_and_write_a_uri_run_directory(ray_local, tiny_u
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("RECLORA_SCRATCH", str(scratch))
-    args = ["--config", "tiny", *sets("tune.variants=[reclora]", "score.zero_shot=false"), "--out", uri]
+    # gradient checkpointing on: the ml-1m-1gpu setting, through Ray Train + DeepSpeed here
+    args = ["--config", "tiny", *sets("tune.variants=[reclora]", "score.zero_shot=false",
+                                      "tune.gradient_checkpointing=true"), "--out", uri]
 
     assert cli.main(["tune", *args]) == 0
     adapter = run.adapter("reclora")

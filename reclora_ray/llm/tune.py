@@ -116,6 +116,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
+    if cfg.tune.gradient_checkpointing:
+        unwrap(model.llm).activation_checkpointing_enable()
     inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
     base_dtype = dtype_name(resolve_dtype(cfg.llm.dtype, device))
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ INSTANCE_SPECS = {
 # The GPU behind each nvidia.com/gpu.product label the KubeRay groups select.
 GPU_PRODUCTS = {"Tesla-V100-SXM2-16GB": "V100", "NVIDIA-L40S": "L40S",
                 "NVIDIA-A100-SXM4-40GB": "A100", "NVIDIA-H100-80GB-HBM3": "H100"}
-GPU_CONFIGS = ("ml-1m", "ml-25m", "goodreads")
+GPU_CONFIGS = ("ml-1m", "ml-1m-1gpu", "ml-25m", "goodreads")
 
 
 def load(path: str):
@@ -137,6 +137,20 @@ def test_packaged_gpu_configs_fit_the_v100_cluster(launcher, name):
     assert all(n <= total_gpus for n in gpu_workers)
     assert cfg.tune.num_workers <= max_gpus_per_node  # DeepSpeed tuning fits on one NVLink node
     assert cfg.embed.num_gpus <= max_gpus_per_node and cfg.score.num_gpus <= max_gpus_per_node
+
+
+def test_single_gpu_config_runs_every_stage_on_one_gpu_node(launcher):
+    cfg = load_config("ml-1m-1gpu")
+    paper = load_config("ml-1m")
+    assert cfg.tune.use_gpu and cfg.crm.use_gpu and cfg.tune.gradient_checkpointing
+    assert cfg.tune.num_workers == cfg.crm.num_workers == 1
+    assert cfg.embed.num_gpus * cfg.embed.concurrency == cfg.score.num_gpus * cfg.score.concurrency == 1
+    assert cfg.serve.num_gpus == 1
+    global_batch = lambda c: c.tune.micro_batch * c.tune.grad_accum * c.tune.num_workers  # noqa: E731
+    assert global_batch(cfg) == global_batch(paper) and cfg.llm == paper.llm and cfg.data == paper.data
+    one_gpu = [k for k, t in launcher["available_node_types"].items() if t["resources"].get("GPU") == 1]
+    assert {INSTANCE_SPECS[launcher["available_node_types"][k]["node_config"]["InstanceType"]][2]
+            for k in one_gpu} == {"V100", "L40S"}
 
 
 def test_constraints_pin_what_pyproject_allows():
