@@ -35,3 +35,20 @@ def test_bad_inputs_raise():
 
 def test_rel_impr_is_relative_auc_gain():
     assert rel_impr(0.8141, 0.8005) == pytest.approx(0.0170, abs=1e-4)  # paper Table 2, ML-1M vs ReLLa
+
+
+def test_user_bootstrap_resamples_users_not_rows():
+    from reclora_ray.metrics import user_bootstrap
+
+    # One user with 99 hits, 99 users with one miss each: rows say 0.5, but a resample of users
+    # mostly misses the heavy user or takes it once, so the CI is wide and holds 0.5.
+    values = np.r_[np.ones(99), np.zeros(99)]
+    users = np.r_[np.zeros(99, dtype=int), np.arange(1, 100)]
+    ci = user_bootstrap(values, users, n_boot=2000, seed=0)
+    assert ci["mean"] == 0.5 and ci["n_users"] == 100
+    assert ci["lo"] < 0.2 and ci["hi"] > 0.65
+    same = user_bootstrap(values, users, n_boot=2000, seed=0)
+    assert same == ci  # seeded
+    assert user_bootstrap(np.full(50, 0.3), np.arange(50))["p_le_0"] == 0.0
+    with pytest.raises(ValueError, match="equal non-empty"):
+        user_bootstrap([1.0], [1, 2])
