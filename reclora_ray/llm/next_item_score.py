@@ -99,7 +99,10 @@ def candidate_scores(model, inputs: NextItemInputs, features: NextItemFeatures |
         feats = features.without_target(users, pos, rows["timestamp"].to_numpy())
         crm_repr = model.crm_repr({k: v.to(device) for k, v in feats.items()})
     out = np.zeros(cands.shape, dtype=np.float32)
-    for index in length_buckets([len(p) for p in prompts], batch_size):
+    # Each prompt carries C continuations, each with vocabulary logits at every title token: a
+    # pass holds about 2 x batch_size continuation rows, not batch_size x C.
+    per_pass = max(1, 2 * batch_size // cands.shape[1])
+    for index in length_buckets([len(p) for p in prompts], per_pass):
         out[index] = candidate_logliks(model.llm, inputs.collator, [prompts[i] for i in index],
                                        [cand_ids[i] for i in index],
                                        None if crm_repr is None else crm_repr[index]).float().cpu().numpy()
