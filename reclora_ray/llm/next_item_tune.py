@@ -150,8 +150,9 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     with best_checkpoint.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
-        write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], f"best_{SCORE_KEY}": best[SCORE_KEY],
-                                                       "few_shot": len(train), "history": history})
+        summary = {"best_epoch": best["epoch"], f"best_{SCORE_KEY}": best[SCORE_KEY], "few_shot": len(train),
+                   "history": history}
+        write_json_atomic(tmp / "train_metrics.json", summary)
         save_resolved_config(cfg, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("next-item %s: best epoch %d (valid HR@1 %.4f) -> %s", variant.name, best["epoch"], best[SCORE_KEY], out)
