@@ -81,3 +81,21 @@ def paired_p_value(differences: np.ndarray) -> float:
     d = np.asarray(differences)
     tail = min(np.mean(d <= 0), np.mean(d >= 0))
     return float(max(min(1.0, 2 * tail), 1 / len(d)))
+def bootstrap_mean(values, users, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of per-row `values` (a hit, a reciprocal rank) and its bootstrap CI, resampling users
+    (all of a user's rows together) with replacement, as `user_bootstrap` does, by weights: a
+    mean needs no per-resample index arrays. For a paired comparison pass the per-row differences
+    of two models on the same rows; `p_value` is then the two-sided `paired_p_value`."""
+    values = np.asarray(values, dtype=np.float64)
+    users = np.asarray(users)
+    if values.shape != users.shape or values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"values {values.shape} and users {users.shape} must be equal non-empty 1-d arrays")
+    _, group = np.unique(users, return_inverse=True)
+    n_users = int(group.max()) + 1
+    sums = np.bincount(group, weights=values, minlength=n_users)
+    counts = np.bincount(group, minlength=n_users).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=rounds).astype(np.float64)
+    means = (weights @ sums) / (weights @ counts)
+    lo, hi = interval(means, level)
+    return {"mean": float(values.mean()), "lo": lo, "hi": hi, "p_value": paired_p_value(means), "n_users": n_users}

@@ -82,9 +82,16 @@ def _computed_dtype(run: RunDir, scored) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
+    parser.add_argument("--task", choices=["ctr", "next-item"], default="ctr",
+                        help="ctr: the paper's Table 2; next-item: ranking 20 candidates (OUT/next-item/report.md)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.task == "next-item":
+        from reclora_ray.next_item_pipeline import run_next_item
+
+        print(json.dumps(run_next_item(config_from_args(args), args.out, overwrite=args.overwrite), indent=2))
+        return 0
     metrics = run_pipeline(config_from_args(args), args.out, overwrite=args.overwrite)
     print(json.dumps(metrics, indent=2))
     return 0

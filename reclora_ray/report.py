@@ -27,11 +27,11 @@ OURS = "reclora"
 # Display names and table order: ID-based rows first, then the LLM-based ones, ours last.
 DISPLAY = {
     "crm-deepfm": "DeepFM", "crm-autoint": "AutoInt", "crm-dcnv2": "DCNv2", "crm-gru4rec": "GRU4Rec",
-    "crm-caser": "Caser", "crm-sasrec": "SASRec", "crm-din": "DIN", "crm-sim": "SIM",
+    "crm-caser": "Caser", "crm-sasrec": "SASRec", "crm-sasrec-recent": "SASRec (recent history)", "crm-din": "DIN", "crm-sim": "SIM",
     "zero-shot": "Zero-shot LLM", "tallrec": "TALLRec-style LoRA", "rella": "ReLLa-style LoRA",
     "wo-meta-lora": "RecLoRA (w/o meta-LoRA)", "wo-meta-lora-same-params": "RecLoRA (w/o meta-LoRA same param)",
     "wo-long-retriever": "RecLoRA (w/o long retriever)", "wo-short-retriever": "RecLoRA (w/o short retriever)",
-    "wo-both-retrievers": "RecLoRA (w/o long-short retriever)", OURS: "RecLoRA",
+    "wo-both-retrievers": "RecLoRA (w/o long-short retriever)", "ilora": "iLoRA (SASRec gate)", OURS: "RecLoRA",
 }
 
 

@@ -84,3 +84,18 @@ def test_bootstrap_metrics_agree_with_sklearn_on_each_resample():
     expected = [binary_metrics(labels[i], probs[i]) for i in user_bootstrap(users, 20, seed=3)]
     np.testing.assert_allclose(reps[:, 0], [e["auc"] for e in expected], atol=1e-12)
     np.testing.assert_allclose(reps[:, 1], [e["logloss"] for e in expected], atol=1e-9)
+def test_bootstrap_mean_resamples_users_not_rows():
+    from reclora_ray.metrics import bootstrap_mean
+
+    # One user with 99 hits, 99 users with one miss each: rows say 0.5, but a resample of users
+    # mostly misses the heavy user or takes it once, so the CI is wide and holds 0.5.
+    values = np.r_[np.ones(99), np.zeros(99)]
+    users = np.r_[np.zeros(99, dtype=int), np.arange(1, 100)]
+    ci = bootstrap_mean(values, users, rounds=2000, seed=0)
+    assert ci["mean"] == 0.5 and ci["n_users"] == 100
+    assert ci["lo"] < 0.2 and ci["hi"] > 0.65
+    same = bootstrap_mean(values, users, rounds=2000, seed=0)
+    assert same == ci  # seeded
+    assert bootstrap_mean(np.full(50, 0.3), np.arange(50))["p_value"] == 1 / 1000  # never <= 0
+    with pytest.raises(ValueError, match="equal non-empty"):
+        bootstrap_mean([1.0], [1, 2])

@@ -21,16 +21,21 @@ import torch
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
-from reclora_ray.llm.prompt import BOOKS, WORDING, PromptBuilder, render
+from reclora_ray.llm.prompt import PromptBuilder, render
+
+# iLoRA's prompt words per dataset: (past participle, noun, verb).
+NEXT_ITEM_WORDS = {"ml-100k": ("watched", "movie", "watch"), "ml-1m": ("watched", "movie", "watch"),
+                   "ml-25m": ("watched", "movie", "watch"), "goodreads": ("read", "book", "read"),
+                   "interactions": ("interacted with", "item", "interact with")}
 
 
 def next_item_text(dataset: str, history_titles, candidate_titles) -> str:
-    if dataset not in WORDING:
-        raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)}")
-    words = WORDING[dataset]
-    return (f"This user has {words.past} {', '.join(history_titles)} in the previous. "
-            f"Please predict the next {words.noun} this user will {'read' if words is BOOKS else 'watch'}. "
-            f"Choose the answer from the following {len(candidate_titles)} {words.noun} titles: "
+    if dataset not in NEXT_ITEM_WORDS:
+        raise ValueError(f"no next-item wording for dataset {dataset!r}; expected one of {sorted(NEXT_ITEM_WORDS)}")
+    past, noun, verb = NEXT_ITEM_WORDS[dataset]
+    return (f"This user has {past} {', '.join(history_titles)} in the previous. "
+            f"Please predict the next {noun} this user will {verb}. "
+            f"Choose the answer from the following {len(candidate_titles)} {noun} titles: "
             f"{', '.join(candidate_titles)}. Answer:")
 
 

@@ -7,7 +7,7 @@ import torch
 
 from reclora_ray.config import LoRAConfig
 from reclora_ray.data.prepared import Sequences
-from reclora_ray.llm.collate import IGNORE_INDEX
+from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
 from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, full_prompt_logliks
 from reclora_ray.llm.plora import PersonalizedLoRAModel
 from reclora_ray.llm.prompt import PromptBuilder
@@ -15,13 +15,11 @@ from reclora_ray.llm.prompt import PromptBuilder
 from .conftest import CRM_DIM, VOCAB
 
 
-class _Collator:
+def _Collator() -> PromptCollator:
     """PromptCollator's padding without a tokenizer (the tiny Llama has none)."""
-
-    from reclora_ray.llm.collate import PromptCollator as _PC
-
-    pad_id = 0
-    pad = _PC.pad
+    collator = object.__new__(PromptCollator)
+    collator.pad_id = 0
+    return collator
 
 
 def _random_inputs(n_prompts=3, n_cand=5, seed=3):
@@ -53,7 +51,8 @@ def test_cached_prefix_routes_each_prompts_gate_to_its_candidates(llama, randomi
     torch.testing.assert_close(cached, full_prompt_logliks(model, _Collator(), prompts, cands, crm_repr),
                                atol=1e-4, rtol=0)
     # The gate matters: another user's R_c gives other scores.
-    assert not torch.allclose(cached, candidate_logliks(model, _Collator(), prompts, cands, crm_repr.flip(0)), atol=1e-3)
+    other = candidate_logliks(model, _Collator(), prompts, cands, crm_repr.flip(0))
+    assert not torch.allclose(cached, other, atol=1e-3)
 
 
 def test_unequal_candidate_counts_are_refused(llama):
@@ -67,7 +66,6 @@ def test_prompt_lists_history_and_candidates_and_training_targets_the_title():
     from transformers import AutoTokenizer
 
     from reclora_ray.llm.base import _tiny_random_dir
-    from reclora_ray.llm.collate import PromptCollator
 
     titles = ["Alpha (1990)", "Beta (1991)", "Gamma (1992)", "Delta (1993)", "Epsilon (1994)"]
     tokenizer = AutoTokenizer.from_pretrained(str(_tiny_random_dir()))

@@ -1,0 +1,94 @@
+"""The next-item report: HR@k, NDCG@k, MRR per model with CIs by bootstrap over users, and paired
+comparisons (each method against plain LoRA and against RecLoRA) on the identical candidates.
+
+Writes OUT/next-item/report.md and OUT/next-item/metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from reclora_ray.llm.next_item_score import TASK_DIR
+from reclora_ray.metrics import bootstrap_mean
+from reclora_ray.ranking import per_row_metrics, target_ranks
+from reclora_ray.report import DISPLAY, _order
+from reclora_ray.rundir import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr")
+WITH_CI = ("hr@1", "ndcg@10")
+BASELINES = ("tallrec", "reclora")  # plain LoRA on the same prompt, and RecLoRA
+
+
+def per_row(run: RunDir) -> dict[str, pd.DataFrame]:
+    """Each scored model's per-sequence metrics, indexed by sample_id, on the rows all models share."""
+    found = {}
+    for path in sorted((run.root / TASK_DIR / "scores").glob("*/predictions.parquet")):
+        preds = pd.read_parquet(path)
+        ranks = target_ranks(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy())
+        found[path.parent.name] = pd.DataFrame(per_row_metrics(ranks), index=preds["sample_id"]).assign(
+            user_id=preds["user_id"].to_numpy())
+    if not found:
+        raise FileNotFoundError(f"no next-item scores under {run.root / TASK_DIR / 'scores'}")
+    common = sorted(set.intersection(*(set(f.index) for f in found.values())))
+    return {name: frame.loc[common] for name, frame in found.items()}
+
+
+def summarize(rows: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> dict:
+    models, paired = {}, {}
+    for name, frame in rows.items():
+        users = frame["user_id"].to_numpy()
+        models[name] = {c: float(frame[c].mean()) for c in COLUMNS} | {"n": len(frame)}
+        for c in WITH_CI:
+            ci = bootstrap_mean(frame[c].to_numpy(), users, n_boot, seed)
+            models[name][f"{c}_ci"] = [ci["lo"], ci["hi"]]
+    for base in BASELINES:
+        if base not in rows:
+            continue
+        for name, frame in rows.items():
+            if name == base:
+                continue
+            diff = frame["hr@1"].to_numpy() - rows[base]["hr@1"].to_numpy()
+            ci = bootstrap_mean(diff, frame["user_id"].to_numpy(), n_boot, seed)
+            paired[f"{name} - {base}"] = {"metric": "hr@1", "diff": ci["mean"], "ci": [ci["lo"], ci["hi"]],
+                                          "p_value": ci["p_value"]}
+    return {"models": models, "paired": paired}
+
+
+def _fmt(m: dict, c: str) -> str:
+    if f"{c}_ci" in m:
+        lo, hi = m[f"{c}_ci"]
+        return f"{m[c]:.4f} [{lo:.3f}, {hi:.3f}]"
+    return f"{m[c]:.4f}"
+
+
+def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
+    summary = summarize(per_row(run))
+    lines = ["# Next-item ranking report", "",
+             "| Model | " + " | ".join(c.upper() for c in COLUMNS) + " | n |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    for name in sorted(summary["models"], key=_order):
+        m = summary["models"][name]
+        lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(_fmt(m, c) for c in COLUMNS) + f" | {m['n']} |")
+    lines += ["", "20 candidates per test sequence (the next item and 19 never-seen items, fixed by the seed); "
+              "95% CIs by bootstrap over users.", ""]
+    if summary["paired"]:
+        lines += ["## Paired comparisons (HR@1, same sequences)", "", "| Comparison | Diff | 95% CI | p |",
+                  "|---|---|---|---|"]
+        for key, p in summary["paired"].items():
+            lines.append(f"| {key} | {p['diff']:+.4f} | [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}] | {p['p_value']:.3f} |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    root = run.root / TASK_DIR
+    write_json_atomic(root / "metrics.json", summary)
+    tmp = root / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(root / "report.md")
+    log.info("wrote %s", root / "report.md")
+    return summary
