@@ -505,10 +505,6 @@ def _validate(obj: Any, path: str) -> None:
     if isinstance(obj, TuneConfig):
         if obj.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
-        if not 0 <= obj.warmup_ratio < 1:
-            raise ConfigError(f"{_join(path, 'warmup_ratio')}: must be in [0, 1), got {obj.warmup_ratio}")
-        if obj.valid_subsample is not None and obj.valid_subsample < 1:
-            raise ConfigError(f"{_join(path, 'valid_subsample')}: must be >= 1 (or null for the whole split)")
     if isinstance(obj, ServeConfig):
         if min(obj.max_batch_size, obj.max_candidates, obj.max_body_bytes, obj.max_ongoing_requests,
                obj.num_replicas, obj.min_replicas) < 1 or obj.max_history < 0 or obj.batch_wait_timeout_s < 0:
@@ -555,7 +551,8 @@ RANGES: dict[type, dict[str, tuple]] = {
     TuneConfig: {"few_shot": _at_least(1), "epochs": _at_least(1), "lr": _POSITIVE, "weight_decay": _at_least(0),
                  "warmup_ratio": _FRACTION, "micro_batch": _at_least(1), "grad_accum": _at_least(1),
                  "num_workers": _at_least(1), "max_failures": _RETRIES, "valid_subsample": _at_least(1)},
-    ScoreConfig: {"batch_size": _at_least(1), "concurrency": _at_least(1), "num_gpus": _at_least(0)},
+    ScoreConfig: {"llm_subsample": _at_least(1), "batch_size": _at_least(1), "concurrency": _at_least(1),
+                  "num_gpus": _at_least(0)},
     ServeConfig: {"port": _PORT, "max_replicas": _at_least(1), "target_ongoing_requests": _POSITIVE,
                   "num_cpus": _at_least(0), "num_gpus": _at_least(0),
                   "max_queued_requests": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: unbounded)"),

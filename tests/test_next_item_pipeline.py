@@ -18,8 +18,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
-    # 2 workers x micro-batch 8: 48 sequences are 3 optimizer steps; DeepSpeed's WarmupDecayLR gives the
-    # first two lr 0.
+    # 2 workers x micro-batch 8: 48 sequences are 3 optimizer steps (no warm-up: the first is at tune.lr).
     cfg = tiny_config("tune.variants=[reclora]", "tune.few_shot=48", "tune.valid_subsample=16", "tune.lr=5e-3",
                       "score.zero_shot=false")
     summary = run_next_item(cfg, str(tiny_run))
