@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reclora_ray.report import comparison_table, evaluate, write_report
+from reclora_ray.report import comparison_table, write_report
 from reclora_ray.rundir import RunDir
 
 

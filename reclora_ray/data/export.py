@@ -23,7 +23,7 @@ import yaml
 
 from reclora_ray.data.readers import open_source
 from reclora_ray.llm.prompt import WORDING
-from reclora_ray.runtime import config_from_args, init_ray
+from reclora_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
 

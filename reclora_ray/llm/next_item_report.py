@@ -6,7 +6,6 @@ Writes OUT/next-item/report.md and OUT/next-item/metrics.json.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from reclora_ray.config import Config
+from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import adapter_dir, load_rows
-from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, few_shot_sample, fingerprint
+from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample, fingerprint
 from reclora_ray.llm.variants import crm_name, get_variant
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
 from reclora_ray.runtime import init_ray, save_resolved_config
@@ -32,11 +33,13 @@ SCORE_KEY = "val_hr1"
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
 
     from reclora_ray.data.prepared import PreparedData
+    from reclora_ray.llm.base import dtype_name, resolve_dtype
     from reclora_ray.llm.inputs import to_device
     from reclora_ray.llm.model import build_model
     from reclora_ray.llm.next_item_score import candidate_scores, model_inputs
@@ -55,8 +58,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
     inputs, features = model_inputs(cfg, data, tokenizer, variant, crm_spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    precision = engine_precision(cfg, dtype_name(resolve_dtype(cfg.llm.dtype, device)))
     engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=trainable, dist_init_required=False,
-                                      config=deepspeed_config(cfg, world, loop_config["total_steps"]))
+                                      config=deepspeed_config(cfg, world, loop_config["total_steps"], precision))
+    train, valid = ray.get(loop_config["train"]), ray.get(loop_config["valid"]).iloc[rank::world]
     history, attempt = [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -65,14 +70,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
         attempt = history[-1]["attempt"] + 1
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    mb = cfg.tune.micro_batch
     for epoch in range(len(history), cfg.tune.epochs):
         engine.train()
         losses = []
-        for rows in train_shard.iter_batches(batch_size=cfg.tune.micro_batch, batch_format="pandas", drop_last=True,
-                                             local_shuffle_buffer_size=cfg.tune.micro_batch * 8,
-                                             local_shuffle_seed=cfg.run.seed + epoch):
+        order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
+        for start in range(0, len(order), mb):
+            rows = train.iloc[order[start:start + mb]]
             users, pos = rows["user_id"].to_numpy(), rows["pos"].to_numpy()
             cands = np.stack(rows["candidates"].to_numpy())
             batch = to_device(inputs.training_batch(users, pos, cands, rows["target_index"].to_numpy()), device)
@@ -87,7 +91,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         engine.eval()
         ranks = []
-        for rows in valid_shard.iter_batches(batch_size=cfg.score.batch_size * 4, batch_format="pandas"):
+        for begin in range(0, len(valid), cfg.score.batch_size * 4):
+            rows = valid.iloc[begin:begin + cfg.score.batch_size * 4]
             scores = candidate_scores(model, inputs, features, rows, cfg.score.batch_size, device)
             ranks.append(target_ranks(scores, rows["target_index"].to_numpy()))
         gathered = [None] * world
@@ -109,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
     """Tune one variant on the next-item task -> OUT/next-item/adapter/<variant> (skipped when done)."""
-    import ray.data
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -124,11 +129,9 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():
         raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
     train = few_shot_sample(load_rows(run, "train"), cfg.tune.few_shot, cfg.run.seed)
-    valid = load_rows(run, "valid")
-    if cfg.tune.valid_subsample and cfg.tune.valid_subsample < len(valid):
-        valid = valid.sample(n=cfg.tune.valid_subsample, random_state=cfg.run.seed).reset_index(drop=True)
+    valid = fixed_subsample(load_rows(run, "valid"), cfg.tune.valid_subsample, cfg.run.seed)
     world = cfg.tune.num_workers
-    total_steps = max(1, len(train) // (cfg.tune.micro_batch * cfg.tune.grad_accum * world)) * cfg.tune.epochs
+    total_steps = max(1, (len(train) // world) // cfg.tune.micro_batch // cfg.tune.grad_accum) * cfg.tune.epochs
     log.info("tuning %s on the next-item task: %d few-shot sequences, %d validation sequences, %d optimizer steps",
              variant.name, len(train), len(valid), total_steps)
 
@@ -136,10 +139,10 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     storage = (run.root / "next-item" / "adapter" / f".ray-train-{variant.name}").resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # As tune.py: each worker takes its share of a new permutation of the fixed set every epoch.
         train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
-                           "total_steps": total_steps},
+                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid)},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
-        datasets={"train": ray.data.from_pandas(train), "valid": ray.data.from_pandas(valid)},
         run_config=RunConfig(name=f"tune-{fp}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE_KEY,

@@ -1,6 +1,5 @@
 """iLoRA as a variant: rank-split experts on every projection, one gate fed by SASRec's R_c."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from reclora_ray.config import load_config
 from reclora_ray.retrieval.embed import (EmbeddingError, ItemEncoder, embed_items, fit_pca,
