@@ -50,6 +50,7 @@ def test_cold_start_item_scores_from_its_text_and_unknown_ids_are_named(cold_run
     with pytest.raises(RequestError, match=r"unknown item ids in candidates: \[77777, 'nope'\]") as err:
         online.check_items([50, 77777, "nope", 77777], "candidates")
     assert err.value.status == 404
+    assert online.user_state("13").raw_user_id == 13  # typed as in the catalogue, whatever the request sent
     stranger = online.user_state("someone-new")
     assert not stranger.known_user and stranger.user_id == -1 and stranger.cold_start
 
