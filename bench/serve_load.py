@@ -66,16 +66,30 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> dict:
     raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f} s")
 
 
-def make_requests(n: int, users: int, items: int, candidates: int, with_history: float, seed: int) -> list[dict]:
+def make_requests(n: int, users: list, items: list, candidates: int, with_history: float, seed: int) -> list[dict]:
+    """Bodies naming random known users and distinct random items by their catalogue ids."""
     rng = np.random.default_rng(seed)
     bodies = []
     for _ in range(n):
-        body = {"user_id": int(rng.integers(users)),
-                "candidates": rng.choice(items, size=candidates, replace=False).tolist()}
+        body = {"user_id": users[rng.integers(len(users))],
+                "candidates": [items[i] for i in rng.choice(len(items), size=candidates, replace=False)]}
         if rng.random() < with_history:
-            body["history"] = [{"item_id": int(i), "rating": float(rng.integers(1, 6))} for i in rng.choice(items, 2)]
+            body["history"] = [{"item_id": items[i], "rating": float(rng.integers(1, 6))}
+                               for i in rng.choice(len(items), 2)]
         bodies.append(body)
     return bodies
+
+
+def catalogue_ids(run: str) -> tuple[list, list]:
+    """The run's catalogue user and item ids (users.parquet / items.parquet raw_id)."""
+    import pandas as pd
+
+    from reclora_ray.data.catalogue import python_id
+    from reclora_ray.rundir import RunDir
+
+    data = RunDir(run).data
+    return tuple([python_id(v) for v in pd.read_parquet(data / f"{kind}.parquet", columns=["raw_id"])["raw_id"]]
+                 for kind in ("users", "items"))
 
 
 async def send_all(url: str, bodies: list[dict], concurrency: int) -> dict:
@@ -147,7 +161,7 @@ def main() -> int:
     try:
         health = wait_healthy(url, server, args.start_timeout)
         log.info("serving %s (%d users, %d items) on %s", health["model_version"], health["users"], health["items"], url)
-        bodies = make_requests(args.warmup + args.requests, health["users"], health["items"], args.candidates,
+        bodies = make_requests(args.warmup + args.requests, *catalogue_ids(args.run), args.candidates,
                                args.with_history, args.seed)
         warm_errors = asyncio.run(send_all(url, bodies[:args.warmup], args.concurrency))["errors"]
         before = httpx.get(f"{url}/stats", timeout=30).json()

@@ -70,6 +70,10 @@ def fingerprint(cfg: Config) -> str:
     seed (the test subsample, the next-item candidates)."""
     data = dataclasses.asdict(cfg.data)
     data.pop("blocks")
+    defaults = dataclasses.asdict(DataConfig())
+    for key in ("files", "cold_items", "text"):  # newer keys: at their defaults, runs prepared before them stay valid
+        if data[key] == defaults[key]:
+            data.pop(key)
     payload = {"data": data, "seed": cfg.run.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -19,6 +19,10 @@ id); the splits are consecutive ranges of it. When data.test_subsample is set, t
 only that fixed random subsample (meta.json: test_subsample, splits.test.rows_before_subsample);
 the sequences always keep every behaviour. With data.min_history = N a user's first N behaviours
 are in the sequence but are not samples. Ids: int64; label int8; rating float32; pos int32.
+raw_id is the catalogue's own id (int64, or string for string-keyed logs): every interface a
+person meets speaks it (data/catalogue.py). A generic (`interactions`) dataset may also list
+cold-start items (data.cold_items: after the others, in no sequence) and carries its text
+templates and whether it has ratings in meta.json ("text", "rated").
 """
 
 from __future__ import annotations

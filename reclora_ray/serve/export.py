@@ -61,7 +61,8 @@ def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: boo
         if merge:
             _merge(serving_config(cfg), adapter_dir, tmp)
             shutil.rmtree(adapter_dir)
-        record = {"variant": online.variant.name, "model_version": online.version, "user": user, "item": item,
+        record = {"variant": online.variant.name, "model_version": online.version, "user": state.raw_user_id,
+                  "item": online.catalogue.item_raw[target],
                   "timestamp": state.timestamp,
                   "known_user": state.known_user, "history_length": len(state.items), "merged": merge,
                   "cold_start_item": bool(online.catalogue.cold_items[target])}

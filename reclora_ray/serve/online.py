@@ -138,6 +138,8 @@ class OnlineScorer:
         dense = self.catalogue.user(raw_user_id)
         known_user = dense is not None
         user_id = dense if known_user else -1
+        if known_user:  # as the catalogue types it: a path's "12" is the user 12
+            raw_user_id = self.catalogue.user_raw[dense]
         length = int(self.sequences.length(np.array([user_id]))[0]) if known_user else 0
         if as_of_position is not None and as_of_position > length:
             who = f"user {raw_user_id!r} has {length} known behaviours" if known_user else f"user {raw_user_id!r} is unknown"

@@ -59,7 +59,8 @@ def click_config(config, root, *overrides):
     return config(
         "data.dataset=interactions", f"data.raw_dir={root}", "data.k_core=0", "data.test_subsample=null",
         "data.split=[0.5,0.25,0.25]",
-        "data.files.interactions={paths: [log], user: uid, item: sku, timestamp: ts, label: clicked}",
+        # the log's folder as a pyarrow URI (as s3:// or gs:// would be), the items relative to raw_dir
+        f"data.files.interactions={{paths: ['file://{root}/log'], user: uid, item: sku, timestamp: ts, label: clicked}}",
         "data.files.items={paths: [catalogue.csv], item: sku, title: name, text: blurb, fields: [tags]}",
         *overrides)
 

@@ -50,6 +50,7 @@ def test_cold_start_item_scores_from_its_text_and_unknown_ids_are_named(cold_run
     with pytest.raises(RequestError, match=r"unknown item ids in candidates: \[77777, 'nope'\]") as err:
         online.check_items([50, 77777, "nope", 77777], "candidates")
     assert err.value.status == 404
+    assert online.user_state("13").raw_user_id == 13  # typed as in the catalogue, whatever the request sent
     stranger = online.user_state("someone-new")
     assert not stranger.known_user and stranger.user_id == -1 and stranger.cold_start
 
@@ -78,8 +79,8 @@ def test_report_examples_name_catalogue_ids_and_titles(cold_run):
     lines = example_rows(data_dir, preds, n=4).splitlines()
     items = pd.read_parquet(data_dir / "items.parquet").set_index("item_id")
     users = pd.read_parquet(data_dir / "users.parquet").set_index("user_id")
-    top = preds.iloc[0]
+    top = preds.iloc[0]  # a mixed-type row: the label reads back as a float
     assert lines[0] == "| user | item | title | label | P(yes) |" and len(lines) == 2 + 4
     assert lines[2] == (f"| {users.raw_id[top.user_id]} | {items.raw_id[top.item_id]} | {items.title[top.item_id]} "
-                        f"| {top.label} | 0.900 |")
+                        f"| {int(top.label)} | 0.900 |")
     assert lines[-1].endswith("| 0.100 |")
