@@ -142,12 +142,12 @@ def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
 def test_failures_are_rows_and_reruns_skip_finished_work(local_ray, tmp_path):
     job = load_job("sweep")
     argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", EXPERIMENT,
-            "--grid", "crm.lr=0.1,-1", "--max-concurrent", "1"]
+            "--grid", "crm.lr=0.1,50", "--max-concurrent", "1"]
     assert job.main(argv) == 1
     first = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["status"] for r in first] == ["succeeded", "failed"]
-    assert first[1]["error"] == "ValueError: crm.lr must be positive, got -1.0"
-    assert "failed: ValueError: crm.lr must be positive" in (tmp_path / "sweep.md").read_text()
+    assert first[1]["error"] == "ValueError: crm.lr 50.0 diverges"
+    assert "failed: ValueError: crm.lr 50.0 diverges" in (tmp_path / "sweep.md").read_text()
 
     assert job.main(argv) == 1  # the finished experiment is reused, the failed one retried
     second = json.loads((tmp_path / "sweep.json").read_text())
