@@ -16,6 +16,13 @@ from reclora_ray.config import Config
 from reclora_ray.rundir import RunDir, check_can_write, staged_output
 
 
+def slow_fit(cfg: Config, out: str) -> dict:
+    """`fit` that holds its CPU for a while first, so that experiments started a few seconds
+    apart (Tune starts trials one after another) overlap and must use different nodes."""
+    time.sleep(8)
+    return fit(cfg, out)
+
+
 def fit(cfg: Config, out: str) -> dict:
     started = time.time()
     if cfg.crm.lr >= 10:  # a valid config the experiment itself refuses: a failing trial

@@ -82,7 +82,7 @@ def test_kill_node_is_a_node_death(local_cluster):
 def test_sweep_job_spreads_experiments_over_the_nodes(jobs, tmp_path):
     job_id = jobs.submit(
         ["python", "jobs/sweep.py", "--config", "tiny", "--out", str(tmp_path),
-         "--experiment", "sweep_experiments:fit", "--grid", "crm.lr=0.1,0.3"],
+         "--experiment", "sweep_experiments:slow_fit", "--grid", "crm.lr=0.1,0.3", "--no-share-upstream"],
         working_dir=REPO,
         runtime_env_json=json.dumps({"env_vars": {"PYTHONPATH": "tests/cluster"}}),
     )
