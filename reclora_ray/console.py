@@ -126,7 +126,8 @@ def stage_line(log: logging.Logger, name: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        log.error("<== %s: FAILED after %.1f s (%s)", name, time.perf_counter() - started, type(exc).__name__)
+        # INFO: the error itself is reported once, by whoever handles it (the CLI's one line).
+        log.info("<== %s: FAILED after %.1f s (%s)", name, time.perf_counter() - started, type(exc).__name__)
         raise
     log.info("<== %s: done in %.1f s", name, time.perf_counter() - started)
 

@@ -13,6 +13,7 @@ where candidates[target_index] == item_id.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reclora_ray.config import NextItemDataConfig
+
+log = logging.getLogger(__name__)
 
 NEXT_ITEM_DIR = "next_item"
 NEXT_ITEM_COLUMNS = ("sample_id", "user_id", "item_id", "timestamp", "pos", "candidates", "target_index")
@@ -86,6 +89,15 @@ def next_item_table(
 ) -> pa.Table:
     """One split's next-item rows from its behaviours (global order), subsampled per `cfg`."""
     rows = np.flatnonzero(pos >= max(cfg.min_history, 1))
+    # A user who interacted with nearly the whole catalogue has no candidates - 1 items left to
+    # draw: their targets are left out of the task (a small catalogue), counted in the log.
+    users = user[rows].astype(np.int64)
+    interacted = np.searchsorted(keys, (users + 1) * n_items) - np.searchsorted(keys, users * n_items)
+    drawable = n_items - interacted >= cfg.candidates - 1
+    if not drawable.all():
+        log.warning("next-item task: %d of %d targets left out, their users have fewer than %d never-seen items",
+                    int((~drawable).sum()), len(rows), cfg.candidates - 1)
+        rows = rows[drawable]
     if cfg.max_per_split is not None and len(rows) > cfg.max_per_split:
         rows = np.sort(rng.choice(rows, size=cfg.max_per_split, replace=False))
     candidates, target_index = candidate_sets(user[rows], item[rows], keys, n_items, cfg.candidates, rng)

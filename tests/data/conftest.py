@@ -40,6 +40,6 @@ def config():
 
 @pytest.fixture(scope="session")
 def ml100k(ray_local, tmp_path_factory):
-    """The packaged ML-100K prepared with the paper's protocol and no test subsample."""
+    """The packaged ML-100K prepared with the paper's protocol, no test subsample, the whole next-item task."""
     out = tmp_path_factory.mktemp("ml100k") / "data"
-    return prepare_dataset(tiny_config("data.test_subsample=null"), out)
+    return prepare_dataset(tiny_config("data.test_subsample=null", "data.next_item.max_per_split=null"), out)
