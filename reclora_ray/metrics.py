@@ -70,10 +70,10 @@ def bootstrap_metrics(labels, users, probs: dict[str, np.ndarray], rounds: int =
     return {name: np.asarray(values) for name, values in out.items()}
 
 
-def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The percentile bootstrap interval."""
+def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile bootstrap interval [lo, hi] (a list: it is saved as JSON)."""
     tail = (1 - level) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
 
 def paired_p_value(differences: np.ndarray) -> float:

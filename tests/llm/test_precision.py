@@ -50,10 +50,18 @@ def test_bf16_on_a_gpu_without_it_stops_with_advice(monkeypatch):
         resolve_dtype("bfloat16", torch.device("cuda"))
 
 
-def test_every_packaged_config_defaults_to_auto():
+def test_every_packaged_config_but_the_test_one_defaults_to_auto():
     from reclora_ray.config import PACKAGED_CONFIGS
 
-    assert {name: load_config(name).llm.dtype for name in PACKAGED_CONFIGS} == dict.fromkeys(PACKAGED_CONFIGS, "auto")
+    users = [name for name in PACKAGED_CONFIGS if name != "tiny"]
+    assert {name: load_config(name).llm.dtype for name in users} == dict.fromkeys(users, "auto")
+
+
+def test_load_base_follows_auto_on_this_cpu():
+    from reclora_ray.llm.base import cpu_has_native_bf16, load_base
+
+    model, _ = load_base(load_config("tiny", ["llm.dtype=auto"]).llm, device="cpu")
+    assert model.dtype is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
 def test_chat_template_defaults_on_where_the_tokenizer_has_one():

@@ -58,7 +58,7 @@ def test_pca_keeps_structure_and_is_reproducible():
 
 
 def test_mean_pooling_ignores_padding():
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["llm.dtype=float32"])  # exact arithmetic: padding must change nothing
     encoder = ItemEncoder(cfg.llm, pooling="mean", max_length=64)
     short = "Here is a movie. Its title is Heat (1995)."
     long = short + " The movie's genre is Action, Crime, Thriller, Drama, Mystery."
