@@ -37,7 +37,9 @@ def init_ray(cfg: Config) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        # Our loggers in the workers, as on a local Ray (a job's own runtime env is kept: Ray merges).
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "reclora_ray.console.setup_worker_logging"})
         quiet_ray()
     else:
         log.info("starting a local Ray (num_cpus=%s) on 127.0.0.1", cfg.run.num_cpus or "all")

@@ -46,8 +46,8 @@ def test_tune_score_and_run_read_and_write_a_uri_run_directory(ray_local, tiny_u
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     metrics = json.loads((bucket / "metrics.json").read_text())
     assert set(metrics["models"]) == {"crm-sim", "reclora"}
-    assert metrics["models"]["reclora"] == {k: json.loads((scores / "metrics.json").read_text())[k]
-                                            for k in ("auc", "logloss", "n")}
+    reported = json.loads((scores / "metrics.json").read_text())
+    assert {k: metrics["models"]["reclora"][k] for k in ("auc", "logloss", "n")} == {k: reported[k] for k in ("auc", "logloss", "n")}
     assert "RecLoRA" in (bucket / "report.md").read_text() and (bucket / "config.yaml").is_file()
     assert (run.scores("crm-sim") / MARKER).is_file()
     assert list(scratch.iterdir()) == []

@@ -258,7 +258,7 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement())
     digest = hashlib.sha256(json.dumps([[e.name, _fingerprint(e.cfg)] for e in wave]).encode()).hexdigest()[:12]
     location = storage.join(out, ".tune", f"wave{index}-{digest}")
-    if tune.Tuner.can_restore(location):
+    if storage.exists(location) and tune.Tuner.can_restore(location):
         log.info("sweep: resuming the Tune experiment %s", location)
         tuner = tune.Tuner.restore(location, trainable, restart_errored=True)
     else:

@@ -40,7 +40,8 @@ def shedding_service(tuned_run):
 
 
 def body(i: int) -> dict:
-    return {"user_id": i % 20, "candidates": [(i + k) % 50 for k in range(5)]}
+    """A request in catalogue ids: ML-100K's users and items are numbered from 1."""
+    return {"user_id": 1 + i % 20, "candidates": [1 + (i + k) % 50 for k in range(5)]}
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_healthz_keeps_answering(shedding_service):
