@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +273,9 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       verbose=0, callbacks=[_trial_log()]),
         )
+    # Tune lists its experiment folder relative to the working directory at the end of fit; under
+    # a Ray job that directory is the job's unpacked package, which the node may clean up meanwhile.
+    os.chdir(Path(tempfile.gettempdir()))
     for result in tuner.fit():
         name = result.config["experiment"]
         row = json.loads(result.metrics["row"]) if result.metrics and "row" in result.metrics else None

@@ -210,6 +210,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from reclora_ray.console import setup_worker_logging
+
+    setup_worker_logging()  # also where Ray's setup hook did not run (a job's cluster): our lines are shown
+
     crm: CRMConfig = config["crm"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -17,7 +17,7 @@ from reclora_ray.cluster.local import LocalCluster
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 WORKER_TYPES = {"cpu2": {"resources": {"CPU": 2, "object_store_memory": 200 * 2**20}, "max_workers": 2}}
-IDLE_TIMEOUT_S = 5
+IDLE_TIMEOUT_S = 30  # longer than a sweep's pauses between Tune trials and waves: no worker leaves mid-sweep
 
 pytestmark = pytest.mark.ray
 
