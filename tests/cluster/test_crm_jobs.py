@@ -81,8 +81,8 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
                 local_cluster.remove_node(name)
 
     out = run / "crm" / "sim-recent"  # crm.history=recent: the recent-history checkpoint
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "crm.json", "metrics.json",
-                                                      "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "crm.json", "curves.jsonl",
+                                                      "metrics.json", "model.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["epochs_run"] == 2
     assert metrics["model"] == "sim" and metrics["n_test"] == 200 and 0.5 < metrics["auc"] <= 1

@@ -87,10 +87,10 @@ def test_item_text_and_user_profile(ml100k):
 
 def test_rerun_is_a_noop_and_another_config_refuses(ml100k, config):
     marker = (ml100k / "_SUCCESS.json").read_text()
-    assert prepare_dataset(config("data.test_subsample=null"), ml100k) == ml100k
+    assert prepare_dataset(config("data.test_subsample=null", "data.next_item.max_per_split=null"), ml100k) == ml100k
     assert (ml100k / "_SUCCESS.json").read_text() == marker
     with pytest.raises(StageOutputExists, match="--overwrite"):
-        prepare_dataset(config("data.test_subsample=null", "data.k_core=10"), ml100k)
+        prepare_dataset(config("data.test_subsample=null", "data.next_item.max_per_split=null", "data.k_core=10"), ml100k)
     assert (ml100k / "_SUCCESS.json").read_text() == marker
 
 
