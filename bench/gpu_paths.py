@@ -111,7 +111,7 @@ def main() -> None:
     device = torch.device(args.device)
     data = PreparedData.load(args.data)
     variant = get_variant("reclora")
-    retrieved = json.loads((data.root / "retrieval" / "retrieval.json").read_text())
+    retrieved = json.loads((data.run.retrieval / "retrieval.json").read_text())
     cfg = load_config("tiny", ["llm.dtype=bfloat16", "llm.load_in_8bit=false", "lora.n_meta=8", "lora.r=8",
                                f"retrieve.k_short={retrieved['k_short']}", f"retrieve.k_long={retrieved['k_long']}",
                                "llm.max_length=512"])

@@ -118,7 +118,7 @@ def main() -> None:
     device = torch.device(args.device)
     data = PreparedData.load(args.data)
     variant = get_variant(args.variant)
-    retrieved = json.loads((data.root / "retrieval" / "retrieval.json").read_text())
+    retrieved = json.loads((data.run.retrieval / "retrieval.json").read_text())
     cfg = load_config("tiny", [f"llm.dtype={args.dtype}", "llm.load_in_8bit=false", "lora.n_meta=8",
                                f"retrieve.k_short={retrieved['k_short']}", f"retrieve.k_long={retrieved['k_long']}",
                                "llm.max_length=512"])

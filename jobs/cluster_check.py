@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (this checkout's reclora_ray first on the path)
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

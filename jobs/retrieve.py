@@ -7,17 +7,9 @@ Arguments are those of `reclora retrieve`; inside a Ray Job the stage joins the 
 (RAY_ADDRESS is set by Ray). --out may be a shared path or any pyarrow URI.
 """
 
-import os
 import sys
-from pathlib import Path
 
-# The repository root (the job's working dir) goes first on the path of this driver and, through
-# PYTHONPATH, of the local Ray workers it starts, so both import this checkout's reclora_ray.
-ROOT = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, ROOT)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-
-from reclora_ray.cli import main  # noqa: E402
+from _bootstrap import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["retrieve", *sys.argv[1:]]))
+    sys.exit(run_command("retrieve"))

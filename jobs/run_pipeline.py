@@ -8,11 +8,8 @@ Arguments are those of `reclora run`; inside a Ray Job the stage joins the job's
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reclora_ray.cli import main  # noqa: E402
+from _bootstrap import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    sys.exit(run_command("run"))

@@ -10,19 +10,13 @@ See reclora_ray/cluster/sweep.py for how experiments ask for resources and share
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
-# The repository root (the job's working dir) goes first on the path of this driver and, through
-# PYTHONPATH, of the local Ray workers it starts, so both import this checkout's reclora_ray.
-ROOT = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, ROOT)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+import _bootstrap  # noqa: F401  (this checkout's reclora_ray first on the path)
 
-from reclora_ray.cli import setup_logging  # noqa: E402
-from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep  # noqa: E402
-from reclora_ray.config import ConfigError  # noqa: E402
+from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep
+from reclora_ray.config import ConfigError
+from reclora_ray.console import setup_logging
 
 
 def main(argv=None) -> int:

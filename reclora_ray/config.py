@@ -29,11 +29,25 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+EXECUTION = "execution"  # field metadata: how a stage runs, never what it computes
+
+
+def execution(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field that says how a stage runs (parallelism, devices, batch sizes that do not change
+    a result, retries, which variants run): left out of every fingerprint, so changing it never
+    invalidates or blocks an output (reclora_ray/rundir.py, `fingerprint_payload`)."""
+    return field(default=default, default_factory=factory, metadata={EXECUTION: True})
+
+
+def is_execution(cls: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get(EXECUTION) for f in dataclasses.fields(cls))
+
+
 @dataclass
 class RunConfig:
     seed: int = 42
-    ray_address: Optional[str] = None  # None: connect to RAY_ADDRESS if set, else start a local Ray
-    num_cpus: Optional[int] = None  # local Ray only; None lets Ray count the cores
+    ray_address: Optional[str] = execution(None)  # None: connect to RAY_ADDRESS if set, else start a local Ray
+    num_cpus: Optional[int] = execution(None)  # local Ray only; None lets Ray count the cores
 
 
 @dataclass
@@ -109,7 +123,7 @@ class DataConfig:
     min_history: int = 0  # ReLLa protocol: a user's first N behaviours are history only
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
-    blocks: Optional[int] = None  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
+    blocks: Optional[int] = execution(None)  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
     rating_range: Optional[list[float]] = None  # [min, max] a rating may take; None: the dataset's own
     timestamp_unit: Literal["s", "ms"] = "s"  # ms: the log holds milliseconds (converted); s refuses them
     duplicates: Literal["drop", "refuse"] = "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
@@ -123,9 +137,9 @@ class EmbedConfig:
     pooling: Literal["mean", "last"] = "mean"
     pca_dim: int = 512
     max_length: int = 64
-    batch_size: int = 32
-    concurrency: int = 1  # actors in the Ray Data pool
-    num_gpus: float = 0.0  # per actor
+    batch_size: int = execution(32)
+    concurrency: int = execution(1)  # actors in the Ray Data pool
+    num_gpus: float = execution(0.0)  # per actor
     pca_fit_items: int = 200_000  # PCA is fitted on all items up to this many, else on a sample
 
 
@@ -135,8 +149,13 @@ class RetrieveConfig:
     k_short: int = 10
     long_mode: Literal["semantic", "recent"] = "semantic"
     short_mode: Literal["semantic", "recent"] = "semantic"
-    batch_size: int = 131072  # samples per Ray Data batch; each is grouped per user inside
-    concurrency: int = 2  # actors in the Ray Data pool (1 CPU each)
+    batch_size: int = execution(131072)  # samples per Ray Data batch; each is grouped per user inside
+    concurrency: int = execution(2)  # actors in the Ray Data pool (1 CPU each)
+
+    @property
+    def uses_embeddings(self) -> bool:
+        """Whether either list is retrieved by similarity (and so needs OUT/embeddings)."""
+        return "semantic" in (self.long_mode, self.short_mode)
 
 
 @dataclass
@@ -212,9 +231,9 @@ class CRMConfig:
     steps_per_epoch: Optional[int] = None  # cap on training steps per epoch (benchmarks, smoke runs)
     chunk_rows: int = 16384  # rows per Ray Data read task; shuffling is chunk order + a local buffer
     num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    max_failures: int = 2
+    cpus_per_worker: float = execution(1.0)
+    use_gpu: bool = execution(False)
+    max_failures: int = execution(2)
     sim: SIMConfig = field(default_factory=SIMConfig)
     din: DINConfig = field(default_factory=DINConfig)
     deepfm: DeepFMConfig = field(default_factory=DeepFMConfig)
@@ -235,7 +254,7 @@ class LLMConfig:
     load_in_8bit: bool = True
     chat_template: Optional[bool] = None  # None: on when the tokenizer has a chat template
     max_length: int = 1024
-    cache_dir: Optional[str] = None  # where converted GGUF checkpoints are kept
+    cache_dir: Optional[str] = execution(None)  # where converted GGUF checkpoints are kept
 
 
 @dataclass
@@ -258,7 +277,7 @@ class LoRAConfig:
 
 @dataclass
 class TuneConfig:
-    variants: list[str] = field(default_factory=lambda: ["reclora", "rella", "tallrec"])
+    variants: list[str] = execution(factory=lambda: ["reclora", "rella", "tallrec"])  # which run, not how
     few_shot: int = 70000
     epochs: int = 5
     lr: float = 1e-3
@@ -270,10 +289,10 @@ class TuneConfig:
     micro_batch: int = 8
     grad_accum: int = 16
     zero_stage: int = 2
-    gradient_checkpointing: bool = False  # recompute activations in backward: 7B tuning on 16 GB GPUs
+    gradient_checkpointing: bool = execution(False)  # recompute activations in backward: 7B tuning on 16 GB GPUs
     num_workers: int = 1
-    use_gpu: bool = True
-    max_failures: int = 2
+    use_gpu: bool = execution(True)
+    max_failures: int = execution(2)
     valid_subsample: Optional[int] = 2000
 
 
@@ -282,10 +301,10 @@ class ScoreConfig:
     # The LLM rows score one fixed random subsample of the test split (seed run.seed) of this size,
     # the same for every variant; the CRM scores the whole split. None: every LLM row scores it all.
     llm_subsample: Optional[int] = None
-    batch_size: int = 16
-    concurrency: int = 1
-    num_gpus: float = 1.0
-    zero_shot: bool = True
+    batch_size: int = execution(16)
+    concurrency: int = execution(1)
+    num_gpus: float = execution(1.0)
+    zero_shot: bool = execution(True)  # which rows are scored, not how
 
 
 @dataclass
@@ -327,7 +346,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Where training curves also go (reclora_ray/curves.py); in no stage's fingerprint.
-    tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = "tensorboard"
+    tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = execution("tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,11 +354,30 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named sections: a stage's outputs are valid for it."""
-        values = {s: getattr(self, s) for s in sections}
-        payload = {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()}
+    def fingerprint_payload(self, *names: str, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The values of the named sections ("crm") or fields ("run.seed") a result depends on:
+        execution-only fields (`execution()`) and the dotted `ignore` paths left out."""
+        payload: dict[str, Any] = {}
+        for name in names:
+            node: Any = self
+            for part in name.split("."):
+                node = getattr(node, part)
+            payload[name] = _result_fields(node, name, set(ignore))
+        return payload
+
+    def section_hash(self, *sections: str, ignore: tuple[str, ...] = ()) -> str:
+        """A short stable hash of the named sections (execution-only fields left out)."""
+        payload = self.fingerprint_payload(*sections, ignore=ignore)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _result_fields(value: Any, path: str, ignore: set[str]) -> Any:
+    """A config value as plain data, without its execution-only and ignored fields."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {f.name: _result_fields(getattr(value, f.name), f"{path}.{f.name}", ignore)
+            for f in dataclasses.fields(value)
+            if not f.metadata.get(EXECUTION) and f"{path}.{f.name}" not in ignore}
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,7 +9,6 @@ OUT/report.md, OUT/metrics.json (evaluate's payload), OUT/roc.png and, when gate
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reclora_ray import storage
 from reclora_ray.curves import plot_curves
 from reclora_ray.metrics import BOOTSTRAP_ROUNDS, binary_metrics, bootstrap_metrics, interval, paired_p_value, rel_impr
 from reclora_ray.rundir import RunDir, write_json_atomic
@@ -230,18 +230,38 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
         parts += ["![Training loss and validation curves](curves.png)", ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    tmp = run.report.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(run.report)
+    storage.write_text(run.report, "\n".join(parts))
     log.info("wrote %s", run.report)
     return payload
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="the run directory")
+def run_stage(cfg, run: RunDir, key=None, overwrite: bool = False, timings: dict | None = None) -> dict:
+    """The `report` stage of the stage table: OUT/report.md and OUT/metrics.json, with the notes
+    of `reclora run` when it gets its stage wall times."""
+    return write_report(run, run_notes(cfg, run, timings) if timings is not None else None)
 
 
-def main(args: argparse.Namespace) -> int:
-    payload = write_report(RunDir(args.out))
-    print(json.dumps(payload, indent=2))
-    return 0
+def run_notes(cfg, run: RunDir, timings: dict) -> list[str]:
+    """What a run was: dataset, models, few-shot set, test samples, histories, stage wall times."""
+    scored = (["zero-shot"] if cfg.score.zero_shot else []) + list(cfg.tune.variants)
+    return [
+        f"dataset {cfg.data.dataset}; LLM {cfg.llm.model} ({_computed_dtype(run, scored)}"
+        f"{', 8-bit' if cfg.llm.load_in_8bit else ''}); CRM {cfg.crm.model}",
+        f"few-shot set: {cfg.tune.few_shot} training samples drawn uniformly (seed {cfg.run.seed}), "
+        f"{cfg.tune.epochs} epoch(s), the best kept by validation AUC on {cfg.tune.valid_subsample or 'all'} "
+        "validation samples",
+        "test: " + (f"the LLM rows on a fixed random subsample of {cfg.score.llm_subsample} samples (seed "
+                    f"{cfg.run.seed}), the CRM on the whole split" if cfg.score.llm_subsample else "the whole split")
+        + (f" (itself a fixed subsample of {cfg.data.test_subsample})" if cfg.data.test_subsample else ""),
+        f"histories: {cfg.retrieve.k_long} behaviours for the CRM, {cfg.retrieve.k_short} in the prompt",
+        "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+    ]
+
+
+def _computed_dtype(run: RunDir, scored: list[str]) -> str:
+    """The dtype the LLM rows computed in, as the scoring actors resolved llm.dtype."""
+    found = {json.loads(path.read_text()).get("dtype") for name in scored
+             if (path := run.scores(name) / "metrics.json").exists()}
+    return ", ".join(sorted(d for d in found if d)) or "dtype unknown"
+
+

@@ -15,6 +15,18 @@ from reclora_ray.console import VERBOSE_ENV, is_verbose, quiet_ray
 log = logging.getLogger(__name__)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    """Arguments every stage takes: the config, overrides and the run directory."""
+    parser.add_argument("--config", default="quickstart", help="packaged config name or YAML path")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set crm.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--out", required=out_required,
+                        help="the run directory, a path or a URI (docs/architecture.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of another config")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 
 from reclora_ray.llm.base import load_base
-from reclora_ray.llm.next_item_score import adapter_dir, scores_dir
 from reclora_ray.llm.plora import load_adapter
-from reclora_ray.next_item_pipeline import run_next_item
+from reclora_ray.pipeline import run_next_item
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
@@ -27,7 +26,7 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
     test = pd.read_parquet(run.data / "next_item" / "test.parquet")
     assert set(summary["models"]) == {"crm-sim", "reclora"}
     for name in summary["models"]:
-        preds = pd.read_parquet(scores_dir(run, name) / "predictions.parquet")
+        preds = pd.read_parquet(run.next_item_scores(name) / "predictions.parquet")
         assert sorted(preds["sample_id"]) == sorted(test["sample_id"])
         scores = np.stack(preds["scores"].to_numpy())
         assert scores.shape == (len(test), 20) and np.isfinite(scores).all()
@@ -36,9 +35,9 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
         assert m["hr@1_ci"][0] <= m["hr@1"] <= m["hr@1_ci"][1]
     assert set(summary["paired"]) == {"crm-sim - reclora"}
 
-    trained = json.loads((adapter_dir(run, "reclora") / "train_metrics.json").read_text())
+    trained = json.loads((run.next_item_adapter("reclora") / "train_metrics.json").read_text())
     assert trained["few_shot"] == 48 and np.isfinite(trained["history"][0]["train_loss"])
-    adapter = load_adapter(load_base(cfg.llm, device="cpu")[0], adapter_dir(run, "reclora"))
+    adapter = load_adapter(load_base(cfg.llm, device="cpu")[0], run.next_item_adapter("reclora"))
     assert all(layer.lora_B.abs().sum() > 0 for layer in adapter.lora_layers().values())  # it trained
     report = (run.root / "next-item" / "report.md").read_text()
     assert "| RecLoRA |" in report and "| SIM |" in report and "crm-sim - reclora" in report

@@ -12,11 +12,12 @@ with `out = OUT/<experiment name>`. The function is named by an import path; the
 `reclora_ray.pipeline:run_pipeline`, runs every stage and returns
 `{"models": {name: {"auc": ..., "logloss": ...}}}`, which becomes the columns `name.auc`, ...
 
-Shared upstream stages: experiments whose configs agree on every section a stage output depends
-on (SHARED_STAGES) compute it once: the first experiment with each stage's config leads it, and
-the sweep runs in waves (one Tune experiment each) so that every experiment starts after the
-leaders it takes data, embeddings, retrieval and CRM outputs from, with those outputs already in
-its run directory (symlinked on a filesystem, copied at a URI); its pipeline skips those stages.
+Shared upstream stages: experiments whose configs agree on everything a `shared` stage of the
+stage table (reclora_ray/stages.py: prepare, embed, retrieve, pretrain-crm) depends on, its own
+sections and its upstream stages' in turn (`stages.sweep_key`), compute it once: the first
+experiment with each stage's key leads it, and the sweep runs in waves (one Tune experiment each)
+so that every experiment starts after the leaders it takes those outputs from, with the outputs
+already in its run directory (symlinked on a filesystem, copied at a URI); its pipeline skips them.
 The N_m sweep thus prepares, embeds, retrieves and pretrains once and tunes five times.
 `share_upstream: false` runs every experiment in one wave, each computing everything.
 
@@ -42,7 +43,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,24 +51,17 @@ from typing import Any, Callable
 
 import yaml
 
-from reclora_ray import storage
+from reclora_ray import stages, storage
 from reclora_ray.config import Config, ConfigError, load_config
-from reclora_ray.rundir import MARKER
+from reclora_ray.rundir import MARKER, RunDir, local_run_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "reclora_ray.pipeline:run_pipeline"
 
-# Upstream stage outputs (run-directory parts) one experiment may take from another, each with
-# the config sections it depends on: a superset of what the stage's own fingerprint hashes, so
-# an output is shared only where the stage would have skipped it anyway. "crm" stands for every
-# finished OUT/crm/<name>.
-SHARED_STAGES: dict[str, tuple[str, ...]] = {
-    "data": ("run", "data"),
-    "embeddings": ("run", "data", "embed", "llm"),
-    "data/retrieval": ("run", "data", "embed", "llm", "retrieve"),
-    "crm": ("run", "data", "embed", "llm", "retrieve", "crm"),
-}
+def shared_stages() -> dict[str, stages.Stage]:
+    """The stages experiments may take from one another: the `shared` entries of the stage table."""
+    return {name: stage for name, stage in stages.STAGES.items() if stage.shared}
 
 
 @dataclass
@@ -112,11 +105,13 @@ class Experiment:
         return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", self.name)
 
     def stage_key(self, stage: str) -> str:
-        return self.cfg.section_hash(*SHARED_STAGES[stage])
+        """What this experiment's instances of `stage` depend on (equal keys: the same outputs)."""
+        keys = [stages.sweep_key(stage, self.cfg, key) for key in stages.STAGES[stage].instances(self.cfg, "ctr")]
+        return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
 
     @property
     def upstream_key(self) -> tuple[str, ...]:
-        return tuple(self.stage_key(stage) for stage in SHARED_STAGES)
+        return tuple(self.stage_key(stage) for stage in shared_stages())
 
 
 def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
@@ -230,7 +225,7 @@ def plan_waves(experiments: list[Experiment]) -> list[list[Experiment]]:
     the first experiment with the same stage key computes it (the "leader" of that stage)."""
     wave: dict[str, int] = {}
     for exp in experiments:
-        leaders = [next(o for o in experiments if o.stage_key(stage) == exp.stage_key(stage)) for stage in SHARED_STAGES]
+        leaders = [next(o for o in experiments if o.stage_key(stage) == exp.stage_key(stage)) for stage in shared_stages()]
         wave[exp.name] = 1 + max((wave[o.name] for o in leaders if o is not exp), default=-1)
     return [[e for e in experiments if wave[e.name] == i] for i in range(max(wave.values(), default=-1) + 1)]
 
@@ -342,7 +337,7 @@ def _trial_log():
 def _donors(exp: Experiment, experiments: list[Experiment], rows: dict[str, dict], out: str) -> dict[str, str]:
     """{stage: run directory of a finished experiment whose output of that stage fits `exp`}."""
     donors = {}
-    for stage in SHARED_STAGES:
+    for stage in shared_stages():
         for other in experiments:
             if (other is not exp and rows.get(other.name, {}).get("status") == "succeeded"
                     and other.stage_key(stage) == exp.stage_key(stage)):
@@ -360,9 +355,9 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict,
            "node_id": ray.get_runtime_context().get_node_id(), "started_at": started,
            "shared": {stage: donor.rsplit("/", 1)[-1] for stage, donor in donors.items()}}
     try:
-        with storage.local_run_dir(out, inputs=[""]) as run_dir:
+        with local_run_dir(out, inputs=[""]) as run_dir:
             for stage, donor in donors.items():
-                share_stage(donor, run_dir, stage)
+                share_stage(donor, run_dir, stage, cfg)
             metrics = flatten_metrics(resolve(experiment)(cfg, str(run_dir)))
         row.update(status="succeeded", metrics=metrics, error=None)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's row, then the trial fails
@@ -374,36 +369,21 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict,
     return row
 
 
-def share_stage(donor: str, run_dir: Path, stage: str) -> None:
-    """Put the donor run's finished `stage` output(s) into `run_dir`, unless it has its own.
-
-    A local donor is symlinked (relative links, so a sweep directory can move); `data` becomes a
-    directory of links to the donor's files, so a retrieval output of another config can be
-    written beside them without touching the donor. A URI donor is copied.
-    """
-    outputs = ([f"crm/{name}" for name in _finished_children(storage.join(donor, "crm"))]
-               if stage == "crm" else [stage])
-    for part in outputs:
+def share_stage(donor: str, run_dir: Path, stage: str, cfg: Config) -> None:
+    """Put the donor run's finished outputs of `stage` (its instances for `cfg`, whose keys agree
+    with the donor's) into `run_dir`, unless it has its own. A local donor's are symlinked
+    (relative links, so a sweep directory can move); a URI donor's are copied."""
+    root = Path("/run")
+    for path in stages.outputs_of(stage, cfg, RunDir(root)):
+        part = path.relative_to(root).as_posix()
         source, target = storage.join(donor, part), run_dir / part
         if target.exists() or target.is_symlink() or not storage.exists(storage.join(source, MARKER)):
             continue
         if storage.is_uri(source):
             storage.download(source, target)
-            if stage == "data":  # its retrieval is a stage of its own, shared only if it fits
-                shutil.rmtree(target / "retrieval", ignore_errors=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        if stage == "data":
-            target.mkdir()
-            for entry in Path(source).iterdir():
-                if entry.name != "retrieval" and not entry.name.startswith("."):
-                    (target / entry.name).symlink_to(os.path.relpath(entry, target))
-        else:
-            target.symlink_to(os.path.relpath(source, target.parent), target_is_directory=True)
-
-
-def _finished_children(location: str) -> list[str]:
-    return sorted(rel for rel in storage.finished_outputs(location) if rel and "/" not in rel)
+        target.symlink_to(os.path.relpath(source, target.parent), target_is_directory=True)
 
 
 def flatten_metrics(result: dict) -> dict[str, Any]:

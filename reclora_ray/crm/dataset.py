@@ -1,7 +1,7 @@
 """Sample rows -> encoded CRM batches, as a Ray Data stream (training) or a local loop (eval, represent).
 
 A split is read in row ranges ("chunks"): one read task reads rows [start, stop) of
-samples/{split}.parquet (and the same rows of retrieval/{split}.parquet for the long history),
+OUT/data/samples/{split}.parquet (and the same rows of OUT/retrieval/{split}.parquet for the long history),
 gathers the history from the user sequences and encodes the batch. No task and no training
 worker ever holds a whole split; the user sequences (CSR arrays) are shared through the object
 store.
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.crm.features import FeatureEncoder, FeatureSpec
 from reclora_ray.data.prepared import PreparedData, PreparedDataError, Sequences
+from reclora_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ def num_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def retrieval_path(data_dir: Path, split: str) -> Path:
-    return Path(data_dir) / "retrieval" / f"{split}.parquet"
+def retrieval_path(run: RunDir, split: str) -> Path:
+    return run.retrieval / f"{split}.parquet"
 
 
-def retrieved_history(data_dir: Path, split: str, k: int, start: int, stop: int,
+def retrieved_history(run: RunDir, split: str, k: int, start: int, stop: int,
                       expect_sample_ids: np.ndarray) -> np.ndarray:
     """hist_long of rows [start, stop) (retrieval contract: same row order as the samples file),
     as an (n, k) index array, -1 left padded, most recent last.
@@ -57,7 +58,7 @@ def retrieved_history(data_dir: Path, split: str, k: int, start: int, stop: int,
     The one place the CRM reads retrieval output; it reads row ranges so a split is never loaded
     whole (`reclora_ray.retrieval.retrieve.load_retrieval` returns whole splits).
     """
-    path = retrieval_path(data_dir, split)
+    path = retrieval_path(run, split)
     if not path.is_file():
         raise PreparedDataError(
             f"{path} is missing: crm.history is 'long', which needs the retrieved histories; "
@@ -88,22 +89,22 @@ def pad_lists(lists: pa.ListArray, k: int) -> np.ndarray:
     return out
 
 
-def history_indices(data_dir: Path, split: str, spec: FeatureSpec, sequences: Sequences,
-                    rows: pa.Table, start: int) -> np.ndarray:
+def crm_history_indices(run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences,
+                        rows: pa.Table, start: int) -> np.ndarray:
     """(n, K) indices into each sample's user sequence: retrieved (long) or the most recent K."""
     user_ids = rows.column("user_id").to_numpy()
     if spec.history == "recent":
         return sequences.recent(user_ids, rows.column("pos").to_numpy(), spec.history_len)
-    return retrieved_history(data_dir, split, spec.history_len, start, start + rows.num_rows,
+    return retrieved_history(run, split, spec.history_len, start, start + rows.num_rows,
                              rows.column("sample_id").to_numpy())
 
 
-def encode_rows(data_dir: Path, split: str, spec: FeatureSpec, sequences: Sequences,
+def encode_rows(run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences,
                 start: int, stop: int) -> dict[str, np.ndarray]:
     """The encoded batch (plus label and sample_id) of rows [start, stop) of a split."""
-    path = Path(data_dir) / "samples" / f"{split}.parquet"
+    path = run.data / "samples" / f"{split}.parquet"
     rows = read_rows(path, start, stop, SAMPLE_READ_COLUMNS)
-    indices = history_indices(data_dir, split, spec, sequences, rows, start)
+    indices = crm_history_indices(run, split, spec, sequences, rows, start)
     user_ids = rows.column("user_id").to_numpy()
     batch = FeatureEncoder(spec).encode(
         user_ids, rows.column("item_id").to_numpy(), rows.column("timestamp").to_numpy(),
@@ -121,15 +122,15 @@ def iter_split(prepared: PreparedData, split: str, spec: FeatureSpec, chunk_rows
     """Encoded chunks of a split in row order, in this process (no Ray)."""
     n = num_rows(prepared.split_path(split))
     for start, stop in chunk_ranges(n, chunk_rows):
-        yield encode_rows(prepared.root, split, spec, prepared.sequences, start, stop)
+        yield encode_rows(prepared.run, split, spec, prepared.sequences, start, stop)
 
 
-def _encode_chunks(chunks: dict[str, np.ndarray], data_dir: str, split: str, spec: dict,
+def _encode_chunks(chunks: dict[str, np.ndarray], run: RunDir, split: str, spec: dict,
                    sequences_ref) -> dict[str, np.ndarray]:
     import ray
 
     sequences = ray.get(sequences_ref)  # zero-copy views of the object store
-    parts = [encode_rows(Path(data_dir), split, FeatureSpec.from_dict(spec), sequences, int(a), int(b))
+    parts = [encode_rows(run, split, FeatureSpec.from_dict(spec), sequences, int(a), int(b))
              for a, b in zip(chunks["start"], chunks["stop"])]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -148,6 +149,6 @@ def ray_dataset(prepared: PreparedData, split: str, spec: FeatureSpec, chunk_row
         ds = ds.randomize_block_order()
     return ds.map_batches(
         _encode_chunks, batch_size=1, num_cpus=num_cpus,
-        fn_kwargs={"data_dir": str(prepared.root), "split": split, "spec": spec.to_dict(),
+        fn_kwargs={"run": prepared.run.resolved(), "split": split, "spec": spec.to_dict(),
                    "sequences_ref": sequences_ref},
     )

@@ -10,7 +10,6 @@ OUT/crm/<model>/ (model.safetensors, crm.json, metrics.json, config.yaml).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -27,18 +26,19 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
-from reclora_ray.config import Config, ConfigError, CRMConfig
+from reclora_ray.config import Config, CRMConfig
 from reclora_ray.crm.checkpoint import CRMCheckpointError, checkpoint_name, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
-from reclora_ray.crm.models import MODELS, build_model
+from reclora_ray.crm.models import build_model
 from reclora_ray.crm.represent import predict_split
 from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.gpu import check_device
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +48,28 @@ TRAIN_STATE = "train_state.pt"
 SHUFFLE_BUFFER_BATCHES = 16
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reclora_ray.cli import add_common_arguments
-
-    add_common_arguments(parser)
-    parser.add_argument("--model", help=f"the CRM to train (default: crm.model); one of {', '.join(MODELS)}")
+def run_stage(cfg: Config, run: RunDir, key: str | None = None, overwrite: bool = False) -> Path:
+    """The `pretrain-crm` stage: OUT/crm/<key> (the instance's config is the table's config_for)."""
+    return pretrain_crm(cfg, run, overwrite, key=key)
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.model:
-        select_model(cfg, args.model)
-    pretrain_crm(cfg, args.out, overwrite=args.overwrite)
-    return 0
-
-
-def select_model(cfg: Config, name: str) -> None:
-    if name not in MODELS:
-        raise ConfigError(f"--model: unknown CRM {name!r}; one of {', '.join(MODELS)}")
-    cfg.crm.model = name
-
-
-def fingerprint(cfg: Config) -> str:
-    sections = ["run", "data", "retrieve", "crm"] + (["embed"] if cfg.crm.history == "long" else [])
-    return cfg.section_hash(*sections)
-
-
-def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callbacks: list | None = None) -> Path:
+def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False, callbacks: list | None = None,
+                 key: str | None = None) -> Path:
     """Train cfg.crm.model on OUT/data and write OUT/crm/<model>/; a no-op when already done.
 
+    `key`: the checkpoint name (`sim`, `sasrec-recent`), whose model and history win over cfg.crm's.
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller).
     """
-    run = RunDir(out)
-    out_dir = run.crm(checkpoint_name(cfg.crm))
-    stage_fingerprint = with_inputs(fingerprint(cfg), [run.data] + ([run.retrieval] if cfg.crm.history == "long" else []))
-    if not check_can_write(out_dir, stage_fingerprint, overwrite):
+    stage = StageRun("pretrain-crm", cfg, out, key or checkpoint_name(cfg.crm))
+    cfg, run, out_dir = stage.cfg, stage.run, stage.out
+    if stage.up_to_date(overwrite):
         return out_dir
     prepared = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     if cfg.crm.history == "long":
         for split in SPLITS:
-            if not retrieval_path(prepared.root, split).is_file():
+            if not retrieval_path(run, split).is_file():
                 raise PreparedDataError(
-                    f"{retrieval_path(prepared.root, split)} is missing: crm.history is 'long', which needs "
+                    f"{retrieval_path(run, split)} is missing: crm.history is 'long', which needs "
                     f"the retrieved histories; run `reclora retrieve --out {run.root}` first (or set crm.history=recent)")
     spec, tables = build_features(prepared, cfg.crm, cfg.retrieve.k_long)
     model = build_model(spec, cfg.crm, tables)  # fails early on a bad model config
@@ -97,7 +77,7 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
              cfg.crm.model, sum(p.numel() for p in model.parameters()), model.d_c, spec.history,
              spec.history_len, {**spec.user_fields, **spec.item_fields, **{k: v[0] for k, v in spec.item_bags.items()}})
 
-    storage = run.root / "crm" / f".ray-train-{cfg.crm.model}"
+    storage = run.train_storage(out_dir)
     try:
         result = fit(cfg, prepared, spec, tables, storage, callbacks or [])
         best = best_train_state(result)
@@ -113,10 +93,9 @@ def pretrain_crm(cfg: Config, out: str | Path, overwrite: bool = False, callback
             # From the last report: the best checkpoint may predate later epochs and restarts.
             "epochs_run": result.metrics["epoch"] + 1, "restarts": result.metrics["attempt"], "history": history,
         }
-        with staged_output(out_dir, stage_fingerprint, {"model": cfg.crm.model}) as tmp:
+        with stage.write({"model": cfg.crm.model}) as tmp:
             save_crm(model, tmp)
             write_json_atomic(tmp / "metrics.json", metrics)
-            save_resolved_config(cfg, tmp)
             keep_curves(storage, tmp)
     finally:
         shutil.rmtree(storage, ignore_errors=True)

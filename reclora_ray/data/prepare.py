@@ -12,9 +12,7 @@ columnar numpy on the driver: a few arrays of one number per behaviour, never Py
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -26,13 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from reclora_ray.config import DATASETS, Config, DataConfig
+from reclora_ray.config import Config, DataConfig
 from reclora_ray.data import next_item, text
 from reclora_ray.data.prepared import SPLITS
 from reclora_ray.data.checks import check_two_classes, drop_duplicates
 from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +45,26 @@ class EmptyDatasetError(ValueError):
 # --------------------------------------------------------------------------- entry points
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reclora_ray.cli import add_common_arguments
-
-    add_common_arguments(parser)
-    parser.add_argument("--dataset", choices=DATASETS, help="overrides data.dataset")
-    parser.add_argument("--raw-dir", help="folder of the raw files; overrides data.raw_dir")
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.dataset:
-        cfg.data.dataset = args.dataset
-    if args.raw_dir:
-        cfg.data.raw_dir = args.raw_dir
-    out = prepare_dataset(cfg, RunDir(args.out).data, overwrite=args.overwrite)
+def run_stage(cfg: Config, run: RunDir, key=None, overwrite: bool = False) -> Path:
+    """The `prepare` stage of the stage table: OUT/data."""
+    out = prepare_dataset(cfg, run.data, overwrite=overwrite)
     log.info("prepared dataset in %s", out)
-    return 0
+    return out
 
 
-def fingerprint(cfg: Config) -> str:
-    """What the prepared data depends on: the data section (less the parallelism knob) and the
-    seed (the test subsample, the next-item candidates)."""
-    data = dataclasses.asdict(cfg.data)
-    data.pop("blocks")
-    defaults = dataclasses.asdict(DataConfig())
-    for key in ("files", "cold_items", "text"):  # newer keys: at their defaults, runs prepared before them stay valid
-        if data[key] == defaults[key]:
-            data.pop(key)
-    payload = {"data": data, "seed": cfg.run.seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def raw_files(cfg: Config) -> list[Path]:
+    """Every raw file prepare reads (their sizes and mtimes go into its fingerprint); opening the
+    source checks that its folder and files exist before any work starts."""
+    return open_source(cfg.data.dataset, cfg.data.raw_dir, cfg.data).input_files()
 
 
 def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Prepare cfg.data into out_dir (normally OUT/data); a no-op when it is already there."""
     out_dir = Path(out_dir)
-    source = open_source(cfg.data.dataset, cfg.data.raw_dir, cfg.data)
-    fp = with_inputs(fingerprint(cfg), files=source.input_files())
-    if not check_can_write(out_dir, fp, overwrite):
+    stage = StageRun("prepare", cfg, out_dir.parent, out=out_dir)
+    if stage.up_to_date(overwrite):
         return out_dir
+    source = open_source(cfg.data.dataset, cfg.data.raw_dir, cfg.data)
     started = time.perf_counter()
     init_ray(cfg)
     log.info("reading the %s log from %s", source.name, source.describe())
@@ -93,7 +73,7 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
     items = item_table(source, behaviours["item_raw"], cfg.data)
     users = user_table(source, behaviours["user_raw"], cfg.data.text.profile)
     check_split_classes(split, cfg.data, source)  # after the item and user files: their errors name a line
-    with staged_output(out_dir, fp) as tmp:
+    with stage.write() as tmp:
         log.info("writing %s", out_dir)
         items.to_parquet(tmp / "items.parquet", index=False)
         users.to_parquet(tmp / "users.parquet", index=False)
@@ -101,11 +81,10 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
         write_sequences(tmp / "sequences.parquet", split, cfg.data.blocks)
         tasks = next_item_tables(split, cfg, len(items))
         next_item.write_next_item(tmp / next_item.NEXT_ITEM_DIR, tasks)
-        meta = build_meta(cfg, fp, source, split, items, users)
+        meta = build_meta(cfg, stage.fingerprint, source, split, items, users)
         meta["next_item"] = {**dataclasses.asdict(cfg.data.next_item), "seed": cfg.run.seed,
                              "rows": {s: t.num_rows for s, t in tasks.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        save_resolved_config(cfg, tmp)
     log.info("prepared %s in %.1f s: %d behaviours, %d users, %d items; samples %s",
              source.name, time.perf_counter() - started, meta["n_rows"], meta["n_users"], meta["n_items"],
              " / ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS))

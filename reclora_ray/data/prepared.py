@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from reclora_ray.rundir import RunDir
+
 SPLITS = ("train", "valid", "test")
 SAMPLE_COLUMNS = ("sample_id", "user_id", "item_id", "label", "rating", "timestamp", "pos")
 SEQUENCE_COLUMNS = ("user_id", "item_ids", "ratings", "labels", "timestamps")
@@ -83,6 +85,11 @@ class PreparedData:
         self.items = items
         self.users = users
         self.sequences = sequences
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory this dataset is the `data` output of (OUT/data -> OUT)."""
+        return RunDir(self.root.parent)
 
     @property
     def dataset(self) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.variants import Variant
+from reclora_ray.rundir import RunDir
 
 
 @dataclass
@@ -60,16 +61,18 @@ def sample_histories(sequences: Sequences, rows: pd.DataFrame, variant: Variant,
     return Histories(*short, *long)
 
 
-def load_samples(data_dir: Path, split: str, variant: Variant) -> pd.DataFrame:
-    """A split's samples, with the retrieved hist_long / hist_short columns when the variant reads them."""
-    samples = pd.read_parquet(Path(data_dir) / "samples" / f"{split}.parquet")
+def load_samples(run: RunDir | Path, split: str, variant: Variant) -> pd.DataFrame:
+    """A split's samples, with the retrieved hist_long / hist_short columns when the variant reads
+    them. `run`: the run directory (or its OUT/data, whose run directory is its parent)."""
+    run = run if isinstance(run, RunDir) else RunDir(Path(run).parent)  # OUT/data -> OUT
+    samples = pd.read_parquet(run.data / "samples" / f"{split}.parquet")
     if not variant.needs_retrieval:
         return samples
     from reclora_ray.retrieval.retrieve import load_retrieval
 
-    retrieval = load_retrieval(data_dir, split)
+    retrieval = load_retrieval(run, split)
     if not np.array_equal(retrieval.sample_id, samples["sample_id"].to_numpy()):
-        raise ValueError(f"the retrieval output for {split} does not match {data_dir}/samples/{split}.parquet; "
+        raise ValueError(f"the retrieval output for {split} does not match {run.data}/samples/{split}.parquet; "
                          "re-run `reclora retrieve --overwrite`")
     return samples.assign(hist_long=list(retrieval.hist_long), hist_short=list(retrieval.hist_short))
 

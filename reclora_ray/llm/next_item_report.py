@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from reclora_ray.llm.next_item_score import TASK_DIR
+from reclora_ray import storage
 from reclora_ray.metrics import bootstrap_mean
 from reclora_ray.ranking import per_row_metrics, target_ranks
 from reclora_ray.report import DISPLAY, _order
@@ -27,13 +27,13 @@ BASELINES = ("tallrec", "reclora")  # plain LoRA on the same prompt, and RecLoRA
 def per_row(run: RunDir) -> dict[str, pd.DataFrame]:
     """Each scored model's per-sequence metrics, indexed by sample_id, on the rows all models share."""
     found = {}
-    for path in sorted((run.root / TASK_DIR / "scores").glob("*/predictions.parquet")):
+    for path in sorted((run.next_item / "scores").glob("*/predictions.parquet")):
         preds = pd.read_parquet(path)
         ranks = target_ranks(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy())
         found[path.parent.name] = pd.DataFrame(per_row_metrics(ranks), index=preds["sample_id"]).assign(
             user_id=preds["user_id"].to_numpy())
     if not found:
-        raise FileNotFoundError(f"no next-item scores under {run.root / TASK_DIR / 'scores'}")
+        raise FileNotFoundError(f"no next-item scores under {run.next_item / 'scores'}")
     common = sorted(set.intersection(*(set(f.index) for f in found.values())))
     return {name: frame.loc[common] for name, frame in found.items()}
 
@@ -84,10 +84,21 @@ def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    root = run.root / TASK_DIR
+    root = run.next_item
     write_json_atomic(root / "metrics.json", summary)
-    tmp = root / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(root / "report.md")
+    storage.write_text(root / "report.md", "\n".join(lines))
     log.info("wrote %s", root / "report.md")
     return summary
+
+
+def run_stage(cfg, run: RunDir, key=None, overwrite: bool = False, timings: dict | None = None) -> dict:
+    """The `report-next-item` stage: OUT/next-item/report.md and metrics.json."""
+    n = cfg.data.next_item
+    notes = [
+        f"dataset {cfg.data.dataset}; LLM {cfg.llm.model} ({cfg.llm.dtype}); few-shot set: {cfg.tune.few_shot} "
+        f"next-item training sequences (seed {cfg.run.seed})",
+        f"prompt: the last {n.history} behaviours and {n.candidates} candidate titles; scores: mean log-likelihood "
+        "of each candidate's title (one shared prefix pass); CRMs read the recent history, gates get no target",
+        "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in (timings or {}).items()),
+    ]
+    return write_next_item_report(run, notes)

@@ -24,21 +24,11 @@ from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks
 from reclora_ray.llm.prompt import PromptBuilder
 from reclora_ray.llm.variants import Variant, crm_name, get_variant
 from reclora_ray.ranking import ranking_metrics
-from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, write_json_atomic
-from reclora_ray.runtime import init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
-
-TASK_DIR = "next-item"
-
-
-def adapter_dir(run: RunDir, variant: str) -> Path:
-    return run.root / TASK_DIR / "adapter" / variant
-
-
-def scores_dir(run: RunDir, name: str) -> Path:
-    return run.root / TASK_DIR / "scores" / name
-
 
 def load_rows(run: RunDir, split: str) -> pd.DataFrame:
     """A split's next-item rows with `candidates` as one list column (for Ray Data blocks)."""
@@ -112,15 +102,14 @@ def candidate_scores(model, inputs: NextItemInputs, features: NextItemFeatures |
 class NextItemScorer:
     """Ray Data actor: an LLM variant's candidate log-likelihoods for next-item rows."""
 
-    def __init__(self, cfg: Config, out: str, variant_name: str, adapter: str | None):
+    def __init__(self, cfg: Config, run: RunDir, variant_name: str, adapter: Path | None):
         from reclora_ray.llm.model import build_model
         from reclora_ray.llm.score import scoring_device
 
-        run = RunDir(out)
         self.variant = get_variant(variant_name)
         self.device = scoring_device(cfg.score.num_gpus)
         data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-        self.model, tokenizer, spec = build_model(cfg, run, self.variant, Path(adapter) if adapter else None,
+        self.model, tokenizer, spec = build_model(cfg, run, self.variant, adapter,
                                                   device=self.device)
         self.model.eval()
         self.inputs, self.features = model_inputs(cfg, data, tokenizer, self.variant, spec)
@@ -137,10 +126,10 @@ class NextItemScorer:
 class NextItemCRMScorer:
     """Ray Data actor: a CRM alone, its logit for each (user, history, candidate)."""
 
-    def __init__(self, cfg: Config, out: str, crm_dir: str):
+    def __init__(self, cfg: Config, run: RunDir, crm_dir: Path):
         from reclora_ray.crm import load_crm
 
-        data = PreparedData.load(RunDir(out).data, expect_dataset=cfg.data.dataset)
+        data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
         self.model = load_crm(crm_dir)
         self.features = NextItemFeatures(data, self.model.spec, cfg.retrieve.k_long)
 
@@ -154,7 +143,7 @@ class NextItemCRMScorer:
         return rows[["sample_id", "user_id", "target_index"]].assign(scores=list(logits))
 
 
-def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: Path, fp: str,
+def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, stage: StageRun,
                 num_gpus: float, info: dict) -> dict:
     import ray.data
 
@@ -165,50 +154,46 @@ def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: 
                             compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
     preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
     metrics = ranking_metrics(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy()) | info
-    with staged_output(out, fp) as tmp:
+    with stage.write() as tmp:
         preds.to_parquet(tmp / "predictions.parquet", index=False)
         write_json_atomic(tmp / "metrics.json", metrics)
-        save_resolved_config(cfg, tmp)
     log.info("%s (next item): HR@1 %.4f, NDCG@10 %.4f on %d test sequences -> %s",
-             info["model"], metrics["hr@1"], metrics["ndcg@10"], metrics["n"], out)
+             info["model"], metrics["hr@1"], metrics["ndcg@10"], metrics["n"], stage.out)
     return metrics
 
 
 def score_next_item(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
     """An LLM variant (its next-item adapter, or the base model) on the test sequences."""
-    from reclora_ray.llm.tune import fingerprint
-
     variant: Variant = get_variant(name)
-    out = scores_dir(run, variant.name)
-    adapter, upstream = None, "base"
-    if variant.adapter:
-        adapter = adapter_dir(run, variant.name)
-        marker = read_marker(adapter)
-        if marker is None:
-            raise FileNotFoundError(f"{adapter} holds no adapter; tune {variant.name} on the next-item task first")
-        upstream = marker["fingerprint"]
-    fp = f"next-item-{fingerprint(cfg, variant)}-{upstream}-{cfg.section_hash('score')}"
-    if not check_can_write(out, fp, overwrite):
-        return out
+    stage = StageRun("score-next-item", cfg, run, variant.name)
+    run = stage.run.resolved()
+    if stage.up_to_date(overwrite):
+        return stage.out
     rows = load_rows(run, "test")
     log.info("scoring %s on %d next-item test sequences", variant.name, len(rows))
-    _score_with(NextItemScorer, {"cfg": cfg, "out": str(run.root.resolve()), "variant_name": variant.name,
-                                 "adapter": str(adapter) if adapter else None},
-                rows, cfg, out, fp, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
-    return out
+    _score_with(NextItemScorer, {"cfg": cfg, "run": run, "variant_name": variant.name,
+                                 "adapter": run.next_item_adapter(variant.name) if variant.adapter else None},
+                rows, cfg, stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
+    return stage.out
 
 
 def score_next_item_crm(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
     """The CRM a variant's gate reads, alone, on the same candidates -> OUT/next-item/scores/crm-<name>/."""
     name = crm_name(cfg, get_variant(variant_name))
-    crm_dir = run.crm(name)
-    marker = read_marker(crm_dir)
-    if marker is None:
-        raise FileNotFoundError(f"{crm_dir} holds no CRM; run `reclora pretrain-crm` first")
-    out = scores_dir(run, f"crm-{name}")
-    fp = f"next-item-crm-{marker['fingerprint']}-{cfg.section_hash('data', 'retrieve', 'score')}"
-    if not check_can_write(out, fp, overwrite):
-        return out
-    _score_with(NextItemCRMScorer, {"cfg": cfg, "out": str(run.root.resolve()), "crm_dir": str(crm_dir)},
-                load_rows(run, "test"), cfg, out, fp, 0, {"model": f"crm-{name}", "variant": f"the CRM {name} alone"})
-    return out
+    stage = StageRun("score-next-item-crm", cfg, run, variant_name)
+    run = stage.run.resolved()
+    if stage.up_to_date(overwrite):
+        return stage.out
+    _score_with(NextItemCRMScorer, {"cfg": cfg, "run": run, "crm_dir": run.crm(name)},
+                load_rows(run, "test"), cfg, stage, 0, {"model": f"crm-{name}", "variant": f"the CRM {name} alone"})
+    return stage.out
+
+
+def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `score-next-item` stage: OUT/next-item/scores/<variant>."""
+    return score_next_item(cfg, run, key, overwrite)
+
+
+def run_crm_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `score-next-item-crm` stage: OUT/next-item/scores/crm-<the CRM of variant `key`>."""
+    return score_next_item_crm(cfg, run, key, overwrite)

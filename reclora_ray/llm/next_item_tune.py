@@ -1,7 +1,7 @@
 """Tuning on the next-item task: the answer is the target's title, the loss on its tokens only.
 
 The same Ray Train + DeepSpeed setup as `reclora tune` (reclora_ray/llm/tune.py: its DeepSpeed
-config, few-shot sample and fingerprint): each worker runs an engine over the trainable gate and
+config and few-shot sample): each worker runs an engine over the trainable gate and
 LoRA parameters; every epoch is validated (HR@1 over the 20 candidates, by candidate likelihood)
 and checkpointed, a killed worker resumes from the last checkpoint. The few-shot set is drawn
 from OUT/data/next_item/train.parquet; the adapter lands in OUT/next-item/adapter/<variant>/.
@@ -9,7 +9,6 @@ from OUT/data/next_item/train.parquet; the adapter lands in OUT/next-item/adapte
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -20,11 +19,12 @@ import numpy as np
 
 from reclora_ray.config import Config
 from reclora_ray.llm.histories import fixed_subsample
-from reclora_ray.llm.next_item_score import adapter_dir, load_rows
-from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample, fingerprint
-from reclora_ray.llm.variants import crm_name, get_variant
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
-from reclora_ray.runtime import init_ray, save_resolved_config
+from reclora_ray.llm.next_item_score import load_rows
+from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
+from reclora_ray.llm.variants import get_variant
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: Config = loop_config["cfg"]
     variant = get_variant(loop_config["variant"])
-    run = RunDir(loop_config["out"])
+    run: RunDir = loop_config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -121,13 +121,10 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     variant = get_variant(variant_name)
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
-    cfg = dataclasses.replace(cfg, tune=variant.tune_config(cfg.tune))
-    out = adapter_dir(run, variant.name)
-    fp = f"next-item-{fingerprint(cfg, variant)}"
-    if not check_can_write(out, fp, overwrite):
+    stage = StageRun("tune-next-item", cfg, run, variant.name)
+    cfg, run, out, fp = stage.cfg, stage.run, stage.out, stage.fingerprint
+    if stage.up_to_date(overwrite):
         return out
-    if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():
-        raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
     train = few_shot_sample(load_rows(run, "train"), cfg.tune.few_shot, cfg.run.seed)
     valid = fixed_subsample(load_rows(run, "valid"), cfg.tune.valid_subsample, cfg.run.seed)
     world = cfg.tune.num_workers
@@ -136,11 +133,11 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
              variant.name, len(train), len(valid), total_steps)
 
     init_ray(cfg)
-    storage = (run.root / "next-item" / "adapter" / f".ray-train-{variant.name}").resolve()
+    storage = run.train_storage(out)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # As tune.py: each worker takes its share of a new permutation of the fixed set every epoch.
-        train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
+        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(),
                            "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid)},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         run_config=RunConfig(name=f"tune-{fp}", storage_path=str(storage),
@@ -150,13 +147,17 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     )
     result = trainer.fit()
     best_checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
-    with best_checkpoint.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
+    with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
         summary = {"best_epoch": best["epoch"], f"best_{SCORE_KEY}": best[SCORE_KEY], "few_shot": len(train),
                    "history": history}
         write_json_atomic(tmp / "train_metrics.json", summary)
-        save_resolved_config(cfg, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("next-item %s: best epoch %d (valid HR@1 %.4f) -> %s", variant.name, best["epoch"], best[SCORE_KEY], out)
     return out
+
+
+def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `tune-next-item` stage: OUT/next-item/adapter/<variant>."""
+    return tune_next_item(cfg, run, key, overwrite)

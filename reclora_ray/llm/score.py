@@ -10,8 +10,6 @@ user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes[, gate]) and met
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.data.catalogue import add_catalogue_ids
 from reclora_ray.data.prepared import PreparedData
@@ -27,10 +24,11 @@ from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
-from reclora_ray.llm.variants import crm_name, get_variant, upstream_outputs
+from reclora_ray.llm.variants import crm_name, get_variant
 from reclora_ray.metrics import binary_metrics
-from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +45,10 @@ class Scorer:
     Called on a DataFrame of prepared samples (the Ray Data actor), or through `score` with
     explicit histories (the online service)."""
 
-    def __init__(self, cfg: Config, out: str, variant_name: str, data: PreparedData | None = None):
+    def __init__(self, cfg: Config, run: RunDir, variant_name: str, data: PreparedData | None = None):
         from reclora_ray.llm.model import build_model
 
-        run = RunDir(out)
+        run = RunDir.of(run)
         variant = get_variant(variant_name)
         device = scoring_device(cfg.score.num_gpus)
         data = data or PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
@@ -105,11 +103,11 @@ class Scorer:
 class CRMScorer:
     """Ray Data actor: the CRM alone, sigmoid(logit), on the same rows as the LLMs."""
 
-    def __init__(self, cfg: Config, out: str, crm_dir: str, long_mode: str):
+    def __init__(self, cfg: Config, run: RunDir, crm_dir: Path, long_mode: str):
         from reclora_ray.crm import load_crm
         from reclora_ray.crm.features import FeatureEncoder
 
-        self.data = PreparedData.load(RunDir(out).data, expect_dataset=cfg.data.dataset)
+        self.data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
         self.model = load_crm(crm_dir)
         self.encoder = FeatureEncoder(self.model.spec)
         self.long_mode = long_mode
@@ -126,7 +124,7 @@ class CRMScorer:
         return rows[KEEP].assign(p_yes=torch.sigmoid(logits).float().numpy())
 
 
-def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: Path, fp: str,
+def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, stage: StageRun,
                 num_gpus: float, info: dict) -> dict:
     import ray.data
 
@@ -138,36 +136,28 @@ def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: 
     preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
     if "dtype" in preds:  # the LLM's dtype as the actors resolved it, saved with the metrics
         info = info | {"dtype": ", ".join(sorted(preds.pop("dtype").unique()))}
-    preds = add_catalogue_ids(preds, RunDir(ctor_kwargs["out"]).data)  # raw ids beside the dense ones
+    preds = add_catalogue_ids(preds, stage.run.data)  # raw ids beside the dense ones
     metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy()) | info
-    with staged_output(out, fp) as tmp:
+    with stage.write() as tmp:
         preds.to_parquet(tmp / "predictions.parquet", index=False)
         write_json_atomic(tmp / "metrics.json", metrics)
-        save_resolved_config(cfg, tmp)
     log.info("%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
-             info["model"], metrics["auc"], metrics["logloss"], metrics["n"], out)
+             info["model"], metrics["auc"], metrics["logloss"], metrics["n"], stage.out)
     return metrics
 
 
 def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
     """P(yes) of one LLM variant on the test split -> OUT/scores/<variant>/ (skipped when done)."""
-    from reclora_ray.llm.tune import fingerprint
-
     variant = get_variant(name)
-    out = run.scores(variant.name)
-    if variant.adapter:
-        marker = read_marker(run.adapter(variant.name))
-        if marker is None:
-            raise FileNotFoundError(f"{run.adapter(variant.name)} holds no adapter; run `reclora tune` first")
-    adapter = [run.adapter(variant.name)] if variant.adapter else []
-    fp = with_inputs(f"{fingerprint(cfg, variant)}-{cfg.section_hash('score')}", upstream_outputs(cfg, run, variant) + adapter)
-    if not check_can_write(out, fp, overwrite):
-        return out
-    rows = llm_test_rows(cfg, load_samples(run.data, "test", variant))
+    stage = StageRun("score", cfg, run, variant.name)
+    run = stage.run
+    if stage.up_to_date(overwrite):
+        return stage.out
+    rows = llm_test_rows(cfg, load_samples(run, "test", variant))
     log.info("scoring %s on %d test samples", variant.name, len(rows))
-    _score_with(Scorer, {"cfg": cfg, "out": str(run.root.resolve()), "variant_name": variant.name},
-                rows, cfg, out, fp, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
-    return out
+    _score_with(Scorer, {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
+                rows, cfg, stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
+    return stage.out
 
 
 def llm_test_rows(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:
@@ -180,36 +170,22 @@ def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite
     """The CRM a variant's gate reads, alone, on the same test rows -> OUT/scores/crm-<name>/."""
     variant = get_variant(variant_name)
     name = crm_name(cfg, variant)
-    crm_dir = run.crm(name)
-    marker = read_marker(crm_dir)
-    if marker is None:
-        raise FileNotFoundError(f"{crm_dir} holds no CRM; run `reclora pretrain-crm` first")
-    out = run.scores(f"crm-{name}")
-    fp = with_inputs(f"crm-{cfg.section_hash('retrieve', 'score')}", upstream_outputs(cfg, run, variant) + [crm_dir])
-    if not check_can_write(out, fp, overwrite):
-        return out
-    rows = load_samples(run.data, "test", variant)
-    _score_with(CRMScorer, {"cfg": cfg, "out": str(run.root.resolve()), "crm_dir": str(crm_dir),
+    stage = StageRun("score-crm", cfg, run, variant.name)
+    run = stage.run
+    if stage.up_to_date(overwrite):
+        return stage.out
+    rows = load_samples(run, "test", variant)
+    _score_with(CRMScorer, {"cfg": cfg, "run": run.resolved(), "crm_dir": run.resolved().crm(name),
                             "long_mode": variant.long_mode},
-                rows, cfg, out, fp, 0, {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
-    return out
+                rows, cfg, stage, 0, {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
+    return stage.out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--variant", action="append",
-                        help="variant(s) to score (default: zero-shot, the CRM, and tune.variants)")
+def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `score` stage of the stage table: OUT/scores/<variant>."""
+    return score_variant(cfg, run, key, overwrite)
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    run = RunDir(args.out)
-    names = args.variant or (["zero-shot"] if cfg.score.zero_shot else []) + list(cfg.tune.variants)
-    scored = {}
-    if not args.variant:
-        crm_out = score_crm(cfg, run, overwrite=args.overwrite)
-        scored[crm_out.name] = json.loads((crm_out / "metrics.json").read_text())
-    for name in names:
-        scored[name] = json.loads((score_variant(cfg, run, name, overwrite=args.overwrite) / "metrics.json").read_text())
-    print(json.dumps(scored, indent=2))
-    return 0
+def run_crm_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `score-crm` stage: OUT/scores/crm-<the CRM of variant `key`>."""
+    return score_crm(cfg, run, key, overwrite)

@@ -11,8 +11,6 @@ adapter lands in OUT/adapter/<variant>/.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -23,26 +21,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.llm.variants import Variant, crm_name, get_variant, upstream_outputs
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.llm.variants import get_variant
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 LOG_EVERY = 10  # micro-batches between progress lines
-
-
-def fingerprint(cfg: Config, variant: Variant) -> str:
-    sections = ["data", "retrieve", "llm", "lora", "tune", "run"]
-    if variant.uses_crm or variant.needs_retrieval:
-        sections += ["embed", "crm"]
-    return f"{variant.name}-{cfg.section_hash(*sections)}"
 
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str = "float32") -> dict:
@@ -107,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: Config = loop_config["cfg"]
     variant = get_variant(loop_config["variant"])
-    run = RunDir(loop_config["out"])
+    run: RunDir = loop_config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -200,16 +191,13 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     variant = get_variant(variant_name)
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
-    cfg = dataclasses.replace(cfg, tune=variant.tune_config(cfg.tune))  # a variant's own lr (ilora)
-    out = run.adapter(variant.name)
-    fp = with_inputs(fingerprint(cfg, variant), upstream_outputs(cfg, run, variant))
-    if not check_can_write(out, fp, overwrite):
+    stage = StageRun("tune", cfg, run, variant.name)  # its config: the variant's own lr (ilora)
+    cfg, run, out, fp = stage.cfg, stage.run, stage.out, stage.fingerprint
+    if stage.up_to_date(overwrite):
         return out
-    if variant.uses_crm and not (run.crm(crm_name(cfg, variant)) / "crm.json").exists():
-        raise FileNotFoundError(f"{run.crm(crm_name(cfg, variant))} holds no CRM; run `reclora pretrain-crm` first")
 
-    train = few_shot_sample(load_samples(run.data, "train", variant), cfg.tune.few_shot, cfg.run.seed)
-    valid = fixed_subsample(load_samples(run.data, "valid", variant), cfg.tune.valid_subsample, cfg.run.seed)
+    train = few_shot_sample(load_samples(run, "train", variant), cfg.tune.few_shot, cfg.run.seed)
+    valid = fixed_subsample(load_samples(run, "valid", variant), cfg.tune.valid_subsample, cfg.run.seed)
     world = cfg.tune.num_workers
     micro_batches = (len(train) // world) // cfg.tune.micro_batch  # per rank and epoch (epoch_rows)
     if micro_batches < cfg.tune.grad_accum:
@@ -222,12 +210,12 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
 
     init_ray(cfg)
     # Kept until the adapter is written: re-running the same command after a crash resumes here.
-    storage = (run.root / "adapter" / f".ray-train-{variant.name}").resolve()
+    storage = run.train_storage(out)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # The few-shot set is small and fixed: each worker reads it whole from the object store and
         # takes its share of a new permutation every epoch (epoch_rows).
-        train_loop_config={"cfg": cfg, "variant": variant.name, "out": str(run.root.resolve()),
+        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(),
                            "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid),
                            "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}")},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
@@ -243,12 +231,11 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
     best = best_epoch(history)
     best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
-    with best_checkpoint.as_directory() as ckpt_dir, staged_output(out, fp, {"variant": variant.name}) as tmp:
+    with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
                                                        "few_shot": len(train), "valid": len(valid),
                                                        "dtype": best["dtype"], "history": history})
-        save_resolved_config(cfg, tmp)
         keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
@@ -269,14 +256,6 @@ def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return fixed_subsample(train, n, seed)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--variant", action="append", help="variant(s) to tune (default: tune.variants)")
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    run = RunDir(args.out)
-    for name in args.variant or [v for v in cfg.tune.variants if get_variant(v).adapter]:
-        tune_variant(cfg, run, name, overwrite=args.overwrite)
-    return 0
+def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:
+    """The `tune` stage of the stage table: OUT/adapter/<variant>."""
+    return tune_variant(cfg, run, key, overwrite)

@@ -23,10 +23,7 @@ pca.npz (mean, components, explained_variance_ratio), embed.json, config.yaml.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,8 +36,9 @@ import pyarrow.parquet as pq
 from reclora_ray.config import Config, LLMConfig
 from reclora_ray.console import Progress
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +50,8 @@ class EmbeddingError(ValueError):
     """An item-embedding file that cannot serve this dataset; the message names the file."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reclora_ray.cli import add_common_arguments
-
-    add_common_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    embed_items(config_from_args(args), args.out, overwrite=args.overwrite)
-    return 0
+def run_stage(cfg: Config, run: RunDir, key=None, overwrite: bool = False) -> Path:
+    return embed_items(cfg, run, overwrite)
 
 
 def encoder_config(cfg: Config) -> LLMConfig:
@@ -70,18 +61,11 @@ def encoder_config(cfg: Config) -> LLMConfig:
     return dataclasses.replace(cfg.llm, model=cfg.embed.model, gguf_file=None)
 
 
-def fingerprint(cfg: Config) -> str:
-    encoder = dataclasses.asdict(encoder_config(cfg))
-    for prompt_setting in ("max_length", "chat_template"):
-        encoder.pop(prompt_setting)
-    payload = {"data": dataclasses.asdict(cfg.data), "embed": dataclasses.asdict(cfg.embed), "encoder": encoder}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
-    run = RunDir(out)
-    fp = with_inputs(fingerprint(cfg), [run.data])
-    if not check_can_write(run.embeddings, fp, overwrite):
+def embed_items(cfg: Config, out: str | Path | RunDir, overwrite: bool = False) -> Path:
+    """OUT/embeddings from OUT/data; a no-op when it is already there for this config."""
+    stage = StageRun("embed", cfg, out)
+    run = stage.run
+    if stage.up_to_date(overwrite):
         return run.embeddings
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     items = data.items[["item_id", "text"]]
@@ -107,7 +91,7 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
     else:
         log.info("projecting all %d items in the actor pool", len(items))
         vectors, _ = encode(cfg, items, projection=(pca["mean"], pca["components"]))
-    with staged_output(run.embeddings, fp) as tmp:
+    with stage.write() as tmp:
         table = pa.table({
             "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]).cast(
@@ -122,7 +106,6 @@ def embed_items(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
             "explained_variance": float(pca["explained_variance_ratio"].sum()),
             "seconds": round(time.time() - started, 1),
         })
-        save_resolved_config(cfg, tmp)
     log.info("wrote %d item embeddings (dim %d) to %s", len(items), vectors.shape[1], run.embeddings)
     return run.embeddings
 

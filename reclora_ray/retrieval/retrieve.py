@@ -14,19 +14,17 @@ share the CSR sequences and the embeddings through the object store (zero-copy),
 writes the split in its own row order, a window of rows at a time, so memory stays bounded at
 ML-25M scale and the work spreads over a cluster's CPUs.
 
-Output (OUT/data/retrieval/{train,valid,test}.parquet): sample_id, hist_long list<int32>,
+Output (OUT/retrieval/{train,valid,test}.parquet): sample_id, hist_long list<int32>,
 hist_short list<int32>, in the row order of OUT/data/samples/{split}.parquet.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +36,9 @@ from reclora_ray.console import Progress
 from reclora_ray.data.prepared import SPLITS, PreparedData
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever, lists_to_padded, padded_to_lists
-from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +47,19 @@ SCHEMA = pa.schema([("sample_id", pa.int64()), ("hist_long", pa.list_(pa.int32()
 INPUT_COLUMNS = ["sample_id", "user_id", "item_id", "pos"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reclora_ray.cli import add_common_arguments
-
-    add_common_arguments(parser)
+def run_stage(cfg: Config, run: RunDir, key=None, overwrite: bool = False) -> Path:
+    return retrieve_histories(cfg, run, overwrite)
 
 
-def main(args: argparse.Namespace) -> int:
-    retrieve_histories(config_from_args(args), args.out, overwrite=args.overwrite)
-    return 0
-
-
-def uses_embeddings(cfg: Config) -> bool:
-    return "semantic" in (cfg.retrieve.long_mode, cfg.retrieve.short_mode)
-
-
-def fingerprint(cfg: Config, run: RunDir) -> str:
-    payload = {"data": asdict(cfg.data), "retrieve": asdict(cfg.retrieve)}
-    own = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return with_inputs(own, [run.data] + ([run.embeddings] if uses_embeddings(cfg) else []))
-
-
-def retrieve_histories(cfg: Config, out: str | Path, overwrite: bool = False) -> Path:
-    run = RunDir(out)
-    fp = fingerprint(cfg, run)
-    if not check_can_write(run.retrieval, fp, overwrite):
+def retrieve_histories(cfg: Config, out: str | Path | RunDir, overwrite: bool = False) -> Path:
+    """OUT/retrieval from OUT/data (and OUT/embeddings); a no-op when it is already there."""
+    stage = StageRun("retrieve", cfg, out)
+    run = stage.run
+    if stage.up_to_date(overwrite):
         return run.retrieval
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     embeddings = (load_item_embeddings(run.embeddings, data.n_items, dim=cfg.embed.pca_dim)
-                  if uses_embeddings(cfg) else None)
+                  if cfg.retrieve.uses_embeddings else None)
     init_ray(cfg)
     import ray
 
@@ -88,13 +71,12 @@ def retrieve_histories(cfg: Config, out: str | Path, overwrite: bool = False) ->
     r = cfg.retrieve
     log.info("retrieving: long %s k=%d, short %s k=%d", r.long_mode, r.k_long, r.short_mode, r.k_short)
     stats = {}
-    with staged_output(run.retrieval, fp) as tmp:
+    with stage.write() as tmp:
         for split in SPLITS:
             stats[split] = _retrieve_split(cfg, data.split_path(split), tmp / f"{split}.parquet", shared)
         write_json_atomic(tmp / "retrieval.json", {"k_long": r.k_long, "k_short": r.k_short,
                                                    "long_mode": r.long_mode, "short_mode": r.short_mode,
                                                    "splits": stats})
-        save_resolved_config(cfg, tmp)
     return run.retrieval
 
 
@@ -192,18 +174,19 @@ class Retrieval:
     hist_short: np.ndarray  # int32 (n, k_short)
 
 
-def retrieval_dir(path: str | Path) -> Path:
-    """OUT, OUT/data or OUT/data/retrieval -> OUT/data/retrieval."""
-    path = Path(path)
-    for candidate in (path, path / "retrieval", RunDir(path).retrieval):
-        if (candidate / "retrieval.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"no retrieval output under {path}; run `reclora retrieve` first")
+def retrieval_dir(run: RunDir | str | Path) -> Path:
+    """OUT/retrieval of a run directory (a directory written before retrieval was a top-level
+    output is moved there first)."""
+    run = RunDir.of(run)
+    run.upgrade()
+    if not (run.retrieval / "retrieval.json").is_file():
+        raise FileNotFoundError(f"no retrieval output in {run.retrieval}; run `reclora retrieve` first")
+    return run.retrieval
 
 
-def load_retrieval(path: str | Path, split: str) -> Retrieval:
-    """The `split`'s retrieved histories from a run directory, its data dir or the retrieval dir."""
-    directory = retrieval_dir(path)
+def load_retrieval(run: RunDir | str | Path, split: str) -> Retrieval:
+    """The `split`'s retrieved histories of a run directory."""
+    directory = retrieval_dir(run)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     meta = json.loads((directory / "retrieval.json").read_text())

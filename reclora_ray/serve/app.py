@@ -103,7 +103,7 @@ def start(cfg: Config, out: str | Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reclora_ray.cli import add_common_arguments
+    from reclora_ray.runtime import add_common_arguments
 
     add_common_arguments(parser, out_required=False)
     parser.add_argument("--run", help="the run directory to serve (same as --out)")

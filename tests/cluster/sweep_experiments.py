@@ -10,8 +10,8 @@ import numpy as np
 import ray
 from sklearn.metrics import log_loss, roc_auc_score
 
-from reclora_ray import storage
-from reclora_ray.cluster.sweep import SHARED_STAGES
+from reclora_ray import stages
+from reclora_ray.cluster.sweep import shared_stages
 from reclora_ray.config import Config
 from reclora_ray.rundir import RunDir, check_can_write, staged_output
 
@@ -37,7 +37,7 @@ def fit(cfg: Config, out: str) -> dict:
         w -= cfg.crm.lr * x.T @ (p - y) / len(x)
     p = np.clip(1 / (1 + np.exp(-x @ w)), 1e-7, 1 - 1e-7)
     metrics = {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p))}
-    with storage.staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
+    with staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics))
     return {
         **metrics,
@@ -50,18 +50,22 @@ def fit(cfg: Config, out: str) -> dict:
 
 
 def upstream_stages(cfg: Config, out: str) -> dict:
-    """The pipeline's upstream bookkeeping without its work: each stage writes its output (under
-    the config sections the sweep shares it by) unless a finished one is already there, and the
-    result says which stages ran. Nested like run_pipeline's result."""
+    """The pipeline's upstream bookkeeping without its work: each shared stage of the table writes
+    its outputs (fingerprinted by the sweep's key for it) unless a finished one is already there,
+    and the result says which stages ran. Nested like run_pipeline's result."""
     run = RunDir(out)
     ran = []
-    for stage, path in (("data", run.data), ("embeddings", run.embeddings),
-                        ("data/retrieval", run.retrieval), ("crm", run.crm(cfg.crm.model))):
-        fingerprint = cfg.section_hash(*SHARED_STAGES[stage])
-        if check_can_write(path, fingerprint, overwrite=False):
-            with staged_output(path, fingerprint) as tmp:
-                (tmp / "part-0.bin").write_bytes(fingerprint.encode())
-            ran.append(stage)
+    for name in shared_stages():
+        wrote = False
+        for key in stages.STAGES[name].instances(cfg, "ctr"):
+            fingerprint = stages.sweep_key(name, cfg, key)
+            path = stages.STAGES[name].path(run, stages.STAGES[name].config_for(cfg, key), key)
+            if check_can_write(path, fingerprint, overwrite=False):
+                with staged_output(path, fingerprint) as tmp:
+                    (tmp / "part-0.bin").write_bytes(fingerprint.encode())
+                wrote = True
+        if wrote:
+            ran.append(name)
     return {"ran": " ".join(ran) or "-", "models": {"plora": {"n_meta": cfg.lora.n_meta}}}
 
 
@@ -72,6 +76,6 @@ def slow(cfg: Config, out: str) -> dict:
     with open(f"{out}.started", "a") as marker:  # beside its output, which replaces its directory
         marker.write(f"{started}\n")
     time.sleep(cfg.crm.epochs)
-    with storage.staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
+    with staged_output(out, fingerprint=cfg.section_hash("crm")) as tmp:
         (tmp / "slept.txt").write_text(str(cfg.crm.epochs))
     return {"start": started, "end": time.time(), "pid": os.getpid()}

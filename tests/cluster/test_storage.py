@@ -1,11 +1,11 @@
-"""Stage outputs at a local path and at a URI (file:// exercises the upload path that s3:// and
+"""Stage outputs (rundir) and files (storage) at a local path and at a URI (file:// exercises the upload path that s3:// and
 gs:// take; no object-store emulator is installed here, so those schemes are not run)."""
 
 import json
 
 import pytest
 
-from reclora_ray import storage
+from reclora_ray import rundir, storage
 from reclora_ray.rundir import MARKER, StageOutputExists
 
 
@@ -22,39 +22,39 @@ def local(location: str):
 
 
 def test_staged_output_publishes_everything_then_counts_as_done(location):
-    assert storage.check_can_write(location, "fp1", overwrite=False)
-    with storage.staged_output(location, "fp1", extra={"model": "sim"}) as tmp:
+    assert rundir.check_can_write(location, "fp1", overwrite=False)
+    with rundir.staged_output(location, "fp1", extra={"model": "sim"}) as tmp:
         (tmp / "weights.bin").write_bytes(b"\x00" * 10)
         (tmp / "nested").mkdir()
         (tmp / "nested" / "metrics.json").write_text('{"auc": 0.8}')
     out = local(location)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         MARKER, "nested/metrics.json", "weights.bin"]
-    assert storage.is_done(location, "fp1") and not storage.is_done(location, "fp2")
-    assert storage.read_marker(location)["model"] == "sim"
-    assert storage.check_can_write(location, "fp1", overwrite=False) is False
+    assert rundir.is_done(location, "fp1") and not rundir.is_done(location, "fp2")
+    assert rundir.read_marker(location)["model"] == "sim"
+    assert rundir.check_can_write(location, "fp1", overwrite=False) is False
     with pytest.raises(StageOutputExists, match="different config"):
-        storage.check_can_write(location, "fp2", overwrite=False)
+        rundir.check_can_write(location, "fp2", overwrite=False)
 
 
 def test_failed_stage_leaves_nothing(location):
     with pytest.raises(RuntimeError, match="boom"):
-        with storage.staged_output(location, "fp1") as tmp:
+        with rundir.staged_output(location, "fp1") as tmp:
             (tmp / "half.bin").write_bytes(b"\x01")
             raise RuntimeError("boom")
     assert not storage.exists(location)
-    assert not storage.is_done(location, "fp1")
+    assert not rundir.is_done(location, "fp1")
 
 
 def test_overwrite_replaces_the_old_output_entirely(location):
-    with storage.staged_output(location, "fp1") as tmp:
+    with rundir.staged_output(location, "fp1") as tmp:
         (tmp / "old.bin").write_bytes(b"old")
-    assert storage.check_can_write(location, "fp2", overwrite=True)
-    with storage.staged_output(location, "fp2") as tmp:
+    assert rundir.check_can_write(location, "fp2", overwrite=True)
+    with rundir.staged_output(location, "fp2") as tmp:
         (tmp / "new.bin").write_bytes(b"new")
     out = local(location)
     assert not (out / "old.bin").exists() and (out / "new.bin").read_bytes() == b"new"
-    assert storage.is_done(location, "fp2")
+    assert rundir.is_done(location, "fp2")
 
 
 def test_directory_without_marker_is_not_finished(tmp_path):
@@ -62,9 +62,9 @@ def test_directory_without_marker_is_not_finished(tmp_path):
     half.mkdir()
     (half / "part-0.parquet").write_bytes(b"x")  # e.g. an upload cut short before the marker
     uri = f"file://{half}"
-    assert not storage.is_done(uri, "fp1")
+    assert not rundir.is_done(uri, "fp1")
     with pytest.raises(StageOutputExists, match="holds no finished stage output"):
-        storage.check_can_write(uri, "fp1", overwrite=False)
+        rundir.check_can_write(uri, "fp1", overwrite=False)
 
 
 def test_small_files_and_joins(tmp_path):
@@ -102,14 +102,14 @@ def test_remote_keys_with_dotdot_stay_inside_the_scratch_folder(tmp_path, monkey
     scratch = tmp_path / "scratch" / "deep" / "er"
     scratch.mkdir(parents=True)
     with pytest.raises(ValueError, match=r"remote key '\.\./\.\./escaped' points outside the scratch folder"):
-        with storage.local_run_dir("mock://bucket/run", inputs=[], scratch=str(scratch)):
+        with rundir.local_run_dir("mock://bucket/run", inputs=[], scratch=str(scratch)):
             pass
     assert not list(tmp_path.rglob("escaped"))
 
     store.delete_dir("bucket/run/../../escaped")
     put("bucket/run/data/../../../../oops.txt", "x")
     with pytest.raises(ValueError, match=r"run/data: remote key '(\.\./){4}oops\.txt' points outside"):
-        with storage.local_run_dir("mock://bucket/run", inputs=["data"], scratch=str(scratch)):
+        with rundir.local_run_dir("mock://bucket/run", inputs=["data"], scratch=str(scratch)):
             pass
     assert not list(tmp_path.rglob("oops.txt"))
 
@@ -118,14 +118,14 @@ def test_local_run_dir_publishes_outputs_finished_before_a_failure_and_top_level
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}"
     with pytest.raises(RuntimeError, match="stage 2 failed"):
-        with storage.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
-            with storage.staged_output(local / "data", "fp-data") as tmp:
+        with rundir.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
+            with rundir.staged_output(local / "data", "fp-data") as tmp:
                 (tmp / "part-0.parquet").write_bytes(b"rows")
             (local / "config.yaml").write_text("run: {}\n")
             (local / "scores").mkdir()
             (local / "scores" / "half.parquet").write_bytes(b"x")  # no marker: never published
             raise RuntimeError("stage 2 failed")
-    assert storage.is_done(storage.join(uri, "data"), "fp-data")
+    assert rundir.is_done(storage.join(uri, "data"), "fp-data")
     assert (bucket / "data" / "part-0.parquet").read_bytes() == b"rows"
     assert (bucket / "config.yaml").read_text() == "run: {}\n"
     assert not (bucket / "scores").exists()
@@ -133,8 +133,8 @@ def test_local_run_dir_publishes_outputs_finished_before_a_failure_and_top_level
 
     # A re-run downloads what is there; only what it changes goes up again.
     stamp = (bucket / "data" / "part-0.parquet").stat().st_mtime_ns
-    with storage.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
-        assert storage.is_done(local / "data", "fp-data")
+    with rundir.local_run_dir(uri, inputs=[""], scratch=str(tmp_path)) as local:
+        assert rundir.is_done(local / "data", "fp-data")
         (local / "report.md").write_text("# report\n")
     assert (bucket / "report.md").read_text() == "# report\n"
     assert (bucket / "data" / "part-0.parquet").stat().st_mtime_ns == stamp

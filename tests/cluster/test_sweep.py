@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from reclora_ray.cluster.sweep import (SHARED_STAGES, Experiment, SweepSpec, expand, markdown_table,
+from reclora_ray.cluster.sweep import (shared_stages, Experiment, SweepSpec, expand, markdown_table,
                                        parse_grid_arg, run_sweep)
 from reclora_ray.config import ConfigError, load_config
 from reclora_ray.llm.variants import get_variant
@@ -28,6 +28,8 @@ EXPERIMENT = "sweep_experiments:fit"
 
 
 def load_job(name):
+    if str(REPO / "jobs") not in sys.path:  # a job script imports jobs/_bootstrap.py by its bare name
+        sys.path.insert(0, str(REPO / "jobs"))
     spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -112,7 +114,10 @@ def test_packaged_sweeps_expand_on_the_paper_configs(name):
     else:
         assert tuned == ["reclora"] * 5 and [e.cfg.lora.n_meta for e in exps] == [1, 2, 4, 8, 16]
     assert all(get_variant(v) for v in tuned)
-    assert len({e.upstream_key for e in exps}) == 1  # one leader; the rest reuse its upstream stages
+    # One leader of the data side; the CRM is shared by every experiment whose gates read the same CRMs
+    # (table3's wo-long- and wo-both-retrievers read the recent history: their own sim-recent).
+    assert len({e.upstream_key[:3] for e in exps}) == 1
+    assert len({e.stage_key("pretrain-crm") for e in exps}) == (2 if name == "table3" else 1)
 
 
 @pytest.mark.ray
@@ -174,7 +179,7 @@ def test_the_default_experiment_runs_the_real_pipeline_for_each_grid_point(local
     assert [r["name"] for r in rows] == ["n_meta=1", "n_meta=2"]
     assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
     assert rows[0]["shared"] == {}
-    assert rows[1]["shared"] == dict.fromkeys(SHARED_STAGES, "n_meta=1")
+    assert rows[1]["shared"] == dict.fromkeys(shared_stages(), "n_meta=1")
     for row in rows:
         for model in ("crm-sim", "zero-shot", "reclora"):
             assert 0 <= row["metrics"][f"{model}.auc"] <= 1 and row["metrics"][f"{model}.logloss"] > 0
@@ -244,35 +249,33 @@ def test_leaders_compute_upstream_stages_once_and_the_rest_reuse_them(local_ray,
                      variants={"base": {}, "lr": {"crm.lr": 0.5}}, grid={"lora.n_meta": [1, 4]})
     rows = run_sweep(spec, str(tmp_path))
     assert ran(rows) == {
-        "base,n_meta=1": "data embeddings data/retrieval crm",
+        "base,n_meta=1": "prepare embed retrieve pretrain-crm",
         "base,n_meta=4": "-",
-        "lr,n_meta=1": "crm",  # a leader too (its own CRM); the data side comes from base
+        "lr,n_meta=1": "pretrain-crm",  # a leader too (its own CRM); the data side comes from base
         "lr,n_meta=4": "-",
     }
-    assert rows[3]["shared"] == {"data": "base,n_meta=1", "embeddings": "base,n_meta=1",
-                                 "data/retrieval": "base,n_meta=1", "crm": "lr,n_meta=1"}
+    assert rows[3]["shared"] == {"prepare": "base,n_meta=1", "embed": "base,n_meta=1",
+                                 "retrieve": "base,n_meta=1", "pretrain-crm": "lr,n_meta=1"}
     assert rows[3]["metrics"]["plora.n_meta"] == 4  # run_pipeline-style nested results, flattened
     base, follower = tmp_path / "base,n_meta=1", tmp_path / "lr,n_meta=4"
     assert (follower / "crm" / "sim").resolve() == (tmp_path / "lr,n_meta=1" / "crm" / "sim").resolve()
     assert (follower / "data" / "part-0.bin").resolve() == base / "data" / "part-0.bin"
-    assert (follower / "data" / "retrieval").resolve() == base / "data" / "retrieval"
-    # A follower's data is its own directory of links: a retrieval output of another config
-    # would be written there, never into the leader's data.
-    assert (follower / "data").is_dir() and not (follower / "data").is_symlink()
+    # Retrieval is an output of its own (OUT/retrieval): shared as a whole, never inside the data.
+    assert (follower / "retrieval").resolve() == base / "retrieval"
     assert not (follower / "crm").is_symlink()
 
     alone = run_sweep(SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages",
                                 grid={"lora.n_meta": [1, 4]}, share_upstream=False), str(tmp_path / "alone"))
-    assert set(ran(alone).values()) == {"data embeddings data/retrieval crm"}
+    assert set(ran(alone).values()) == {"prepare embed retrieve pretrain-crm"}
 
 
 @pytest.mark.ray
 def test_sweep_at_a_uri_copies_shared_outputs_and_uploads_each_experiment(local_ray, tmp_path):
     spec = SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages", grid={"lora.n_meta": [1, 4]})
     rows = run_sweep(spec, f"file://{tmp_path}")
-    assert ran(rows) == {"n_meta=1": "data embeddings data/retrieval crm", "n_meta=4": "-"}
+    assert ran(rows) == {"n_meta=1": "prepare embed retrieve pretrain-crm", "n_meta=4": "-"}
     follower = tmp_path / "n_meta=4"
-    for part in ("data", "embeddings", "data/retrieval", "crm/sim"):
+    for part in ("data", "embeddings", "retrieval", "crm/sim"):
         assert not (follower / part).is_symlink() and (follower / part / MARKER).is_file()
         assert (follower / part / "part-0.bin").read_bytes() == (tmp_path / "n_meta=1" / part / "part-0.bin").read_bytes()
     assert json.loads((follower / "experiment.json").read_text())["status"] == "succeeded"
@@ -280,28 +283,27 @@ def test_sweep_at_a_uri_copies_shared_outputs_and_uploads_each_experiment(local_
     assert run_sweep(spec, f"file://{tmp_path}") == rows  # finished experiments are reused
 
 
-def test_shared_stage_keys_change_whenever_a_stage_fingerprint_does(tmp_path):
-    from reclora_ray.crm.train import fingerprint as crm_fingerprint
-    from reclora_ray.data.prepare import fingerprint as data_fingerprint
-    from reclora_ray.retrieval.embed import fingerprint as embed_fingerprint
-    from reclora_ray.retrieval.retrieve import fingerprint as retrieve_fingerprint
-    from reclora_ray.rundir import RunDir
-
-    stage_fingerprints = {
-        "data": data_fingerprint, "embeddings": embed_fingerprint, "crm": crm_fingerprint,
-        "data/retrieval": lambda cfg: retrieve_fingerprint(cfg, RunDir(tmp_path)),
-    }
+def test_shared_stage_keys_follow_the_stage_table_recipe():
+    """A stage is shared exactly when the config values it depends on agree, its own and its
+    upstream stages': execution-only fields and what only tuning or scoring reads never split it."""
     base = Experiment("base", {}, load_config("tiny"))
-    changes = ["run.seed=1", "data.k_core=10", "embed.pca_dim=8", "llm.model=smollm2-packaged",
-               "retrieve.k_long=7", "retrieve.long_mode=recent", "crm.lr=0.5", "crm.history=recent",
-               "lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3"]
-    shared = {}
-    for change in changes:
+
+    def changed(change: str) -> set[str]:
         other = Experiment(change, {}, load_config("tiny", [change]))
-        for stage, fingerprint in stage_fingerprints.items():
-            if fingerprint(other.cfg) != fingerprint(base.cfg):
-                assert other.stage_key(stage) != base.stage_key(stage), (change, stage)
-            shared[change, stage] = other.stage_key(stage) == base.stage_key(stage)
-    # ...and what only tuning or scoring changes is shared all the way down.
-    assert all(shared[change, stage] for change in ("lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3")
-               for stage in SHARED_STAGES)
+        return {stage for stage in shared_stages() if other.stage_key(stage) != base.stage_key(stage)}
+
+    everything = set(shared_stages())
+    assert changed("run.seed=1") == everything
+    assert changed("data.k_core=10") == everything
+    assert changed("embed.pca_dim=8") == {"embed", "retrieve", "pretrain-crm"}
+    assert changed("llm.model=smollm2-packaged") == {"embed", "retrieve", "pretrain-crm"}
+    assert changed("retrieve.k_long=7") == {"retrieve", "pretrain-crm"}
+    assert changed("retrieve.long_mode=recent") == {"retrieve", "pretrain-crm"}
+    assert changed("crm.lr=0.5") == changed("crm.dropout=0.3") == {"pretrain-crm"}
+    # which history a CRM reads is the variants' (crm.history only picks `reclora pretrain-crm`'s)
+    assert changed("crm.history=recent") == set()
+    # execution-only fields, prompt-only LLM settings and what only tuning or scoring reads
+    for change in ("data.blocks=4", "run.num_cpus=1", "embed.batch_size=3", "retrieve.concurrency=1",
+                   "retrieve.batch_size=7", "crm.max_failures=0", "llm.max_length=99", "llm.chat_template=false",
+                   "lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3"):
+        assert changed(change) == set(), change

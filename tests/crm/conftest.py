@@ -20,7 +20,7 @@ GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 def write_prepared(root: Path, n_users: int = 200, n_items: int = 150, k_long: int = 20,
                    with_retrieval: bool = True, dataset: str = "ml-100k", seed: int = 0,
                    row_group_size: int = 700) -> Path:
-    """Write OUT/data (and OUT/data/retrieval when asked) under `root`; returns the data dir."""
+    """Write OUT/data (and OUT/retrieval when asked) under `root`; returns the data dir."""
     rng = np.random.default_rng(seed)
     data = Path(root) / "data"
     (data / "samples").mkdir(parents=True)
@@ -95,13 +95,13 @@ def write_retrieval(data: Path, split: str, samples: pd.DataFrame, sequences: pd
         "hist_long": pa.array(hist_long, type=pa.list_(pa.int32())),
         "hist_short": pa.array(hist_short, type=pa.list_(pa.int32())),
     })
-    (data / "retrieval").mkdir(exist_ok=True)
-    pq.write_table(table, data / "retrieval" / f"{split}.parquet", row_group_size=row_group_size)
+    (data.parent / "retrieval").mkdir(exist_ok=True)
+    pq.write_table(table, data.parent / "retrieval" / f"{split}.parquet", row_group_size=row_group_size)
 
 
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory) -> Path:
-    """A run directory holding OUT/data with retrieval; shared, read-only for tests."""
+    """A run directory holding OUT/data and OUT/retrieval; shared, read-only for tests."""
     root = tmp_path_factory.mktemp("crm-run")
     write_prepared(root)
     return root

@@ -8,6 +8,7 @@ import pytest
 
 from reclora_ray.crm.dataset import encode_rows, iter_split, pad_lists, read_rows
 from reclora_ray.crm.features import build_features
+from reclora_ray.rundir import RunDir
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
 
 
@@ -34,8 +35,8 @@ def test_pad_lists_keeps_the_last_k_right_aligned():
 def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):
     spec, _ = build_features(prepared, crm_cfg.crm, history_len=20)
     assert spec.history == "long"
-    batch = encode_rows(prepared.root, "valid", spec, prepared.sequences, 100, 400)
-    retrieval = pd.read_parquet(prepared.root / "retrieval" / "valid.parquet").iloc[100:400]
+    batch = encode_rows(prepared.run, "valid", spec, prepared.sequences, 100, 400)
+    retrieval = pd.read_parquet(prepared.run.retrieval / "valid.parquet").iloc[100:400]
     samples = prepared.samples("valid").iloc[100:400]
     assert (batch["sample_id"] == samples["sample_id"].to_numpy()).all()
     seq = prepared.sequences
@@ -48,7 +49,7 @@ def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):
 def test_recent_history_is_the_last_k_behaviours(prepared, crm_cfg):
     crm_cfg.crm.history = "recent"
     spec, _ = build_features(prepared, crm_cfg.crm, history_len=6)
-    batch = encode_rows(prepared.root, "test", spec, prepared.sequences, 0, 50)
+    batch = encode_rows(prepared.run, "test", spec, prepared.sequences, 0, 50)
     samples = prepared.samples("test").iloc[:50]
     seq = prepared.sequences
     for row, (user, pos) in enumerate(zip(samples["user_id"], samples["pos"])):
@@ -64,15 +65,15 @@ def test_iter_split_covers_every_row_in_order(prepared, crm_cfg):
 
 
 def test_missing_or_stale_retrieval_is_a_clear_error(prepared_run, tmp_path, crm_cfg):
-    data = tmp_path / "data"
-    shutil.copytree(prepared_run / "data", data)
-    prepared = PreparedData.load(data)
+    shutil.copytree(prepared_run, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    prepared = PreparedData.load(run.data)
     spec, _ = build_features(prepared, crm_cfg.crm, history_len=20)
-    stale = pq.read_table(data / "retrieval" / "test.parquet")
+    stale = pq.read_table(run.retrieval / "test.parquet")
     stale = stale.set_column(0, "sample_id", pa.array(stale.column("sample_id").to_numpy()[::-1].copy()))
-    pq.write_table(stale, data / "retrieval" / "test.parquet")
+    pq.write_table(stale, run.retrieval / "test.parquet")
     with pytest.raises(PreparedDataError, match=r"retrieval/test.parquet: row 0 has sample_id .* stale"):
-        encode_rows(data, "test", spec, prepared.sequences, 0, 10)
-    (data / "retrieval" / "test.parquet").unlink()
+        encode_rows(run, "test", spec, prepared.sequences, 0, 10)
+    (run.retrieval / "test.parquet").unlink()
     with pytest.raises(PreparedDataError, match="run `reclora retrieve` first"):
-        encode_rows(data, "test", spec, prepared.sequences, 0, 10)
+        encode_rows(run, "test", spec, prepared.sequences, 0, 10)

@@ -13,6 +13,8 @@ from reclora_ray.llm.variants import get_variant
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.ray  # tiny_upstream runs the real upstream stages on a local Ray
+
 
 @pytest.fixture(scope="module")
 def reclora(tiny_upstream):

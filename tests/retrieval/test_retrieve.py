@@ -6,6 +6,7 @@ from reclora_ray.config import load_config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.retrieval.history import HistoryRetriever
 from reclora_ray.retrieval.retrieve import load_retrieval, retrieve_histories
+from reclora_ray.rundir import RunDir
 from reclora_ray.rundir import StageOutputExists
 
 pytestmark = pytest.mark.ray
@@ -28,10 +29,10 @@ def test_retrieve_stage_matches_the_core_in_sample_order(run_dir, ray_local, wri
         hist_long, hist_short = core.retrieve(samples["user_id"], samples["item_id"], samples["pos"])
         np.testing.assert_array_equal(got.hist_long, hist_long)
         np.testing.assert_array_equal(got.hist_short, hist_short)
-    raw = pd.read_parquet(run_dir / "data" / "retrieval" / "test.parquet")
+    raw = pd.read_parquet(run_dir / "retrieval" / "test.parquet")
     assert list(raw.columns) == ["sample_id", "hist_long", "hist_short"]
     assert str(raw["hist_long"].dtype) == "object" and raw["hist_long"].iloc[-1].dtype == np.int32
-    assert load_retrieval(run_dir / "data", "valid").hist_long.shape[1] == 20
+    assert load_retrieval(RunDir(run_dir), "valid").hist_long.shape[1] == 20
 
 
 def test_recent_needs_no_embeddings_and_other_configs_refuse(run_dir, ray_local):
