@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
-from reclora_ray.llm.base import load_base  # noqa: E402
+from reclora_ray.base_model import load_base  # noqa: E402
 from reclora_ray.llm.collate import PromptCollator  # noqa: E402
 from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, full_prompt_logliks  # noqa: E402
 from reclora_ray.llm.prompt import PromptBuilder  # noqa: E402

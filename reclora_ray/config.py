@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,6 +243,11 @@ class CRMConfig:
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     caser: CaserConfig = field(default_factory=CaserConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+
+    @property
+    def output_name(self) -> str:
+        """OUT/crm/<name>: the model, suffixed when it reads the recent instead of the retrieved history."""
+        return self.model if self.history == "long" else f"{self.model}-recent"
 
 
 @dataclass
@@ -525,8 +531,6 @@ def _validate(obj: Any, path: str) -> None:
         elif obj.cold_items:
             raise ConfigError(f"{_join(path, 'cold_items')}: only for dataset 'interactions'")
     if isinstance(obj, TextConfig):
-        from reclora_ray.data.text import check_templates
-
         check_templates(obj, path)
     if isinstance(obj, NextItemDataConfig) and (obj.history < 1 or obj.candidates < 2 or obj.min_history < 0
                                                 or (obj.max_per_split is not None and obj.max_per_split < 1)):
@@ -553,6 +557,36 @@ def _validate(obj: Any, path: str) -> None:
         if obj.forward_batch_size is not None and obj.forward_batch_size < 1:
             raise ConfigError(f"{_join(path, 'forward_batch_size')}: must be >= 1 (or null for score.batch_size)")
     _check_ranges(obj, path)
+
+
+PROMPT_FIELDS = ("profile", "Subject", "subject", "history", "title")  # data.text.prompt
+HISTORY_FIELDS = ("index", "title", "rating", "stars")  # data.text.history_item
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"template {template!r}: {exc}") from None
+
+
+def check_templates(text_cfg, path: str) -> None:
+    """Config-time check: every template parses and names fields only (no indexing, no formats)."""
+    for key in ("description", "profile", "prompt", "history_item"):
+        value = getattr(text_cfg, key)
+        for i, template in enumerate([value] if isinstance(value, str) else value or []):
+            where = f"{path}.{key}[{i}]" if key != "history_item" else f"{path}.{key}"
+            try:
+                names = template_fields(template)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            bad = [n for n in names if not n.isidentifier()]
+            if bad:
+                raise ConfigError(f"{where}: {template!r} names {bad}; use plain field names like {{title}}")
+            allowed = {"prompt": PROMPT_FIELDS, "history_item": HISTORY_FIELDS}.get(key)
+            unknown = [n for n in names if allowed is not None and n not in allowed]
+            if unknown:
+                raise ConfigError(f"{where}: unknown fields {unknown}; available: {', '.join(allowed)}")
 
 
 def _at_least(n: float) -> tuple:

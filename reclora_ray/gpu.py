@@ -65,7 +65,7 @@ def supports(arch_list: list[str], capability: tuple[int, int]) -> bool:
 def check_device(device=None) -> None:
     """Fail at once, naming the image and wheel index to use, when torch cannot run on `device`.
 
-    Called where a worker puts a model on its GPU (llm.base.load_base, CRM training), before any
+    Called where a worker puts a model on its GPU (base_model.load_base, CRM training), before any
     kernel runs; a CPU device passes.
     """
     import torch

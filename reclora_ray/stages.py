@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 from reclora_ray.config import DATASETS, Config, ConfigError, load_config
 from reclora_ray.rundir import MARKER, RunDir, check_can_write, inputs_hash, read_marker, staged_output, with_inputs
-from reclora_ray.llm.variants import crm_config, crm_name, get_variant
+from reclora_ray.variants import crm_config, crm_name, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           instances=_crm_instances, tasks=TASKS, shared=True,
           title=lambda key: f"pretrain-crm {key.removesuffix('-recent')} ({'recent' if key.endswith('-recent') else 'long'} history)",
           options=(Option("--model", "the CRM to train (default: crm.model)", key="crm.model"),),
-          select=lambda cfg, args: [crm_name_of(cfg)]),
+          select=lambda cfg, args: [cfg.crm.output_name]),
     Stage("tune", "Few2Many tuning of the personalized LoRA", "reclora_ray.llm.tune:run_stage",
           part="adapter", output=lambda run, cfg, key: run.adapter(key), inputs=("prepare", "retrieve", "pretrain-crm"),
           reads=_variant_reads, sections=("llm", "lora", "tune", "retrieve", "run.seed"), config=_variant_config,
@@ -249,11 +249,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           part="", inputs=("score-next-item-crm", "score-next-item"), tasks=("next-item",), command=None,
           takes_timings=True),
 ]}
-
-
-def crm_name_of(cfg: Config) -> str:
-    """OUT/crm/<name> of the configured CRM (the same rule as crm/checkpoint.checkpoint_name)."""
-    return cfg.crm.model if cfg.crm.history == "long" else f"{cfg.crm.model}-recent"
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reclora_ray.llm.base import load_base
+from reclora_ray.base_model import load_base
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.pipeline import run_next_item
 from reclora_ray.rundir import RunDir

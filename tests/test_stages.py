@@ -122,3 +122,36 @@ def test_the_sweep_shares_a_shared_toy_stage_by_its_key(with_toys, tmp_path):
     stamp = (donor / "toy-sum" / MARKER).stat().st_mtime_ns
     stages.execute("toy-sum", b.cfg, follower)  # the follower's run skips the shared output
     assert (donor / "toy-sum" / MARKER).stat().st_mtime_ns == stamp
+
+
+def test_outputs_written_before_the_recipe_carry_over_when_their_config_still_matches(with_toys, tmp_path):
+    """A marker from before fingerprint recipe 2 (no "recipe"; another own hash, the same inputs
+    hash) is carried over when the config saved beside the output gives this run's own fingerprint,
+    keeping its identity; another config is refused with what to do."""
+    out = RunDir(tmp_path / "run")
+    cfg = load_config("tiny", ["run.seed=3"])
+    stages.execute("toy-count", cfg, out)
+    stages.execute("toy-sum", cfg, out)
+    for name in ("toy-count", "toy-sum"):  # as an older reclora wrote them
+        marker = read_marker(out.root / name)
+        old = {"fingerprint": "0ld0ld0ld0ld0ld0." + marker["fingerprint"].rsplit(".", 1)[1],
+               "identity": marker["identity"], "finished_at": marker["finished_at"]}
+        (out.root / name / MARKER).write_text(json.dumps(old))
+    identity = read_marker(out.root / "toy-sum")["identity"]
+    stages.execute("toy-sum", cfg, out)  # carried over, not rewritten
+    marker = read_marker(out.root / "toy-sum")
+    assert marker["identity"] == identity and marker["recipe"] == 2 and marker["carried_over_from"].startswith("0ld")
+    assert marker["fingerprint"] == StageRun("toy-sum", cfg, out).fingerprint
+    with pytest.raises(StageOutputExists, match="older reclora .* pass --overwrite .*or delete"):
+        stages.execute("toy-count", load_config("tiny", ["run.seed=4"]), out)
+
+
+def test_a_run_directory_with_retrieval_inside_the_data_is_moved_to_the_new_layout(tmp_path):
+    from reclora_ray.rundir import staged_output
+
+    run = RunDir(tmp_path / "run")
+    with staged_output(run.legacy_retrieval, "fp") as tmp:
+        (tmp / "retrieval.json").write_text("{}")
+    identity = read_marker(run.legacy_retrieval)["identity"]
+    StageRun("prepare", load_config("tiny"), run)  # any stage instance brings the layout up to date
+    assert not run.legacy_retrieval.exists() and read_marker(run.retrieval)["identity"] == identity

@@ -26,11 +26,6 @@ class CRMCheckpointError(ValueError):
     """A CRM checkpoint directory that cannot be loaded; the message names the file."""
 
 
-def checkpoint_name(crm: CRMConfig) -> str:
-    """OUT/crm/<name>: the model, suffixed when it reads the recent instead of the retrieved history."""
-    return crm.model if crm.history == "long" else f"{crm.model}-recent"
-
-
 def save_crm(model: CRM, directory: Path) -> None:
     directory = Path(directory)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, CRMConfig
-from reclora_ray.crm.checkpoint import CRMCheckpointError, checkpoint_name, save_crm
+from reclora_ray.crm.checkpoint import CRMCheckpointError, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import build_model
@@ -60,7 +60,7 @@ def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False,
     `key`: the checkpoint name (`sim`, `sasrec-recent`), whose model and history win over cfg.crm's.
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller).
     """
-    stage = StageRun("pretrain-crm", cfg, out, key or checkpoint_name(cfg.crm))
+    stage = StageRun("pretrain-crm", cfg, out, key or cfg.crm.output_name)
     cfg, run, out_dir = stage.cfg, stage.run, stage.out
     if stage.up_to_date(overwrite):
         return out_dir

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from reclora_ray.data.readers import open_source
-from reclora_ray.llm.prompt import WORDING
+from reclora_ray.data.text import WORDING
 from reclora_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)

@@ -11,52 +11,24 @@ Pure ID fields (user id, item id, zip code) never enter the default text: LLMs r
 from __future__ import annotations
 
 import re
-import string
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from reclora_ray.config import template_fields
 
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 
 MOVIE_DESCRIPTION = ("Here is a movie. Its title is {title}.", " The movie's genre is {genres}.")
 BOOK_DESCRIPTION = ("Here is a book. Its title is {title}.", " Its authors are {authors}.", " Its genres are {genres}.")
 ITEM_DESCRIPTION = ("Here is an item. Its title is {title}.", " {details}")
-PROMPT_FIELDS = ("profile", "Subject", "subject", "history", "title")  # data.text.prompt
-HISTORY_FIELDS = ("index", "title", "rating", "stars")  # data.text.history_item
 
 
 def year_from_title(title: str) -> int | None:
     """MovieLens writes the release year at the end of the title: "Titanic (1997)"."""
     match = YEAR_IN_TITLE.search(title or "")
     return int(match.group(1)) if match else None
-
-
-def template_fields(template: str) -> list[str]:
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise ValueError(f"template {template!r}: {exc}") from None
-
-
-def check_templates(text_cfg, path: str) -> None:
-    """Config-time check: every template parses and names fields only (no indexing, no formats)."""
-    from reclora_ray.config import ConfigError
-
-    for key in ("description", "profile", "prompt", "history_item"):
-        value = getattr(text_cfg, key)
-        for i, template in enumerate([value] if isinstance(value, str) else value or []):
-            where = f"{path}.{key}[{i}]" if key != "history_item" else f"{path}.{key}"
-            try:
-                names = template_fields(template)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            bad = [n for n in names if not n.isidentifier()]
-            if bad:
-                raise ConfigError(f"{where}: {template!r} names {bad}; use plain field names like {{title}}")
-            allowed = {"prompt": PROMPT_FIELDS, "history_item": HISTORY_FIELDS}.get(key)
-            unknown = [n for n in names if allowed is not None and n not in allowed]
-            if unknown:
-                raise ConfigError(f"{where}: unknown fields {unknown}; available: {', '.join(allowed)}")
 
 
 def _value(value) -> str:
@@ -126,3 +98,41 @@ def add_profile_text(users: pd.DataFrame, parts=None) -> pd.DataFrame:
         profile_text(g, a, o) for g, a, o in zip(column("gender"), column("age"), column("occupation"))
     ]
     return users
+
+
+# --------------------------------------------------------------------------- prompt wording
+# The benchmarks' prompts (the paper's Figure 2) and the generic log's; reclora_ray/llm/prompt.py renders them.
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """A prompt as templates (data.text.prompt / history_item): each line is rendered with
+    {profile} {Subject} {subject} {history} {title}, and dropped when it renders empty (no profile);
+    a history entry with {index} {title} {rating} {stars}; {history} is the entries as a Python list."""
+
+    lines: tuple[str, ...]
+    history_item: str
+
+
+def figure2(noun: str, plural: str, past: str, perfect: str) -> PromptTemplates:
+    return PromptTemplates((
+        "{profile}",
+        f"{{Subject}} {past} the following {plural} in order in the past, and rated them:",
+        "{history}",
+        f"Based on the {plural} {{subject}} {perfect}, deduce if {{subject}} will like the {noun} ***{{title}}***.",
+        f"Note that more stars the user rated the {noun}, the user liked the {noun} more.",
+        "You should ONLY tell me yes or no.",
+    ), "{index}. {title} ({stars})")
+
+
+MOVIES = figure2("movie", "movies", "watched", "has watched")
+BOOKS = figure2("book", "books", "read", "has read")
+RATED_ITEMS = figure2("item", "items", "interacted with", "has interacted with")
+CLICKED_ITEMS = PromptTemplates((
+    "{profile}",
+    "{Subject} clicked the following items in order in the past:",
+    "{history}",
+    "Based on the items {subject} has clicked, deduce if {subject} will like the item ***{title}***.",
+    "You should ONLY tell me yes or no.",
+), "{index}. {title}")
+WORDING = {"ml-100k": MOVIES, "ml-1m": MOVIES, "ml-25m": MOVIES, "goodreads": BOOKS}

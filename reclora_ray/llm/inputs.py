@@ -18,7 +18,7 @@ from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import PromptCollator, length_buckets
 from reclora_ray.llm.histories import Histories, sample_histories
 from reclora_ray.llm.prompt import PromptBuilder
-from reclora_ray.llm.variants import Variant
+from reclora_ray.variants import Variant
 
 
 class InputBuilder:

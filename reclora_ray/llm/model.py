@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from reclora_ray.config import Config
-from reclora_ray.llm.variants import Variant, crm_name
+from reclora_ray.variants import Variant, crm_name
 from reclora_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def build_model(cfg: Config, run: RunDir, variant: Variant, adapter_dir: Path | 
     """(RecLoRAModel, tokenizer, CRM feature spec or None): the base LLM, with a fresh adapter or
     the one in adapter_dir, and the frozen CRM when the variant's gate reads R_c."""
     from reclora_ray.crm import load_crm
-    from reclora_ray.llm.base import load_base
+    from reclora_ray.base_model import load_base
     from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter
 
     base, tokenizer = load_base(cfg.llm, device=device)

@@ -21,7 +21,7 @@ from reclora_ray.config import Config
 from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import load_rows
 from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
@@ -39,11 +39,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from reclora_ray.data.prepared import PreparedData
-    from reclora_ray.llm.base import dtype_name, resolve_dtype
+    from reclora_ray.base_model import dtype_name, resolve_dtype
     from reclora_ray.llm.inputs import to_device
     from reclora_ray.llm.model import build_model
     from reclora_ray.llm.next_item_score import candidate_scores, model_inputs
-    from reclora_ray.llm.plora import unwrap
+    from reclora_ray.llm.plora import save_adapter, unwrap
     from reclora_ray.ranking import per_row_metrics, target_ranks
 
     cfg: Config = loop_config["cfg"]
@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
             if rank == 0:
-                unwrap(engine.module).save_adapter(Path(tmp) / "adapter")
+                save_adapter(unwrap(engine.module), Path(tmp) / "adapter")
                 (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:

@@ -24,50 +24,16 @@ Either way the prompt ends with a newline and the answer, "Yes." or "No.", follo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from reclora_ray.data.text import HISTORY_FIELDS, PROMPT_FIELDS, template_fields
+from reclora_ray.config import HISTORY_FIELDS, PROMPT_FIELDS, template_fields
+from reclora_ray.data.text import CLICKED_ITEMS, RATED_ITEMS, WORDING, PromptTemplates
 
 log = logging.getLogger(__name__)
 
 ANSWERS = ("No.", "Yes.")  # indexed by label
-
-
-@dataclass(frozen=True)
-class PromptTemplates:
-    """A prompt as templates (data.text.prompt / history_item): each line is rendered with
-    {profile} {Subject} {subject} {history} {title}, and dropped when it renders empty (no profile);
-    a history entry with {index} {title} {rating} {stars}; {history} is the entries as a Python list."""
-
-    lines: tuple[str, ...]
-    history_item: str
-
-
-def figure2(noun: str, plural: str, past: str, perfect: str) -> PromptTemplates:
-    return PromptTemplates((
-        "{profile}",
-        f"{{Subject}} {past} the following {plural} in order in the past, and rated them:",
-        "{history}",
-        f"Based on the {plural} {{subject}} {perfect}, deduce if {{subject}} will like the {noun} ***{{title}}***.",
-        f"Note that more stars the user rated the {noun}, the user liked the {noun} more.",
-        "You should ONLY tell me yes or no.",
-    ), "{index}. {title} ({stars})")
-
-
-MOVIES = figure2("movie", "movies", "watched", "has watched")
-BOOKS = figure2("book", "books", "read", "has read")
-RATED_ITEMS = figure2("item", "items", "interacted with", "has interacted with")
-CLICKED_ITEMS = PromptTemplates((
-    "{profile}",
-    "{Subject} clicked the following items in order in the past:",
-    "{history}",
-    "Based on the items {subject} has clicked, deduce if {subject} will like the item ***{title}***.",
-    "You should ONLY tell me yes or no.",
-), "{index}. {title}")
-WORDING = {"ml-100k": MOVIES, "ml-1m": MOVIES, "ml-25m": MOVIES, "goodreads": BOOKS}
 
 
 def templates_for(dataset: str, rated: bool = True, lines=None, history_item=None) -> PromptTemplates:

@@ -25,7 +25,7 @@ from reclora_ray.config import Config
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
@@ -89,11 +89,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from reclora_ray.llm.base import dtype_name, resolve_dtype
+    from reclora_ray.base_model import dtype_name, resolve_dtype
     from reclora_ray.llm.collate import p_yes
     from reclora_ray.llm.inputs import InputBuilder, to_device
     from reclora_ray.llm.model import build_model, training_loss
-    from reclora_ray.llm.plora import unwrap
+    from reclora_ray.llm.plora import save_adapter, unwrap
     from reclora_ray.metrics import binary_metrics
 
     cfg: Config = loop_config["cfg"]
@@ -171,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
             if rank == 0:
-                unwrap(engine.module).save_adapter(Path(tmp) / "adapter")
+                save_adapter(unwrap(engine.module), Path(tmp) / "adapter")
                 (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:

@@ -148,7 +148,7 @@ class ItemEncoder:
     def __init__(self, llm_cfg: LLMConfig, pooling: str, max_length: int, projection=None):
         import torch
 
-        from reclora_ray.llm.base import load_base
+        from reclora_ray.base_model import load_base
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

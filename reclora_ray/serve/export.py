@@ -77,7 +77,7 @@ def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: boo
 def _merge(cfg, adapter_dir: Path, out: Path) -> None:
     from peft import PeftModel
 
-    from reclora_ray.llm.base import load_base
+    from reclora_ray.base_model import load_base
 
     base, tokenizer = load_base(cfg.llm, device="cpu")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

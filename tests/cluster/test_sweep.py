@@ -16,7 +16,7 @@ import ray
 from reclora_ray.cluster.sweep import (shared_stages, Experiment, SweepSpec, expand, markdown_table,
                                        parse_grid_arg, run_sweep)
 from reclora_ray.config import ConfigError, load_config
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 from reclora_ray.rundir import MARKER
 from tests.conftest import TINY_OVERRIDES
 

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from reclora_ray.config import LoRAConfig
-from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter, read_adapter_config
+from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter, read_adapter_config, save_adapter
 
 CRM_DIM = 12
 
@@ -20,7 +20,7 @@ def test_plain_lora_is_also_a_peft_adapter_with_the_same_logits(make_llama, batc
     model = PersonalizedLoRAModel(make_llama(), LoRAConfig(variant=variant, n_meta=3), CRM_DIM).eval()
     randomize(model)
     expected = model(input_ids, mask).logits
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "reclora_adapter.json", "reclora_adapter.safetensors"]
     peft_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -40,7 +40,7 @@ def test_personalized_adapter_has_no_peft_files_and_older_runs_still_load(make_l
     model = PersonalizedLoRAModel(make_llama(), dataclasses.replace(LoRAConfig(n_meta=4), temperature=2.0), CRM_DIM).eval()
     randomize(model)
     expected = model(input_ids, mask, crm).logits
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["reclora_adapter.json", "reclora_adapter.safetensors"]
     # A run written before the rename: adapter.safetensors + adapter_config.json (format reclora-plora).
     old = tmp_path / "old"

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from reclora_ray.config import LLMConfig, load_config
-from reclora_ray.llm import base
-from reclora_ray.llm.base import answer_token_ids, load_base, resolve_dtype
+from reclora_ray import base_model as base
+from reclora_ray.base_model import load_base, resolve_dtype
+
+
+from reclora_ray.llm.base import answer_token_ids
 
 
 def tiny(**changes) -> LLMConfig:

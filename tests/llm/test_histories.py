@@ -4,7 +4,7 @@ import pytest
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.histories import sample_histories
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from reclora_ray.llm.collate import IGNORE_INDEX, p_yes
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.inputs import InputBuilder
 from reclora_ray.llm.model import build_model
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 

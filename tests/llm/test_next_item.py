@@ -65,7 +65,7 @@ def test_unequal_candidate_counts_are_refused(llama):
 def test_prompt_lists_history_and_candidates_and_training_targets_the_title():
     from transformers import AutoTokenizer
 
-    from reclora_ray.llm.base import _tiny_random_dir
+    from reclora_ray.base_model import _tiny_random_dir
 
     titles = ["Alpha (1990)", "Beta (1991)", "Gamma (1992)", "Delta (1993)", "Epsilon (1994)"]
     tokenizer = AutoTokenizer.from_pretrained(str(_tiny_random_dir()))

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from reclora_ray.config import LoRAConfig
 from reclora_ray.llm.plora import (
+    save_adapter,
     Gate,
     PersonalizedLoRAModel,
     PLoRALinear,
@@ -215,7 +216,7 @@ def test_save_load_round_trips_exactly(make_llama, batch, randomize, tmp_path):
     cfg = LoRAConfig(n_meta=4, temperature=2.0, target_modules=["q_proj", "k_proj", "v_proj"], gate_arch="authors")
     model = PersonalizedLoRAModel(make_llama(), cfg, CRM_DIM).eval()
     randomize(model)
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["reclora_adapter.json", "reclora_adapter.safetensors"]
     loaded = load_adapter(make_llama(), tmp_path / "adapter").eval()
     assert loaded.lora_config == cfg and loaded.crm_dim == CRM_DIM
@@ -225,7 +226,7 @@ def test_save_load_round_trips_exactly(make_llama, batch, randomize, tmp_path):
 
 
 def test_load_onto_another_base_fails_clearly(make_llama, tmp_path):
-    PersonalizedLoRAModel(make_llama(), LoRAConfig(n_meta=2), CRM_DIM).save_adapter(tmp_path / "adapter")
+    save_adapter(PersonalizedLoRAModel(make_llama(), LoRAConfig(n_meta=2), CRM_DIM), tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj is \[32, 32\].*another shape"):
         load_adapter(make_llama(hidden=32), tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="no adapter config"):

@@ -6,7 +6,7 @@ import torch
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 from reclora_ray.config import LoRAConfig
-from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter, trainable_state_dict
+from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter, save_adapter, trainable_state_dict
 
 CRM_DIM = 12
 
@@ -47,6 +47,6 @@ def test_8bit_base_trains_only_the_adapter(int8_llama, make_llama, batch, random
     assert torch.equal(layer.base_layer.weight, int8_before)
     assert {n for n, p in model.named_parameters() if p.grad is not None} == set(model.adapter_state_dict())
 
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     loaded = load_adapter(int8_llama(), tmp_path / "adapter").eval()
     assert torch.equal(loaded(input_ids, mask, crm).logits, model.eval()(input_ids, mask, crm).logits)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reclora_ray.config import ConfigError, LoRAConfig, load_config
-from reclora_ray.llm import base as base_module
-from reclora_ray.llm.base import resolve_dtype, use_chat_template
+from reclora_ray import base_model as base_module
+from reclora_ray.base_model import resolve_dtype
+from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import IGNORE_INDEX
 from reclora_ray.llm.model import answer_scores, training_loss
 from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear
@@ -58,7 +59,7 @@ def test_every_packaged_config_but_the_test_one_defaults_to_auto():
 
 
 def test_load_base_follows_auto_on_this_cpu():
-    from reclora_ray.llm.base import cpu_has_native_bf16, load_base
+    from reclora_ray.base_model import cpu_has_native_bf16, load_base
 
     model, _ = load_base(load_config("tiny", ["llm.dtype=auto"]).llm, device="cpu")
     assert model.dtype is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

@@ -8,7 +8,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from reclora_ray.llm.base import load_base
+from reclora_ray.base_model import load_base
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.llm.score import Scorer, score_variant
 from reclora_ray.llm.tune import tune_variant
@@ -50,7 +50,7 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
 
     # The batch path and a direct Scorer (the online service's core) agree sample by sample.
     from reclora_ray.llm.histories import load_samples
-    from reclora_ray.llm.variants import get_variant
+    from reclora_ray.variants import get_variant
 
     rows = load_samples(run.data, "test", get_variant("reclora")).iloc[:24]
     direct = Scorer(cfg, str(run.root), "reclora")(rows)

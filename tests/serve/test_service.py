@@ -15,7 +15,7 @@ from reclora_ray.config import load_config
 from reclora_ray.data.catalogue import Catalogue
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.score import Scorer
-from reclora_ray.llm.variants import get_variant
+from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir
 
 pytestmark = pytest.mark.ray
@@ -129,7 +129,7 @@ def test_concurrent_requests_from_many_users_are_batched(service):
 def test_gate_weights_and_exported_peft_adapter_reproduce_the_user(service, samples, scorer, serve_config, tmp_path):
     from peft import PeftModel
 
-    from reclora_ray.llm.base import load_base
+    from reclora_ray.base_model import load_base
     from reclora_ray.llm.collate import p_yes
 
     _, client = service
@@ -216,7 +216,7 @@ def test_export_adapter_command_writes_the_services_adapter_and_a_merged_model(s
     from transformers import AutoModelForCausalLM
 
     from reclora_ray.cli import main as cli_main
-    from reclora_ray.llm.base import load_base
+    from reclora_ray.base_model import load_base
     from tests.conftest import TINY_OVERRIDES
 
     _, client = service

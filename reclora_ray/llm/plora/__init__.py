@@ -2,7 +2,7 @@
 
     model = PersonalizedLoRAModel(hf_causal_lm, cfg.lora, crm_dim)   # freezes the base, wraps targets
     out = model(input_ids, attention_mask, crm_repr=R_c, labels=labels)
-    model.save_adapter(dir); model = load_adapter(fresh_base, dir)
+    save_adapter(model, dir); model = load_adapter(fresh_base, dir)
     export_user_adapter(model, R_c[i], dir)   # one user's adapter as a standard PEFT LoRA
 """
 

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from reclora_ray import storage
 from reclora_ray.config import LoRAConfig
-from reclora_ray.llm.plora.layer import base_features
-from reclora_ray.llm.plora.model import PersonalizedLoRAModel, _matches, trainable_state_dict, unwrap
+from reclora_ray.llm.plora.layer import base_features, matches_target
+from reclora_ray.llm.plora.model import PersonalizedLoRAModel, trainable_state_dict, unwrap
 
 FORMAT = "reclora-plora"
 VERSION = 1
@@ -51,8 +52,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> None:
         "base_class": type(model.base_model).__name__,
         "layers": {name: [layer.in_features, layer.out_features] for name, layer in layers.items()},
     }
-    _write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(trainable_state_dict(model), tmp))
-    _write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    storage.write_bytes(out / WEIGHTS_FILE, save(trainable_state_dict(model)))
+    storage.write_text(out / CONFIG_FILE, json.dumps(meta, indent=2))
     if not model.gated:  # a plain LoRA is the same for every user: a standard PEFT adapter as well
         export_user_adapter(model, None, out)
 
@@ -114,7 +115,7 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike) -> Perso
 def _check_base_shapes(base_model: nn.Module, targets: list[str], saved: dict[str, list[int]], adapter_dir) -> None:
     found = {}
     for name, module in base_model.named_modules():
-        if name and _matches(name, targets):
+        if name and matches_target(name, targets):
             try:
                 found[name] = list(base_features(module))
             except TypeError:
@@ -183,7 +184,7 @@ def export_user_adapter(model: nn.Module, crm_repr_row: torch.Tensor | None, out
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
+    storage.write_bytes(out / "adapter_model.safetensors", save(tensors))
     peft_config.save_pretrained(str(out))
 
 
@@ -197,12 +198,3 @@ def _personal_factors(layer, alpha: torch.Tensor | None) -> tuple[torch.Tensor, 
     a_meta = layer.lora_A.unflatten(0, (layer.n_meta, layer.r))  # (N_m, r, d_in)
     b_meta = layer.lora_B.unflatten(1, (layer.n_meta, layer.r))  # (d_out, N_m, r)
     return torch.einsum("k,krd->rd", alpha, a_meta), torch.einsum("k,okr->or", alpha, b_meta)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -22,6 +22,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+def matches_target(name: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list of target names: the full name or its last dotted components."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 class Gate(nn.Module):
     """alpha = softmax(beta / tp) from the CRM representation R_c (batch, d_c).
 

@@ -1,6 +1,6 @@
 """Wrap a Hugging Face causal LM with personalized LoRA layers; the wrapper model that routes R_c.
 
-Parameter names (the adapter state dict; stable, used by save_adapter / load_adapter):
+Parameter names (the adapter state dict; stable, used by plora.io's save_adapter / load_adapter):
     gate.{fc1,norm,fc2}.{weight,bias}              the shared gate (variant plora, gate shared)
     base_model.<module path>.lora_A                (N_m*r, d_in)  A_cat, PEFT layout
     base_model.<module path>.lora_B                (d_out, N_m*r) B_cat, PEFT layout
@@ -19,12 +19,7 @@ import torch
 from torch import nn
 
 from reclora_ray.config import LoRAConfig
-from reclora_ray.llm.plora.layer import Gate, PLoRALinear, base_features
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    """PEFT's rule for a list of target names: the full name or its last dotted components."""
-    return any(name == t or name.endswith("." + t) for t in targets)
+from reclora_ray.llm.plora.layer import Gate, PLoRALinear, base_features, matches_target
 
 
 def wrap_lora_layers(
@@ -35,7 +30,7 @@ def wrap_lora_layers(
         raise ValueError("lora.target_modules is empty: name at least one layer, e.g. [q_proj, v_proj]")
     for param in model.parameters():
         param.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, cfg.target_modules)]
+    targets = [(n, m) for n, m in model.named_modules() if n and matches_target(n, cfg.target_modules)]
     if not targets:
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(
@@ -171,13 +166,6 @@ class PersonalizedLoRAModel(nn.Module):
         layers = list(self.lora_layers().values())
         captured = [layer.alpha for layer in layers]
         return contextlib.nullcontext(), _alphas_set(layers, captured)
-
-    # ----------------------------------------------------------------- persistence
-
-    def save_adapter(self, out_dir) -> None:
-        from reclora_ray.llm.plora.io import save_adapter
-
-        save_adapter(self, out_dir)
 
 
 @contextlib.contextmanager

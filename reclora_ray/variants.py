@@ -102,6 +102,4 @@ def upstream_outputs(cfg: Config, run, variant: Variant) -> list:
 
 def crm_name(cfg: Config, variant: Variant) -> str:
     """Its checkpoint: OUT/crm/<model> or OUT/crm/<model>-recent."""
-    from reclora_ray.crm.checkpoint import checkpoint_name
-
-    return checkpoint_name(crm_config(cfg, variant))
+    return crm_config(cfg, variant).output_name
