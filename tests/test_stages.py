@@ -155,3 +155,7 @@ def test_a_run_directory_with_retrieval_inside_the_data_is_moved_to_the_new_layo
     identity = read_marker(run.legacy_retrieval)["identity"]
     StageRun("prepare", load_config("tiny"), run)  # any stage instance brings the layout up to date
     assert not run.legacy_retrieval.exists() and read_marker(run.retrieval)["identity"] == identity
+
+
+def test_the_architecture_document_shows_the_stage_table_as_it_is():
+    assert stages.markdown_table() in (REPO / "docs" / "architecture.md").read_text()

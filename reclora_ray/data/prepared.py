@@ -1,4 +1,4 @@
-"""The prepared-dataset contract (DESIGN.md) and its in-memory form.
+"""The prepared-dataset contract (docs/architecture.md) and its in-memory form.
 
 On disk (one directory, usually OUT/data):
   meta.json                     dataset, label rule, k-core, split, counts, field vocabularies
