@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/quickstart
 
-.PHONY: setup demo test bench images clean
+.PHONY: setup demo test lint bench images clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ demo: setup
 	$(BIN)/reclora run --config quickstart --out $(OUT)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 # One cluster image per CUDA line of reclora_ray/gpu.py (V100: cu126; A100/H100/L40S: cu130):
 #   make images REGISTRY=registry.example.com/team   (then docker push each tag)

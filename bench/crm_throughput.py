@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from memory import PeakMemory  # bench/ is on sys.path when run as a script
+
 from reclora_ray.config import load_config
 from reclora_ray.crm.models import MODELS
 from reclora_ray.crm.train import pretrain_crm

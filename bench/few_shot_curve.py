@@ -36,9 +36,9 @@ from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
 from reclora_ray.llm.model import build_model, training_loss  # noqa: E402
 from reclora_ray.llm.score import Scorer  # noqa: E402
 from reclora_ray.llm.tune import few_shot_sample  # noqa: E402
-from reclora_ray.variants import get_variant  # noqa: E402
 from reclora_ray.metrics import binary_metrics  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
+from reclora_ray.variants import get_variant  # noqa: E402
 
 log = logging.getLogger("few_shot_curve")
 

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import LLAMA_SHAPES, random_llama
 
+from reclora_ray.base_model import dtype_name, load_base
 from reclora_ray.config import load_config
 from reclora_ray.crm.features import build_features
 from reclora_ray.crm.models import build_model as build_crm
 from reclora_ray.data.prepared import PreparedData
-from reclora_ray.base_model import dtype_name, load_base
 from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
@@ -32,8 +33,6 @@ from reclora_ray.llm.model import RecLoRAModel, causal_lm, training_loss
 from reclora_ray.llm.plora import PersonalizedLoRAModel
 from reclora_ray.llm.tune import deepspeed_config, engine_precision
 from reclora_ray.variants import get_variant
-from shapes import LLAMA_SHAPES, random_llama
-
 
 
 def save_random_model(shape: dict, directory: Path, tokenizer_dir: Path) -> Path:

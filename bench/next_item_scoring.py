@@ -32,13 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import LLAMA_SHAPES, random_llama  # noqa: E402
+
+from reclora_ray.base_model import load_base  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
-from reclora_ray.base_model import load_base  # noqa: E402
 from reclora_ray.llm.collate import PromptCollator  # noqa: E402
 from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, full_prompt_logliks  # noqa: E402
 from reclora_ray.llm.prompt import PromptBuilder  # noqa: E402
-from shapes import LLAMA_SHAPES, random_llama  # noqa: E402
 
 log = logging.getLogger("next_item_scoring")
 

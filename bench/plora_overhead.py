@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import LLAMA_SHAPES  # noqa: E402  (bench/ is on sys.path when run as a script)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from reclora_ray.config import LoRAConfig  # noqa: E402
 from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear  # noqa: E402
-from shapes import LLAMA_SHAPES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 log = logging.getLogger("plora_overhead")
 

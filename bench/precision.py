@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reclora_ray.base_model import dtype_name, resolve_dtype  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
-from reclora_ray.base_model import dtype_name, resolve_dtype  # noqa: E402
 from reclora_ray.llm.histories import load_samples  # noqa: E402
 from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
 from reclora_ray.llm.model import build_model, training_loss  # noqa: E402
 from reclora_ray.llm.score import Scorer, llm_test_rows  # noqa: E402
-from reclora_ray.variants import get_variant  # noqa: E402
 from reclora_ray.metrics import binary_metrics  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
+from reclora_ray.variants import get_variant  # noqa: E402
 
 log = logging.getLogger("precision")
 

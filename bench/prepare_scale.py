@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import PeakMemory  # noqa: E402  (bench/ is on sys.path when run as a script)
-from reclora_ray.console import setup_logging  # noqa: E402
+
 from reclora_ray.config import load_config  # noqa: E402
+from reclora_ray.console import setup_logging  # noqa: E402
 from reclora_ray.data.prepare import prepare_dataset  # noqa: E402
 from reclora_ray.data.synth import write_synthetic_ml25m  # noqa: E402
 

@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import PeakMemory  # noqa: E402  (bench/ is on sys.path when run as a script)
-from reclora_ray.console import setup_logging  # noqa: E402
+
 from reclora_ray.config import load_config  # noqa: E402
+from reclora_ray.console import setup_logging  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
 
 FULL_USERS, FULL_ITEMS, FULL_ROWS = 162_541, 59_047, 25_000_095

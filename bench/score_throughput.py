@@ -40,11 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import LLAMA_SHAPES, random_llama  # noqa: E402
+
+from reclora_ray.base_model import load_base  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.crm.features import build_features  # noqa: E402
 from reclora_ray.crm.models import build_model as build_crm  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
-from reclora_ray.base_model import load_base  # noqa: E402
 from reclora_ray.llm.collate import p_yes  # noqa: E402
 from reclora_ray.llm.histories import load_samples  # noqa: E402
 from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
@@ -52,7 +54,6 @@ from reclora_ray.llm.model import RecLoRAModel  # noqa: E402
 from reclora_ray.llm.plora import PersonalizedLoRAModel  # noqa: E402
 from reclora_ray.llm.score import Scorer  # noqa: E402
 from reclora_ray.variants import get_variant  # noqa: E402
-from shapes import LLAMA_SHAPES, random_llama  # noqa: E402
 
 log = logging.getLogger("score_throughput")
 

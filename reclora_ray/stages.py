@@ -34,13 +34,13 @@ import importlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from reclora_ray.config import DATASETS, Config, ConfigError, load_config
 from reclora_ray.rundir import MARKER, RunDir, check_can_write, inputs_hash, read_marker, staged_output, with_inputs
-from reclora_ray.variants import crm_config, crm_name, get_variant
+from reclora_ray.variants import crm_name, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class StageRun:
         StageOutputExists for another config's output, MissingInput for an unfinished input."""
         if not check_can_write(self.out, self.fingerprint, overwrite, carries_over=self._carries_over):
             return True
-        for stage, key, path in self.inputs:
+        for stage, _key, path in self.inputs:
             # A directory without a marker is read as it is (a hand-made prepared dataset that
             # follows the contract); its loaders check it. One that is not there is an error here.
             if read_marker(path) is None and not Path(path).exists():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from reclora_ray import gpu
-from reclora_ray.config import load_config
 from reclora_ray.base_model import load_base
+from reclora_ray.config import load_config
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # CUDA 13 build: no Volta
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, CRMConfig
+from reclora_ray.console import Progress
 from reclora_ray.crm.checkpoint import CRMCheckpointError, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import build_model
 from reclora_ray.crm.represent import predict_split
-from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.gpu import check_device

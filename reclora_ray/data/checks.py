@@ -9,15 +9,13 @@ knows the file and the line of every row), `drop_duplicates` on the gathered log
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Literal
-
-import logging
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 
 log = logging.getLogger(__name__)
 

@@ -380,7 +380,7 @@ class Interactions(Source):
         frames = []
         for path in self.user_paths:
             table, unit = _read_table(path, list(dict.fromkeys([cfg.user, *cfg.fields])), "users")
-            raw = ids(table[cfg.user].combine_chunks(), cfg.user, lambda i: _where(path, unit, 0, i))
+            raw = ids(table[cfg.user].combine_chunks(), cfg.user, lambda i, path=path, unit=unit: _where(path, unit, 0, i))
             frame = pd.DataFrame({"raw_id": raw.to_pandas()})
             for name in cfg.fields:
                 frame[name] = pd.array([None if v is None or str(v).strip() == "" else str(v).strip()

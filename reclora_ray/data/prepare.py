@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 from reclora_ray.config import Config, DataConfig
 from reclora_ray.data import next_item, text
-from reclora_ray.data.prepared import SPLITS
 from reclora_ray.data.checks import check_two_classes, drop_duplicates
+from reclora_ray.data.prepared import SPLITS
 from reclora_ray.data.readers import RawDataError, Source, open_source, quiet_ray_data_errors, unwrap_raw_data_error
 from reclora_ray.rundir import RunDir
 from reclora_ray.runtime import init_ray

@@ -34,8 +34,8 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from reclora_ray.config import DataConfig
-from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lines_from, rows_from_one
 from reclora_ray.data import text
+from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lines_from, rows_from_one
 from reclora_ray.data.text import year_from_title
 
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")

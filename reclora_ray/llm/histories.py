@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from reclora_ray.data.prepared import Sequences
-from reclora_ray.variants import Variant
 from reclora_ray.rundir import RunDir
+from reclora_ray.variants import Variant
 
 
 @dataclass

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from reclora_ray.config import Config
-from reclora_ray.variants import Variant, crm_name
 from reclora_ray.rundir import RunDir
+from reclora_ray.variants import Variant, crm_name
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def build_model(cfg: Config, run: RunDir, variant: Variant, adapter_dir: Path | 
                 device: torch.device | str = "cpu"):
     """(RecLoRAModel, tokenizer, CRM feature spec or None): the base LLM, with a fresh adapter or
     the one in adapter_dir, and the frozen CRM when the variant's gate reads R_c."""
-    from reclora_ray.crm import load_crm
     from reclora_ray.base_model import load_base
+    from reclora_ray.crm import load_crm
     from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter
 
     base, tokenizer = load_base(cfg.llm, device=device)

@@ -22,11 +22,11 @@ from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import PromptCollator, length_buckets
 from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks
 from reclora_ray.llm.prompt import PromptBuilder
-from reclora_ray.variants import Variant, crm_name, get_variant
 from reclora_ray.ranking import ranking_metrics
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
+from reclora_ray.variants import Variant, crm_name, get_variant
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from reclora_ray.config import Config
 from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import load_rows
 from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
+from reclora_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from reclora_ray.data.prepared import PreparedData
     from reclora_ray.base_model import dtype_name, resolve_dtype
+    from reclora_ray.data.prepared import PreparedData
     from reclora_ray.llm.inputs import to_device
     from reclora_ray.llm.model import build_model
     from reclora_ray.llm.next_item_score import candidate_scores, model_inputs

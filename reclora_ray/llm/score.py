@@ -24,11 +24,11 @@ from reclora_ray.llm.collate import p_yes
 from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
-from reclora_ray.variants import crm_name, get_variant
 from reclora_ray.metrics import binary_metrics
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
+from reclora_ray.variants import crm_name, get_variant
 
 log = logging.getLogger(__name__)
 

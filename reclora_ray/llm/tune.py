@@ -25,10 +25,10 @@ from reclora_ray.config import Config
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
+from reclora_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from ray.serve import Application
 
 from reclora_ray.config import Config, ConfigError, load_config
 from reclora_ray.data.prepared import PreparedDataError
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir
 from reclora_ray.runtime import config_from_args, init_ray
 from reclora_ray.serve.online import model_version
+from reclora_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from reclora_ray.data.catalogue import Catalogue, UnknownIds
 from reclora_ray.llm.histories import Histories
 from reclora_ray.llm.inputs import to_device
 from reclora_ray.llm.score import Scorer
-from reclora_ray.variants import Variant, upstream_outputs
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever
 from reclora_ray.rundir import RunDir, identity, read_marker
+from reclora_ray.variants import Variant, upstream_outputs
 
 
 class RequestError(ValueError):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from reclora_ray.cluster.jobs import JobClient
-from reclora_ray.cluster.local import LocalCluster, session_processes
+from tools.jobs import JobClient
+from tools.local_cluster import LocalCluster, session_processes
 
 REPO = Path(__file__).resolve().parents[2]
 

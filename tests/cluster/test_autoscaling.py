@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reclora_ray.cluster.jobs import JobClient
-from reclora_ray.cluster.local import LocalCluster
+from tools.jobs import JobClient
+from tools.local_cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

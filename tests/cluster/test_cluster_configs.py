@@ -10,12 +10,12 @@ checked in test_kuberay_schemas.py.
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version

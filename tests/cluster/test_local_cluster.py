@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from reclora_ray.cluster.jobs import JobFailed
-from reclora_ray.cluster.local import session_processes
+from tools.jobs import JobFailed
+from tools.local_cluster import session_processes
 
 REPO = Path(__file__).resolve().parents[2]
 

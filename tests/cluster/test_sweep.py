@@ -13,11 +13,18 @@ from pathlib import Path
 import pytest
 import ray
 
-from reclora_ray.cluster.sweep import (shared_stages, Experiment, SweepSpec, expand, markdown_table,
-                                       parse_grid_arg, run_sweep)
+from reclora_ray.cluster.sweep import (
+    Experiment,
+    SweepSpec,
+    expand,
+    markdown_table,
+    parse_grid_arg,
+    run_sweep,
+    shared_stages,
+)
 from reclora_ray.config import ConfigError, load_config
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import MARKER
+from reclora_ray.variants import get_variant
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]

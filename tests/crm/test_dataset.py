@@ -8,8 +8,8 @@ import pytest
 
 from reclora_ray.crm.dataset import encode_rows, iter_split, pad_lists, read_rows
 from reclora_ray.crm.features import build_features
-from reclora_ray.rundir import RunDir
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
+from reclora_ray.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

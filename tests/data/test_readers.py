@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from reclora_ray.data.checks import LogRules
 from reclora_ray.data.prepare import prepare_dataset, read_behaviours
 from reclora_ray.data.prepared import SPLITS, PreparedData
-from reclora_ray.data.checks import LogRules
 from reclora_ray.data.readers import DelimitedFormat, byte_ranges, open_source, parse_delimited_range
 
 pytestmark = pytest.mark.ray

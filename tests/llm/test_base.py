@@ -3,11 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from reclora_ray.config import LLMConfig, load_config
 from reclora_ray import base_model as base
 from reclora_ray.base_model import load_base, resolve_dtype
-
-
+from reclora_ray.config import LLMConfig, load_config
 from reclora_ray.llm.base import answer_token_ids
 
 

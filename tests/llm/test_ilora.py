@@ -12,8 +12,8 @@ from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.inputs import InputBuilder
 from reclora_ray.llm.model import build_model
 from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear
-from reclora_ray.variants import ILORA_TARGETS, crm_config, crm_name, get_variant
 from reclora_ray.rundir import RunDir
+from reclora_ray.variants import ILORA_TARGETS, crm_config, crm_name, get_variant
 from tests.conftest import tiny_config
 from tests.crm.conftest import write_prepared
 

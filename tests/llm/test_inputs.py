@@ -9,8 +9,8 @@ from reclora_ray.llm.collate import IGNORE_INDEX, p_yes
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.inputs import InputBuilder
 from reclora_ray.llm.model import build_model
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir
+from reclora_ray.variants import get_variant
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray  # tiny_upstream runs the real upstream stages on a local Ray

@@ -11,12 +11,12 @@ from transformers.pytorch_utils import Conv1D
 
 from reclora_ray.config import LoRAConfig
 from reclora_ray.llm.plora import (
-    save_adapter,
     Gate,
     PersonalizedLoRAModel,
     PLoRALinear,
     export_user_adapter,
     load_adapter,
+    save_adapter,
     trainable_state_dict,
 )
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclora_ray.config import ConfigError, LoRAConfig, load_config
 from reclora_ray import base_model as base_module
 from reclora_ray.base_model import resolve_dtype
+from reclora_ray.config import ConfigError, LoRAConfig, load_config
 from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import IGNORE_INDEX
 from reclora_ray.llm.model import answer_scores, training_loss

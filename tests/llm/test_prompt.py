@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from reclora_ray.base_model import load_base
 from reclora_ray.config import load_config
 from reclora_ray.data.prepared import Sequences
-from reclora_ray.base_model import load_base
 from reclora_ray.llm.base import answer_token_ids
 from reclora_ray.llm.prompt import PromptBuilder, build_prompt, log_length_stats, render
 

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from reclora_ray.config import load_config
-from reclora_ray.retrieval.embed import (EmbeddingError, ItemEncoder, embed_items, fit_pca,
-                                         load_item_embeddings, project)
+from reclora_ray.retrieval.embed import EmbeddingError, ItemEncoder, embed_items, fit_pca, load_item_embeddings, project
 
 
 def test_load_item_embeddings_orders_and_normalises(tmp_path, write_embeddings):

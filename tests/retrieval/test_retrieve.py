@@ -6,8 +6,7 @@ from reclora_ray.config import load_config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.retrieval.history import HistoryRetriever
 from reclora_ray.retrieval.retrieve import load_retrieval, retrieve_histories
-from reclora_ray.rundir import RunDir
-from reclora_ray.rundir import StageOutputExists
+from reclora_ray.rundir import RunDir, StageOutputExists
 
 pytestmark = pytest.mark.ray
 

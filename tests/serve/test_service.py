@@ -15,8 +15,8 @@ from reclora_ray.config import load_config
 from reclora_ray.data.catalogue import Catalogue
 from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.score import Scorer
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir
+from reclora_ray.variants import get_variant
 
 pytestmark = pytest.mark.ray
 
@@ -215,8 +215,8 @@ def test_export_adapter_command_writes_the_services_adapter_and_a_merged_model(s
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from reclora_ray.cli import main as cli_main
     from reclora_ray.base_model import load_base
+    from reclora_ray.cli import main as cli_main
     from tests.conftest import TINY_OVERRIDES
 
     _, client = service

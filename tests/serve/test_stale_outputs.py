@@ -8,10 +8,10 @@ import pytest
 from reclora_ray.crm.train import pretrain_crm
 from reclora_ray.llm.score import score_crm
 from reclora_ray.llm.tune import tune_variant
-from reclora_ray.variants import get_variant
 from reclora_ray.rundir import RunDir, StageOutputExists, identity
 from reclora_ray.runtime import init_ray
 from reclora_ray.serve.online import model_version
+from reclora_ray.variants import get_variant
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,7 @@ Token authentication is on (`RAY_AUTH_MODE=token`): each cluster gets its own ra
 generated here rather than with `ray get-auth-token --generate`, which writes the user-wide
 ~/.ray/auth_token that every other local Ray on the machine would then pick up.
 
-    cluster/local/start.sh --workers 2     # = python -m reclora_ray.cluster.local start ...
+    cluster/local/start.sh --workers 2     # = python -m tools.local_cluster start ...
     cluster/local/stop.sh
 """
 
@@ -300,7 +300,7 @@ class LocalCluster:
                 return
             except (urllib.error.URLError, ConnectionError, KeyError):
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"dashboard {self.info.dashboard_url} not up; see {self.root}")
+                    raise ClusterError(f"dashboard {self.info.dashboard_url} not up; see {self.root}") from None
                 time.sleep(0.5)
 
     def _save(self) -> None:
@@ -403,7 +403,7 @@ def default_dir() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reclora_ray.cluster.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.local_cluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     start = sub.add_parser("start", help="start a head and worker nodes, print how to use them")
     dir_help = "cluster directory: token, state, per-node logs (default $RECLORA_CLUSTER_DIR or %(default)s)"
