@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.crm.features import FeatureEncoder, FeatureSpec
 from reclora_ray.data.prepared import PreparedData, PreparedDataError, Sequences
+from reclora_ray.retrieval.history import lists_to_padded
 from reclora_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -70,23 +71,7 @@ def retrieved_history(run: RunDir, split: str, k: int, start: int, stop: int,
         raise PreparedDataError(
             f"{path}: row {start + bad} has sample_id {sample_ids[bad] if len(sample_ids) else None}, "
             f"the samples file has {expect_sample_ids[bad]}; the retrieval output is stale, re-run `reclora retrieve`")
-    return pad_lists(table.column("hist_long").combine_chunks(), k)
-
-
-def pad_lists(lists: pa.ListArray, k: int) -> np.ndarray:
-    """A list<int> array -> (n, k) int32, the last k values of each list right-aligned, -1 padded."""
-    lengths = lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int32)
-    n = len(lengths)
-    out = np.full((n, k), -1, dtype=np.int32)
-    take = np.minimum(lengths, k)
-    row = np.repeat(np.arange(n), take)
-    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)  # 0..take-1 per row
-    col = k - np.repeat(take, take) + within
-    src = np.repeat(offsets[:-1] + lengths - take, take) + within
-    out[row, col] = values[src]
-    return out
+    return lists_to_padded(table.column("hist_long"), k, truncate=True)
 
 
 def crm_history_indices(run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences,

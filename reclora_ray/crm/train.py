@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ray.config import Config, CRMConfig
 from reclora_ray.console import Progress
@@ -32,10 +31,11 @@ from reclora_ray.crm.checkpoint import CRMCheckpointError, save_crm
 from reclora_ray.crm.dataset import ray_dataset, retrieval_path
 from reclora_ray.crm.features import FeatureSpec, build_features
 from reclora_ray.crm.models import build_model
-from reclora_ray.crm.represent import predict_split
+from reclora_ray.crm.predict import predict_split
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import SPLITS, PreparedData, PreparedDataError
 from reclora_ray.gpu import check_device
+from reclora_ray.metrics import binary_metrics
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
@@ -86,7 +86,8 @@ def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False,
         best_epoch = best["state"]["best_epoch"]
         log.info("best epoch %d (valid AUC %.4f); scoring the test split", best_epoch, best["state"]["best_auc"])
         labels, probs = predict_split(model, prepared, "test", chunk_rows=cfg.crm.chunk_rows)
-        auc, loss = auc_logloss(labels, probs)
+        test = binary_metrics(labels, probs)
+        auc, loss = test["auc"], test["logloss"]
         metrics = {
             "model": cfg.crm.model, "auc": auc, "logloss": loss, "n_test": int(len(labels)),
             "d_c": model.d_c, "best_epoch": best_epoch, "valid_auc": best["state"]["best_auc"],
@@ -230,7 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
         train_seconds = time.perf_counter() - started
         loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
-        auc, loss = auc_logloss(labels, probs)
+        valid = binary_metrics(labels, probs)
+        auc, loss = valid["auc"], valid["logloss"]
         improved = state.update(epoch, auc)
         record = {
             "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "valid_auc": auc, "valid_logloss": loss,
@@ -305,12 +307,3 @@ def all_reduce_sum(values: list[float], world: int) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
-
-
-def auc_logloss(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """AUC (NaN when only one class is present) and log loss."""
-    if len(labels) == 0:
-        raise ValueError("no samples to evaluate")
-    probs = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
-    return auc, float(log_loss(labels, probs, labels=[0, 1]))

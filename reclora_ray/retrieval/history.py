@@ -157,13 +157,21 @@ def padded_to_lists(padded: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded[valid].astype(np.int32)))
 
 
-def lists_to_padded(column: pa.ChunkedArray | pa.ListArray, k: int) -> np.ndarray:
-    """The inverse of `padded_to_lists`: (n, k) int32, -1 padded on the left."""
+def lists_to_padded(column: pa.ChunkedArray | pa.ListArray, k: int, truncate: bool = False) -> np.ndarray:
+    """The inverse of `padded_to_lists`: (n, k) int32, each list right-aligned, -1 padded on the
+    left. A list longer than k is an error, or with `truncate` keeps its last k values (the most
+    recent: a CRM reading fewer behaviours than were retrieved). Slices keep their offsets."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-    if len(lengths) and lengths.max(initial=0) > k:
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    if not truncate and len(lengths) and lengths.max(initial=0) > k:
         raise ValueError(f"a history list holds {lengths.max()} entries, more than k={k}")
-    out = np.full((len(column), k), -1, dtype=np.int32)
-    out[np.arange(k)[None, :] >= k - lengths[:, None]] = column.flatten().to_numpy()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+    n = len(lengths)
+    out = np.full((n, k), -1, dtype=np.int32)
+    take = np.minimum(lengths, k)
+    row = np.repeat(np.arange(n), take)
+    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)  # 0..take-1 per row
+    out[row, k - np.repeat(take, take) + within] = values[np.repeat(offsets[:-1] + lengths - take, take) + within]
     return out

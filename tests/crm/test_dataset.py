@@ -6,9 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reclora_ray.crm.dataset import encode_rows, iter_split, pad_lists, read_rows
+from reclora_ray.crm.dataset import encode_rows, iter_split, read_rows
 from reclora_ray.crm.features import build_features
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
+from reclora_ray.retrieval.history import lists_to_padded
 from reclora_ray.rundir import RunDir
 
 
@@ -28,8 +29,8 @@ def test_read_rows_spans_row_groups(prepared):
 
 def test_pad_lists_keeps_the_last_k_right_aligned():
     lists = pa.array([[1, 2, 3, 4], [], [7], [8, 9]], type=pa.list_(pa.int32()))
-    assert pad_lists(lists, 3).tolist() == [[2, 3, 4], [-1, -1, -1], [-1, -1, 7], [-1, 8, 9]]
-    assert pad_lists(lists.slice(2), 2).tolist() == [[-1, 7], [8, 9]]  # a slice keeps its offsets
+    assert lists_to_padded(lists, 3, truncate=True).tolist() == [[2, 3, 4], [-1, -1, -1], [-1, -1, 7], [-1, 8, 9]]
+    assert lists_to_padded(lists.slice(2), 2, truncate=True).tolist() == [[-1, 7], [8, 9]]  # a slice keeps its offsets
 
 
 def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):

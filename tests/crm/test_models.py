@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from reclora_ray.config import ConfigError
-from reclora_ray.crm import CRMCheckpointError, load_crm, represent_request, represent_samples, represent_split
+from reclora_ray.crm import CRMCheckpointError, load_crm
 from reclora_ray.crm.checkpoint import save_crm
 from reclora_ray.crm.dataset import iter_split
-from reclora_ray.crm.features import build_features
+from reclora_ray.crm.features import FeatureEncoder, build_features
 from reclora_ray.crm.models import MODELS, build_model
 from reclora_ray.crm.models.base import recent_mean
-from reclora_ray.crm.represent import predict_split
-from reclora_ray.crm.train import auc_logloss
+from reclora_ray.crm.predict import predict_split
 from reclora_ray.data.prepared import PreparedData
+from reclora_ray.metrics import binary_metrics
 
 PAPER_MODELS = ["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"]
 
@@ -68,7 +68,7 @@ def test_model_interface_and_training_signal(prepared, crm_cfg, name):
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        auc, _ = auc_logloss(valid["label"], torch.sigmoid(model(tensors(valid))).numpy())
+        auc = binary_metrics(valid["label"], torch.sigmoid(model(tensors(valid))).numpy())["auc"]
     assert auc > 0.6, f"{name} learned nothing from the latent-factor signal (valid AUC {auc:.3f})"
 
 
@@ -82,20 +82,20 @@ def test_checkpoint_round_trip_and_represent_paths(prepared, crm_cfg, tmp_path):
     _, probs_loaded = predict_split(loaded, prepared, "test", batch_size=100, chunk_rows=333)
     np.testing.assert_allclose(probs, probs_loaded, rtol=1e-5, atol=1e-6)
 
-    # The export, the samples + indices path (tuning, scoring) and the serve path agree.
-    whole = represent_split(loaded, prepared, "test", batch_size=128)
+    # R_c has one path, CRM.represent on a FeatureEncoder batch (what the gate reads when tuning,
+    # scoring and serving); on a split's samples it equals R_c of the training-time encoding.
     samples = prepared.samples("test")
-    indices = prepared.sequences.recent(samples["user_id"].to_numpy(), samples["pos"].to_numpy(), 8)
-    by_samples = represent_samples(loaded, prepared, samples, indices, batch_size=50)
-    torch.testing.assert_close(whole, by_samples)
-    row = samples.iloc[7]
     seq = prepared.sequences
-    start, pos = int(seq.offsets[int(row.user_id)]), int(row.pos)
-    hist = slice(start + max(0, pos - 30), start + pos)  # longer than K: the last 8 count
-    request = represent_request(loaded, int(row.user_id), [int(row.item_id), 3], seq.item_ids[hist],
-                                seq.ratings[hist], int(row.timestamp))
-    assert request.shape == (2, loaded.d_c)
-    torch.testing.assert_close(request[0], whole[7])
+    users = samples["user_id"].to_numpy()
+    indices = seq.recent(users, samples["pos"].to_numpy(), 8)
+    batch = FeatureEncoder(loaded.spec).encode(users, samples["item_id"].to_numpy(), samples["timestamp"].to_numpy(),
+                                               seq.gather(users, indices, "item_ids"), seq.gather(users, indices, "ratings"))
+    chunk = next(iter_split(prepared, "test", loaded.spec, chunk_rows=len(samples)))
+    with torch.no_grad():
+        r_c = loaded.represent({k: torch.as_tensor(v) for k, v in batch.items()})
+        trained_on = loaded.represent({k: torch.as_tensor(v) for k, v in chunk.items() if k not in ("label", "sample_id")})
+    assert r_c.shape == (len(samples), loaded.d_c)
+    torch.testing.assert_close(r_c, trained_on)
 
 
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(prepared, crm_cfg, tmp_path):

@@ -10,10 +10,11 @@ import pytest
 from reclora_ray.cli import main as cli_main
 from reclora_ray.config import ConfigError, load_config
 from reclora_ray.crm import load_crm
-from reclora_ray.crm.represent import predict_split
-from reclora_ray.crm.train import auc_logloss, pretrain_crm
+from reclora_ray.crm.predict import predict_split
+from reclora_ray.crm.train import pretrain_crm
 from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
+from reclora_ray.metrics import binary_metrics
 from reclora_ray.rundir import StageOutputExists
 from tests.conftest import kill_one_train_worker
 
@@ -42,7 +43,7 @@ def test_pretrain_writes_a_loadable_checkpoint(ray_local, run_dir):
 
     model = load_crm(out)  # no Ray needed; the same predictions as the evaluation
     labels, probs = predict_split(model, PreparedData.load(run_dir / "data"), "test")
-    assert auc_logloss(labels, probs)[0] == pytest.approx(metrics["auc"], abs=1e-6)
+    assert binary_metrics(labels, probs)["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
     assert json.loads((out / "crm.json").read_text())["d_c"] == model.d_c == metrics["d_c"]
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
