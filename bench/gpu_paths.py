@@ -12,6 +12,7 @@ randomly initialised SIM of the configured shape. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -124,7 +125,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         small = save_random_model(LLAMA_SHAPES["smollm2-135m"], Path(tmp) / "smollm2", tokenizer_dir)
-        cfg.llm.model = str(small)
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, model=str(small)))
         base, tokenizer = load_base(cfg.llm, device=device)
         inputs = InputBuilder(cfg, data, variant, tokenizer, features[0])
         model = model_for(cfg, base, data, features, variant)

@@ -20,6 +20,7 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -68,7 +69,7 @@ def main() -> None:
     data = PreparedData.load(args.data)
     cfg = load_config("tiny", [f"llm.dtype={args.dtype}", "llm.load_in_8bit=false", "llm.max_length=1024"])
     if args.model:
-        cfg.llm.model = args.model
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, model=args.model))
         model, tokenizer = load_base(cfg.llm, device=device)
     else:
         _, tokenizer = load_base(cfg.llm, device="cpu")  # the tiny config: builds the offline tokenizer

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import statistics
@@ -68,7 +69,7 @@ def build(args, cfg, data, variant, device):
     """(RecLoRAModel, tokenizer, CRM spec or None) for the variant, on a random or a named base."""
     dtype = getattr(torch, args.dtype)
     if args.model:
-        cfg.llm.model = args.model
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, model=args.model))
         base, tokenizer = load_base(cfg.llm, device=device)
     else:
         _, tokenizer = load_base(cfg.llm, device="cpu")  # the tiny config: builds the offline tokenizer

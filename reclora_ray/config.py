@@ -1,5 +1,9 @@
 """Typed run configuration: one dataclass section per stage, loaded from YAML.
 
+Sections are frozen once loaded: code that needs another value builds a new section with
+dataclasses.replace (a variant's CRM or learning rate, a CLI option), so nothing changes a config
+after it was validated.
+
 A config file only states what differs from the defaults below (the paper's settings).
 `extends: <name or path>` inherits another config first. Unknown keys, wrong types and bad
 values fail loudly with the dotted path of the offending key. `--set a.b=value` overrides any
@@ -44,14 +48,14 @@ def is_execution(cls: type, name: str) -> bool:
     return any(f.name == name and f.metadata.get(EXECUTION) for f in dataclasses.fields(cls))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
     ray_address: Optional[str] = execution(None)  # None: connect to RAY_ADDRESS if set, else start a local Ray
     num_cpus: Optional[int] = execution(None)  # local Ray only; None lets Ray count the cores
 
 
-@dataclass
+@dataclass(frozen=True)
 class InteractionFilesConfig:
     """The behaviour log of `data.dataset: interactions`: CSV or Parquet files, column names mapped."""
 
@@ -63,7 +67,7 @@ class InteractionFilesConfig:
     label: Optional[str] = None  # an explicit 0/1 label (e.g. clicked); wins over the rating rule
 
 
-@dataclass
+@dataclass(frozen=True)
 class ItemFilesConfig:
     paths: list[str] = field(default_factory=list)
     item: str = "item_id"
@@ -73,21 +77,21 @@ class ItemFilesConfig:
     list_separator: str = "|"  # splits a CSV field into a list (Parquet lists are taken as they are)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UserFilesConfig:
     paths: list[str] = field(default_factory=list)  # empty: no user file (no profiles)
     user: str = "user_id"
     fields: list[str] = field(default_factory=list)  # profile fields (kept as strings)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataFilesConfig:
     interactions: InteractionFilesConfig = field(default_factory=InteractionFilesConfig)
     items: ItemFilesConfig = field(default_factory=ItemFilesConfig)
     users: UserFilesConfig = field(default_factory=UserFilesConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextConfig:
     """Templates with named fields ({title}, {genres}, ...); None: the dataset's own wording
     (Figure 2 for the benchmarks; neutral "items" for `interactions`, without stars when unrated).
@@ -100,7 +104,7 @@ class TextConfig:
     history_item: Optional[str] = None  # one history entry: {index} {title} {rating} {stars}
 
 
-@dataclass
+@dataclass(frozen=True)
 class NextItemDataConfig:
     """The next-item ranking task (iLoRA / LLaRA protocol), built by prepare beside the CTR samples."""
 
@@ -110,7 +114,7 @@ class NextItemDataConfig:
     max_per_split: Optional[int] = 100_000  # a seeded random subsample of a larger split's targets
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions"] = "ml-100k"
     raw_dir: Optional[str] = None  # None: ml-100k from the packaged copy; other datasets need it
@@ -132,7 +136,7 @@ class DataConfig:
     next_item: NextItemDataConfig = field(default_factory=NextItemDataConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbedConfig:
     model: Optional[str] = None  # None: the tuning LLM (llm.model)
     pooling: Literal["mean", "last"] = "mean"
@@ -144,7 +148,7 @@ class EmbedConfig:
     pca_fit_items: int = 200_000  # PCA is fitted on all items up to this many, else on a sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetrieveConfig:
     k_long: int = 60
     k_short: int = 10
@@ -159,57 +163,57 @@ class RetrieveConfig:
         return "semantic" in (self.long_mode, self.short_mode)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SIMConfig:
     attention_layers: int = 1
     heads: int = 2  # multi-head target attention of the exact search unit
     search_k: int = 20  # soft search keeps the k behaviours closest to the target
 
 
-@dataclass
+@dataclass(frozen=True)
 class DINConfig:
     attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepFMConfig:
     dnn_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoIntConfig:
     attention_layers: int = 3
     attention_size: int = 64
     heads: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class DCNv2Config:
     cross_layers: int = 3
     dnn_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRU4RecConfig:
     gru_layers: int = 1
     gru_hidden: int = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaserConfig:
     vertical_kernels: int = 4
     horizontal_kernels: int = 8  # per window height
     horizontal_heights: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
 
 
-@dataclass
+@dataclass(frozen=True)
 class SASRecConfig:
     heads: int = 1
     attention_layers: int = 2
     attention_size: int = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class CRMConfig:
     model: Literal["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"] = "sim"
     history: Literal["long", "recent"] = "long"  # retrieved hist_long, or the recent k_long
@@ -250,7 +254,7 @@ class CRMConfig:
         return self.model if self.history == "long" else f"{self.model}-recent"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMConfig:
     model: str = "lmsys/vicuna-7b-v1.3"  # HF id, local dir, or "smollm2-packaged"
     gguf_file: Optional[str] = None
@@ -263,7 +267,7 @@ class LLMConfig:
     cache_dir: Optional[str] = execution(None)  # where converted GGUF checkpoints are kept
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRAConfig:
     variant: Literal["plora", "lora", "lora_same_params"] = "plora"
     r: int = 8
@@ -281,7 +285,7 @@ class LoRAConfig:
     gate_arch: Literal["paper", "authors"] = "paper"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     variants: list[str] = execution(factory=lambda: ["reclora", "rella", "tallrec"])  # which run, not how
     few_shot: int = 70000
@@ -302,7 +306,7 @@ class TuneConfig:
     valid_subsample: Optional[int] = 2000
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreConfig:
     # The LLM rows score one fixed random subsample of the test split (seed run.seed) of this size,
     # the same for every variant; the CRM scores the whole split. None: every LLM row scores it all.
@@ -313,7 +317,7 @@ class ScoreConfig:
     zero_shot: bool = execution(True)  # which rows are scored, not how
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeConfig:
     variant: str = "reclora"  # the tuned variant whose adapter is served (OUT/adapter/<variant>)
     host: str = "127.0.0.1"
@@ -339,7 +343,7 @@ class ServeConfig:
     num_gpus: float = 0.0  # per replica
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

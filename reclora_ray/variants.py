@@ -93,13 +93,6 @@ def crm_config(cfg: Config, variant: Variant) -> CRMConfig:
     return dataclasses.replace(cfg.crm, history=variant.crm_history, model=variant.crm_model or cfg.crm.model)
 
 
-def upstream_outputs(cfg: Config, run, variant: Variant) -> list:
-    """The run-directory outputs a variant's tuning and scoring read (their identities go into
-    those stages' fingerprints)."""
-    outputs = [run.data] + ([run.retrieval] if variant.needs_retrieval else [])
-    return outputs + ([run.crm(crm_name(cfg, variant))] if variant.uses_crm else [])
-
-
 def crm_name(cfg: Config, variant: Variant) -> str:
     """Its checkpoint: OUT/crm/<model> or OUT/crm/<model>-recent."""
     return crm_config(cfg, variant).output_name

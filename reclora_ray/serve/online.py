@@ -36,7 +36,8 @@ from reclora_ray.llm.score import Scorer
 from reclora_ray.retrieval.embed import load_item_embeddings
 from reclora_ray.retrieval.history import HistoryRetriever
 from reclora_ray.rundir import RunDir, identity, read_marker
-from reclora_ray.variants import Variant, upstream_outputs
+from reclora_ray.stages import StageRun
+from reclora_ray.variants import Variant
 
 
 class RequestError(ValueError):
@@ -75,7 +76,8 @@ def model_version(cfg: Config, run: RunDir, variant: Variant) -> str:
     tuned on) and a hash of its weights and of the identities of the outputs served with it now
     (data, retrieval, CRM), so retraining any of them changes the version; without an adapter,
     the variant name and that hash."""
-    digest = hashlib.sha256(json.dumps([identity(p) for p in upstream_outputs(cfg, run, variant)]).encode())
+    upstream = [path for stage, _, path in StageRun("score", cfg, run, variant.name).inputs if stage.name != "tune"]
+    digest = hashlib.sha256(json.dumps([identity(p) for p in upstream]).encode())
     if variant.adapter is None:
         return f"{variant.name}.{digest.hexdigest()[:8]}"
     directory = run.adapter(variant.name)

@@ -3,6 +3,7 @@ signal: ratings follow user x item latent factors, so a user's history predicts 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def prepared_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("crm-run")
     write_prepared(root)
     return root
+
+
+def with_crm(cfg, **changes):
+    """cfg with its (frozen) crm section changed."""
+    return dataclasses.replace(cfg, crm=dataclasses.replace(cfg.crm, **changes))
 
 
 @pytest.fixture

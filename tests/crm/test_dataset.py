@@ -11,6 +11,7 @@ from reclora_ray.crm.features import build_features
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
 from reclora_ray.retrieval.history import lists_to_padded
 from reclora_ray.rundir import RunDir
+from tests.crm.conftest import with_crm
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,7 @@ def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):
 
 
 def test_recent_history_is_the_last_k_behaviours(prepared, crm_cfg):
-    crm_cfg.crm.history = "recent"
-    spec, _ = build_features(prepared, crm_cfg.crm, history_len=6)
+    spec, _ = build_features(prepared, with_crm(crm_cfg, history="recent").crm, history_len=6)
     batch = encode_rows(prepared.run, "test", spec, prepared.sequences, 0, 50)
     samples = prepared.samples("test").iloc[:50]
     seq = prepared.sequences

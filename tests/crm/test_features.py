@@ -4,6 +4,7 @@ import pytest
 from reclora_ray.config import ConfigError
 from reclora_ray.crm.features import FeatureEncoder, build_features
 from reclora_ray.data.prepared import PreparedData
+from tests.crm.conftest import with_crm
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +13,7 @@ def prepared(prepared_run):
 
 
 def test_build_features_vocabularies_and_tables(prepared, crm_cfg):
-    crm_cfg.crm.user_id, crm_cfg.crm.user_fields = True, None  # the defaults: every user field
+    crm_cfg = with_crm(crm_cfg, user_id=True, user_fields=None)  # the defaults: every user field
     spec, tables = build_features(prepared, crm_cfg.crm, history_len=20)
     assert list(spec.user_fields) == ["user_id", "gender", "age", "occupation", "zip"]
     assert spec.user_fields["user_id"] == prepared.n_users + 1
@@ -28,13 +29,10 @@ def test_build_features_vocabularies_and_tables(prepared, crm_cfg):
 
 
 def test_unknown_field_names_the_key(prepared, crm_cfg):
-    crm_cfg.crm.user_fields = ["gender", "shoe_size"]
     with pytest.raises(ConfigError, match=r"crm.user_fields: \['shoe_size'\] not usable fields of .*users.parquet"):
-        build_features(prepared, crm_cfg.crm, history_len=20)
-    crm_cfg.crm.user_fields = None
-    crm_cfg.crm.item_fields = ["director"]
+        build_features(prepared, with_crm(crm_cfg, user_fields=["gender", "shoe_size"]).crm, history_len=20)
     with pytest.raises(ConfigError, match="crm.item_fields"):
-        build_features(prepared, crm_cfg.crm, history_len=20)
+        build_features(prepared, with_crm(crm_cfg, user_fields=None, item_fields=["director"]).crm, history_len=20)
 
 
 def test_encode_pads_truncates_and_maps_unknown_ids(prepared, crm_cfg):
@@ -64,11 +62,9 @@ def test_encode_left_pads_short_histories(prepared, crm_cfg):
 
 
 def test_user_id_can_be_left_out(prepared, crm_cfg):
-    crm_cfg.crm.user_id = False
-    crm_cfg.crm.user_fields = ["gender", "age"]
-    spec, tables = build_features(prepared, crm_cfg.crm, history_len=20)
+    spec, tables = build_features(prepared, with_crm(crm_cfg, user_id=False, user_fields=["gender", "age"]).crm,
+                                  history_len=20)
     assert list(spec.user_fields) == ["gender", "age"]
     assert tables["user_table"].shape == (prepared.n_users + 1, 2)
-    crm_cfg.crm.user_fields = []
     with pytest.raises(ConfigError, match="crm.user_id is false and no profile field"):
-        build_features(prepared, crm_cfg.crm, history_len=20)
+        build_features(prepared, with_crm(crm_cfg, user_id=False, user_fields=[]).crm, history_len=20)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from reclora_ray.crm.models.base import recent_mean
 from reclora_ray.crm.predict import predict_split
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.metrics import binary_metrics
+from tests.crm.conftest import with_crm
 
 PAPER_MODELS = ["sim", "din", "deepfm", "autoint", "dcnv2", "gru4rec", "caser", "sasrec"]
 
@@ -29,7 +31,7 @@ def tensors(batch):
 
 
 def make(prepared, cfg, name, history_len=20):
-    cfg.crm.model = name
+    cfg = with_crm(cfg, model=name)
     spec, tables = build_features(prepared, cfg.crm, history_len)
     torch.manual_seed(0)
     return build_model(spec, cfg.crm, tables)
@@ -41,7 +43,7 @@ def test_registry_holds_the_papers_models():
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
 def test_model_interface_and_training_signal(prepared, crm_cfg, name):
-    crm_cfg.crm.embed_dim = 16
+    crm_cfg = with_crm(crm_cfg, embed_dim=16)
     model = make(prepared, crm_cfg, name)
     train = tensors(next(iter_split(prepared, "train", model.spec, chunk_rows=4000)))
     valid = next(iter_split(prepared, "valid", model.spec, chunk_rows=4000))
@@ -73,7 +75,7 @@ def test_model_interface_and_training_signal(prepared, crm_cfg, name):
 
 
 def test_checkpoint_round_trip_and_represent_paths(prepared, crm_cfg, tmp_path):
-    crm_cfg.crm.history = "recent"
+    crm_cfg = with_crm(crm_cfg, history="recent")
     model = make(prepared, crm_cfg, "sim", history_len=8).eval()
     save_crm(model, tmp_path)
     loaded = load_crm(tmp_path)
@@ -120,12 +122,12 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(prepared, crm_cfg, tm
 
 
 def test_bad_model_hyperparameters_name_the_key(prepared, crm_cfg):
-    crm_cfg.crm.sim.heads = 7
+    heads = with_crm(crm_cfg, sim=dataclasses.replace(crm_cfg.crm.sim, heads=7))
     with pytest.raises(ConfigError, match="crm.sim.heads: 7 does not divide"):
-        make(prepared, crm_cfg, "sim")
-    crm_cfg.crm.caser.horizontal_heights = [2, 50]
+        make(prepared, heads, "sim")
+    heights = with_crm(crm_cfg, caser=dataclasses.replace(crm_cfg.crm.caser, horizontal_heights=[2, 50]))
     with pytest.raises(ConfigError, match="crm.caser.horizontal_heights"):
-        make(prepared, crm_cfg, "caser")
+        make(prepared, heights, "caser")
 
 
 def test_recent_mean_reads_only_the_last_present_behaviours():
@@ -139,13 +141,12 @@ def test_recent_mean_reads_only_the_last_present_behaviours():
 def test_recent_k_widens_r_c_and_zero_leaves_it_out(prepared, crm_cfg, name):
     widths = {}
     for recent_k in (0, 5):
-        crm_cfg.crm.recent_k = recent_k
-        widths[recent_k] = make(prepared, crm_cfg, name).d_c
-    assert widths[5] - widths[0] == make(prepared, crm_cfg, name).embedding.item_dim
+        widths[recent_k] = make(prepared, with_crm(crm_cfg, recent_k=recent_k), name).d_c
+    assert widths[5] - widths[0] == make(prepared, with_crm(crm_cfg, recent_k=5), name).embedding.item_dim
 
 
 def test_checkpoint_written_before_recent_k_existed_still_loads(prepared, crm_cfg, tmp_path):
-    crm_cfg.crm.recent_k = 0
+    crm_cfg = with_crm(crm_cfg, recent_k=0)
     model = make(prepared, crm_cfg, "sim").eval()
     save_crm(model, tmp_path)
     config = json.loads((tmp_path / "crm.json").read_text())
