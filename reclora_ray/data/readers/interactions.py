@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.config import DataFilesConfig
 from reclora_ray.data import text
-from reclora_ray.data.readers import RawDataError, Source, raising_original_errors
+from reclora_ray.data.readers.base import RawDataError, Source, raising_original_errors
 
 SUFFIXES = {".csv": "csv", ".gz": "csv", ".parquet": "parquet", ".pq": "parquet"}
 NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
