@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,8 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
     log.info("reading the %s log from %s", source.name, source.describe())
     behaviours = read_behaviours(source, cfg.data.blocks)
     split = split_behaviours(behaviours, cfg.data, source, seed=cfg.run.seed)
-    items = item_table(source, behaviours["item_raw"], cfg.data)
-    users = user_table(source, behaviours["user_raw"], cfg.data.text.profile)
+    items = item_table(source, split.item_raw, cfg.data)
+    users = user_table(source, split.user_raw, cfg.data.text.profile)
     check_split_classes(split, cfg.data, source)  # after the item and user files: their errors name a line
     with stage.write() as tmp:
         log.info("writing %s", out_dir)
@@ -91,10 +92,65 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
     return out_dir
 
 
+# --------------------------------------------------------------------------- the steps' data
+
+COLUMNS = ("user", "item", "rating", "timestamp", "label")  # one value per behaviour
+
+
+@dataclass
+class Behaviours:
+    """The parsed log on the driver: flat columns (one value per behaviour, dense ids numbered in
+    raw-id order), the raw id of each code, and what reading counted."""
+
+    user: np.ndarray  # int32
+    item: np.ndarray  # int32
+    rating: np.ndarray
+    timestamp: np.ndarray
+    label: np.ndarray | None  # an explicit 0/1 label column (generic logs); None: from the rating
+    user_raw: pa.Array
+    item_raw: pa.Array
+    n_parsed: int
+    n_duplicates: int
+
+
+@dataclass
+class SplitRows:
+    """One split: its samples' rows (global order) and the sample_id of the first."""
+
+    rows: np.ndarray
+    first_sample_id: int
+    rows_before_subsample: int = 0
+    sample_offsets: np.ndarray | None = None  # the test subsample (data.test_subsample), sorted
+
+    def sample_rows(self) -> np.ndarray:
+        return self.rows if self.sample_offsets is None else self.rows[self.sample_offsets]
+
+
+@dataclass
+class SplitLog:
+    """Labelled, k-core filtered behaviours in global order, each one's position in its user's
+    sequence, and the three splits: everything the writers and meta.json read."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray
+    label: np.ndarray  # int8
+    user_raw: pa.Array
+    item_raw: pa.Array
+    pos: np.ndarray  # int32: behaviours of the user before this one
+    by_user: np.ndarray | None  # rows by (user, time); released once the sequences are written
+    offsets: np.ndarray  # (n_users + 1,) start of each user's rows in by_user
+    splits: dict[str, SplitRows]
+    n_parsed: int
+    n_duplicates: int
+    n_read: int  # behaviours before k-core filtering
+
+
 # --------------------------------------------------------------------------- read
 
 
-def read_behaviours(source: Source, blocks: int | None) -> dict:
+def read_behaviours(source: Source, blocks: int | None) -> Behaviours:
     """The parsed log, gathered block by block into flat columns on the driver."""
     tables = []
     rows = 0
@@ -121,7 +177,8 @@ def read_behaviours(source: Source, blocks: int | None) -> dict:
     if keep is not None:
         log.warning("dropped %d exact duplicate rows of %d (data.duplicates=refuse makes them an error)", n_duplicates, rows)
         b = {name: values[keep] for name, values in b.items()}
-    return {**b, "user_raw": user_raw, "item_raw": item_raw, "n_parsed": rows, "n_duplicates": n_duplicates}
+    return Behaviours(**{c: b.get(c) for c in COLUMNS}, user_raw=user_raw, item_raw=item_raw, n_parsed=rows,
+                      n_duplicates=n_duplicates)
 
 
 def dense_codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -163,70 +220,69 @@ def _compact(codes: np.ndarray, raw: pa.Array, n: int) -> tuple[np.ndarray, pa.A
     return remap[codes], raw.filter(pa.array(present))
 
 
-def split_behaviours(b: dict, data: DataConfig, source: Source, seed: int) -> dict:
-    """Label, filter and split in place of `b`; adds everything the writers need.
+def split_behaviours(b: Behaviours, data: DataConfig, source: Source, seed: int) -> SplitLog:
+    """Label, filter and split the behaviours.
 
     Global order = (timestamp, user raw id, item raw id): ties broken by ids, never by file order.
     """
-    if "label" not in b:
+    cols = {"user": b.user, "item": b.item, "rating": b.rating, "timestamp": b.timestamp}
+    if b.label is None:
         op, threshold = label_rule(data, source)
-        b["label"] = ((b["rating"] > threshold) if op == ">" else (b["rating"] >= threshold)).astype(np.int8)
+        cols["label"] = ((b.rating > threshold) if op == ">" else (b.rating >= threshold)).astype(np.int8)
         rule = f"rating {op} {threshold:g}"
     else:
+        cols["label"] = b.label
         rule = "the label column"
-    check_two_classes(b["label"], f"{source.describe()}: the {source.name} log", rule, data.single_class)
-    n_read = len(b["user"])
+    check_two_classes(cols["label"], f"{source.describe()}: the {source.name} log", rule, data.single_class)
+    user_raw, item_raw = b.user_raw, b.item_raw
+    n_read = len(cols["user"])
     if data.k_core > 0:
-        keep = k_core_mask(b["user"], b["item"], len(b["user_raw"]), len(b["item_raw"]), data.k_core)
-        for name in ("user", "item", "rating", "timestamp", "label"):
-            b[name] = b[name][keep]
-        if len(b["user"]) == 0:
+        keep = k_core_mask(cols["user"], cols["item"], len(user_raw), len(item_raw), data.k_core)
+        cols = {name: values[keep] for name, values in cols.items()}
+        if len(cols["user"]) == 0:
             raise EmptyDatasetError(
                 f"{source.name}: no ratings left after {data.k_core}-core filtering of {n_read} rows; lower data.k_core"
             )
-        b["user"], b["user_raw"] = _compact(b["user"], b["user_raw"], len(b["user_raw"]))
-        b["item"], b["item_raw"] = _compact(b["item"], b["item_raw"], len(b["item_raw"]))
-    b["n_read"] = n_read
+        cols["user"], user_raw = _compact(cols["user"], user_raw, len(user_raw))
+        cols["item"], item_raw = _compact(cols["item"], item_raw, len(item_raw))
 
-    order = np.lexsort((b["item"], b["user"], b["timestamp"]))
-    for name in ("user", "item", "rating", "timestamp", "label"):
-        b[name] = b[name][order]
+    order = np.lexsort((cols["item"], cols["user"], cols["timestamp"]))
+    cols = {name: values[order] for name, values in cols.items()}
     del order
-    n_users = len(b["user_raw"])
+    user = cols["user"]
+    n_users = len(user_raw)
     # Each user's behaviours in global order: a stable sort by user keeps time order inside.
-    b["by_user"] = np.argsort(b["user"], kind="stable")
-    b["offsets"] = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(b["user"], minlength=n_users), out=b["offsets"][1:])
-    pos = np.empty(len(b["user"]), dtype=np.int32)
-    pos[b["by_user"]] = np.arange(len(pos), dtype=np.int64) - b["offsets"][b["user"][b["by_user"]]]
-    b["pos"] = pos
+    by_user = np.argsort(user, kind="stable")
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=n_users), out=offsets[1:])
+    pos = np.empty(len(user), dtype=np.int32)
+    pos[by_user] = np.arange(len(pos), dtype=np.int64) - offsets[user[by_user]]
 
     sample_rows = np.flatnonzero(pos >= data.min_history)  # global order
     n_samples = len(sample_rows)
     bounds = np.floor(np.cumsum(data.split) * n_samples + 1e-9).astype(np.int64)
     bounds[-1] = n_samples
     starts = np.concatenate([[0], bounds[:-1]])
-    b["splits"] = {}
+    splits = {}
     for name, start, stop in zip(SPLITS, starts, bounds):
         if stop <= start:
             raise EmptyDatasetError(
                 f"{source.name}: the {name} split is empty ({n_samples} samples after filtering, "
                 f"min_history {data.min_history}, split {data.split})"
             )
-        b["splits"][name] = {"rows": sample_rows[start:stop], "first_sample_id": int(start)}
-    test = b["splits"]["test"]
-    test["rows_before_subsample"] = len(test["rows"])
-    if data.test_subsample is not None and data.test_subsample < len(test["rows"]):
-        chosen = np.random.default_rng(seed).choice(len(test["rows"]), size=data.test_subsample, replace=False)
-        test["sample_offsets"] = np.sort(chosen)
-    return b
+        splits[name] = SplitRows(sample_rows[start:stop], int(start), rows_before_subsample=int(stop - start))
+    test = splits["test"]
+    if data.test_subsample is not None and data.test_subsample < len(test.rows):
+        chosen = np.random.default_rng(seed).choice(len(test.rows), size=data.test_subsample, replace=False)
+        test.sample_offsets = np.sort(chosen)
+    return SplitLog(**cols, user_raw=user_raw, item_raw=item_raw, pos=pos, by_user=by_user, offsets=offsets,
+                    splits=splits, n_parsed=b.n_parsed, n_duplicates=b.n_duplicates, n_read=n_read)
 
 
-def check_split_classes(b: dict, data: DataConfig, source: Source) -> None:
+def check_split_classes(b: SplitLog, data: DataConfig, source: Source) -> None:
     op, threshold = label_rule(data, source)
-    for name, split in b["splits"].items():
-        rows = split["rows"][split["sample_offsets"]] if "sample_offsets" in split else split["rows"]
-        check_two_classes(b["label"][rows], f"{source.name}: the {name} split", f"rating {op} {threshold:g}",
+    for name, split in b.splits.items():
+        check_two_classes(b.label[split.sample_rows()], f"{source.name}: the {name} split", f"rating {op} {threshold:g}",
                           data.single_class)
 
 
@@ -269,39 +325,39 @@ def user_table(source: Source, raw_ids: pa.Array, profile_parts=None) -> pd.Data
 # --------------------------------------------------------------------------- write
 
 
-def split_samples(b: dict, name: str) -> pa.Table:
-    split = b["splits"][name]
-    rows = split["rows"]
-    sample_id = np.arange(len(rows), dtype=np.int64) + split["first_sample_id"]
-    if "sample_offsets" in split:
-        rows, sample_id = rows[split["sample_offsets"]], sample_id[split["sample_offsets"]]
+def split_samples(b: SplitLog, name: str) -> pa.Table:
+    split = b.splits[name]
+    rows = split.rows
+    sample_id = np.arange(len(rows), dtype=np.int64) + split.first_sample_id
+    if split.sample_offsets is not None:
+        rows, sample_id = rows[split.sample_offsets], sample_id[split.sample_offsets]
     return pa.table({
         "sample_id": sample_id,
-        "user_id": b["user"][rows].astype(np.int64),
-        "item_id": b["item"][rows].astype(np.int64),
-        "label": b["label"][rows],
-        "rating": b["rating"][rows],
-        "timestamp": b["timestamp"][rows],
-        "pos": b["pos"][rows],
+        "user_id": b.user[rows].astype(np.int64),
+        "item_id": b.item[rows].astype(np.int64),
+        "label": b.label[rows],
+        "rating": b.rating[rows],
+        "timestamp": b.timestamp[rows],
+        "pos": b.pos[rows],
     })
 
 
-def next_item_tables(b: dict, cfg: Config, n_items: int) -> dict[str, pa.Table]:
+def next_item_tables(b: SplitLog, cfg: Config, n_items: int) -> dict[str, pa.Table]:
     """The next-item rows of every split, from the split's behaviours before any test subsample."""
-    keys = next_item.interaction_keys(b["user"], b["item"], n_items)
+    keys = next_item.interaction_keys(b.user, b.item, n_items)
     tables = {}
     for i, name in enumerate(SPLITS):
-        split = b["splits"][name]
-        rows = split["rows"]
+        split = b.splits[name]
+        rows = split.rows
         tables[name] = next_item.next_item_table(
-            sample_id=np.arange(len(rows), dtype=np.int64) + split["first_sample_id"],
-            user=b["user"][rows], item=b["item"][rows], timestamp=b["timestamp"][rows], pos=b["pos"][rows],
+            sample_id=np.arange(len(rows), dtype=np.int64) + split.first_sample_id,
+            user=b.user[rows], item=b.item[rows], timestamp=b.timestamp[rows], pos=b.pos[rows],
             keys=keys, n_items=n_items, cfg=cfg.data.next_item, rng=np.random.default_rng([cfg.run.seed, i]),
         )
     return tables
 
 
-def write_samples(directory: Path, b: dict) -> None:
+def write_samples(directory: Path, b: SplitLog) -> None:
     directory.mkdir()
     for name in SPLITS:
         pq.write_table(split_samples(b, name), directory / f"{name}.parquet")
@@ -323,13 +379,13 @@ def group_user_rows(block: pa.Table) -> pa.Table:
     })
 
 
-def write_sequences(path: Path, b: dict, blocks: int | None) -> None:
+def write_sequences(path: Path, b: SplitLog, blocks: int | None) -> None:
     """sequences.parquet as a folder of shards: the driver hands Ray Data user-aligned blocks in
     (user, time) order; Ray Data tasks build the per-user lists and write the shards."""
     import ray
 
-    by_user = b.pop("by_user")
-    offsets = b["offsets"]
+    by_user, b.by_user = b.by_user, None  # released with the local below (ML-25M: 200 MB)
+    offsets = b.offsets
     n = len(by_user)
     n_shards = max(blocks or 1, -(-n // SEQUENCE_SHARD_ROWS))
     # Shard edges at user boundaries near equal row counts.
@@ -340,8 +396,8 @@ def write_sequences(path: Path, b: dict, blocks: int | None) -> None:
         rows = by_user[offsets[first_user]:offsets[stop_user]]
         if len(rows):
             shards.append(pa.table({
-                "user_id": b["user"][rows].astype(np.int64), "item_id": b["item"][rows],
-                "rating": b["rating"][rows], "label": b["label"][rows], "timestamp": b["timestamp"][rows],
+                "user_id": b.user[rows].astype(np.int64), "item_id": b.item[rows],
+                "rating": b.rating[rows], "label": b.label[rows], "timestamp": b.timestamp[rows],
             }))
     del by_user
     ray.data.from_arrow(shards).map_batches(group_user_rows, batch_size=None, batch_format="pyarrow").write_parquet(str(path))
@@ -350,21 +406,21 @@ def write_sequences(path: Path, b: dict, blocks: int | None) -> None:
 # --------------------------------------------------------------------------- meta
 
 
-def split_counts(b: dict, name: str, n_users: int, n_items: int) -> dict:
+def split_counts(b: SplitLog, name: str, n_users: int, n_items: int) -> dict:
     table = split_samples(b, name)
     counts = {
         "rows": table.num_rows,
         "users": int(np.count_nonzero(np.bincount(table["user_id"].to_numpy(), minlength=n_users))),
         "items": int(np.count_nonzero(np.bincount(table["item_id"].to_numpy(), minlength=n_items))),
         "positive_rate": float(pc.mean(table["label"]).as_py()),
-        "first_sample_id": b["splits"][name]["first_sample_id"],
+        "first_sample_id": b.splits[name].first_sample_id,
     }
     if name == "test":
-        counts["rows_before_subsample"] = b["splits"]["test"]["rows_before_subsample"]
+        counts["rows_before_subsample"] = b.splits["test"].rows_before_subsample
     return counts
 
 
-def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFrame, users: pd.DataFrame) -> dict:
+def build_meta(cfg: Config, fp: str, source: Source, b: SplitLog, items: pd.DataFrame, users: pd.DataFrame) -> dict:
     op, threshold = label_rule(cfg.data, source)
     n_users, n_items = len(users), len(items)
     user_fields = [c for c in users.columns if c not in ("user_id", "raw_id", "profile_text")]
@@ -391,19 +447,19 @@ def build_meta(cfg: Config, fp: str, source: Source, b: dict, items: pd.DataFram
         "split": list(cfg.data.split),
         "split_order": "global time: timestamp, then user raw id, then item raw id",
         "timestamp_field": source.timestamp_field,
-        "n_parsed": b["n_parsed"],
-        "n_read": b["n_read"],
-        "n_rows": len(b["user"]),
-        "dropped": {"exact_duplicates": b["n_duplicates"], "k_core": b["n_read"] - len(b["user"])},
-        "n_samples": sum(len(s["rows"]) for s in b["splits"].values()),
+        "n_parsed": b.n_parsed,
+        "n_read": b.n_read,
+        "n_rows": len(b.user),
+        "dropped": {"exact_duplicates": b.n_duplicates, "k_core": b.n_read - len(b.user)},
+        "n_samples": sum(len(s.rows) for s in b.splits.values()),
         "n_users": n_users,
         "n_items": n_items,
-        "n_cold_items": n_items - len(b["item_raw"]),
+        "n_cold_items": n_items - len(b.item_raw),
         "splits": {s: split_counts(b, s, n_users, n_items) for s in SPLITS},
         "test_subsample": (
-            {"size": len(b["splits"]["test"]["sample_offsets"]), "seed": cfg.run.seed,
+            {"size": len(b.splits["test"].sample_offsets), "seed": cfg.run.seed,
              "applied": "samples/test.parquet holds only the subsample; sequences keep every behaviour"}
-            if "sample_offsets" in b["splits"]["test"] else None
+            if b.splits["test"].sample_offsets is not None else None
         ),
         "user_fields": user_fields,
         "item_fields": item_fields,

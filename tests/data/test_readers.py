@@ -14,8 +14,8 @@ pytestmark = pytest.mark.ray
 
 def log_rows(source, blocks=None) -> list[tuple]:
     b = read_behaviours(source, blocks)
-    users, items = b["user_raw"].to_pylist(), b["item_raw"].to_pylist()
-    rows = zip(b["user"], b["item"], b["rating"], b["timestamp"])
+    users, items = b.user_raw.to_pylist(), b.item_raw.to_pylist()
+    rows = zip(b.user, b.item, b.rating, b.timestamp)
     return sorted((users[u], items[i], float(r), int(t)) for u, i, r, t in rows)
 
 
