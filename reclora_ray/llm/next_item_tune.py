@@ -21,7 +21,8 @@ import numpy as np
 from reclora_ray.config import Config
 from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import adapter_dir, load_rows
-from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample, fingerprint
+from reclora_ray.llm.tune import (STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample,
+                                  fingerprint, lr_schedule)
 from reclora_ray.llm.variants import crm_name, get_variant
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, write_json_atomic
 from reclora_ray.runtime import init_ray, save_resolved_config
@@ -60,7 +61,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = engine_precision(cfg, dtype_name(resolve_dtype(cfg.llm.dtype, device)))
     engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=trainable, dist_init_required=False,
-                                      config=deepspeed_config(cfg, world, loop_config["total_steps"], precision))
+                                      config=deepspeed_config(cfg, world, loop_config["total_steps"], precision),
+                                      lr_scheduler=lr_schedule(cfg, loop_config["total_steps"]))
     train, valid = ray.get(loop_config["train"]), ray.get(loop_config["valid"]).iloc[rank::world]
     history, attempt = [], 0
     checkpoint = ray.train.get_checkpoint()

@@ -48,20 +48,14 @@ def fingerprint(cfg: Config, variant: Variant) -> str:
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str = "float32") -> dict:
     """The engine over the trainable gate and (meta-)LoRAs. `precision` is the engine's: fp32 keeps
     the adapter, its gradients and its optimizer state in fp32 over a bf16 or 8-bit base (see
-    engine_precision); "float16" turns on DeepSpeed's fp16 mode with dynamic loss scaling."""
+    engine_precision); "float16" turns on DeepSpeed's fp16 mode with dynamic loss scaling. The
+    learning-rate schedule is `lr_schedule`'s; `total_steps` sizes nothing here."""
     t = cfg.tune
-    warmup = int(t.warmup_ratio * total_steps)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
-        "scheduler": {  # the paper's linear schedule: optional linear warm-up, then linear decay to 0
-            "type": "WarmupDecayLR",
-            # DeepSpeed needs >= 1 warm-up step; without warm-up that step starts at lr itself.
-            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": max(warmup, 1),
-                       "warmup_min_lr": 0.0 if warmup else t.lr, "warmup_max_lr": t.lr, "warmup_type": "linear"},
-        },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": False},
         "fp16": {"enabled": precision == "float16", "loss_scale": 0, "initial_scale_power": 16},
@@ -69,6 +63,17 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_schedule(cfg: Config, total_steps: int):
+    """The paper's linear schedule, for `deepspeed.initialize(lr_scheduler=...)`: a linear warm-up
+    from 0 over tune.warmup_ratio of the steps (none by default: the first step is at tune.lr),
+    then a linear decay to 0 at the last step. (DeepSpeed's WarmupDecayLR decays to its warm-up
+    start, so without a warm-up it would hold the lr constant.)"""
+    from transformers import get_linear_schedule_with_warmup
+
+    warmup = int(cfg.tune.warmup_ratio * total_steps)
+    return lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
 def engine_precision(cfg: Config, base_dtype: str) -> str:
@@ -126,6 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(
         model=model.llm, model_parameters=trainable, dist_init_required=False,
         config=deepspeed_config(cfg, world, loop_config["total_steps"], engine_precision(cfg, base_dtype)),
+        lr_scheduler=lr_schedule(cfg, loop_config["total_steps"]),
     )
 
     history, attempt = [], 0

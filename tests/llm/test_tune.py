@@ -8,6 +8,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.llm.base import load_base
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.llm.score import Scorer, score_variant
@@ -34,6 +35,11 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
     assert metrics["dtype"] == "float32"  # the tiny config's explicit llm.dtype, as the workers resolved it
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert not (run.root / "adapter" / ".ray-train-reclora").exists()
+    # The engine follows the linear schedule: every step's lr below the last one's (attempts in turn).
+    steps = [r for r in read_curves(out / CURVES_FILE) if r["kind"] == "step" and "lr" in r]
+    first_attempt = [r["lr"] for r in steps if r["attempt"] == 0]
+    assert first_attempt[0] < cfg.tune.lr and all(a > b for a, b in zip(first_attempt, first_attempt[1:]))
+    assert steps[-1]["lr"] < cfg.tune.lr * 0.05
 
     base, _ = load_base(cfg.llm, device="cpu")
     adapter = load_adapter(base, out)
