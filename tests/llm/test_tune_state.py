@@ -1,11 +1,17 @@
-"""The tune checkpoint without pickle (issue 21): a DeepSpeed engine resumed from safetensors + JSON
-is the engine that was saved, and a checkpoint holding a pickle is refused, never unpickled."""
+"""The tuning loop's worker side in one process, on a real DeepSpeed engine: the checkpoint without
+pickle (issue 21: a resumed engine is the one saved; a checkpoint holding a pickle is refused,
+never unpickled) and the progress lines of its epochs and validation (issue 20)."""
 
+import io
 import json
+import logging
 import os
 import pickle
 import socket
+import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -172,3 +178,68 @@ def test_the_codec_refuses_objects_both_ways(tmp_path):
         decode({"__reduce__": ["os.system", "touch"]}, {}, tmp_path / "x.json")
     with pytest.raises(TuneCheckpointError, match="refers to tensor 't9'"):
         decode({"$tensor": "t9"}, {}, tmp_path / "x.json")
+
+
+class Regression:
+    """A task of the tuning loop (the interface of tune.CTRTask) for the engine above: squared
+    error of rows x0..x5 -> y."""
+
+    valid_unit = "samples"
+    empty = {"error": np.zeros(0, dtype=np.float32)}
+    valid_chunk = 4
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def _xy(self, rows):
+        return (torch.tensor(rows[[f"x{i}" for i in range(6)]].to_numpy(), dtype=torch.float32),
+                torch.tensor(rows[["y"]].to_numpy(), dtype=torch.float32))
+
+    def loss(self, ds, rows):
+        x, y = self._xy(rows)
+        return torch.nn.functional.mse_loss(ds(x), y)
+
+    def score(self, rows):
+        x, y = self._xy(rows)
+        return {"error": ((self.ds(x) - y) ** 2).squeeze(1).numpy()}
+
+
+def test_a_non_tty_tune_run_prints_periodic_one_line_progress(process_group, tmp_path, caplog, monkeypatch):
+    from reclora_ray.curves import CURVES_FILE, Curves, curves_config, read_curves
+    from reclora_ray.console import Progress
+    from reclora_ray.llm.tune import epoch_rows, train_epoch, validate
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: log lines, no bar
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("reclora_ray.llm.tune")
+    ds = engine(seed=0, zero_stage=2)
+    task = Regression(ds)
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame(rng.normal(size=(34, 7)), columns=[*(f"x{i}" for i in range(6)), "y"])
+    order = epoch_rows(len(rows), seed=0, epoch=0, rank=0, world=1, micro_batch=4)  # 8 whole micro-batches
+    curves = Curves(curves_config("none", tmp_path, tmp_path, "x"), rank=0)
+
+    losses = train_epoch(ds, task, rows, order, 4, curves, Progress(log, "demo epoch 0", 8, "micro-batches", 0.0))
+    lines = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert len(losses) == 8 and len(lines) == 9  # one per micro-batch (every_s=0), one at the end
+    assert all("\n" not in line for line in lines)
+    for k, line in enumerate(lines[:8], start=1):
+        assert line.startswith(f"demo epoch 0: {k}/8 micro-batches ({100 * k / 8:.0f}%), ")
+        assert f"loss {np.mean(losses[max(0, k - 10):k]):.4f}, lr " in line
+    assert " micro-batches/s, ETA " in lines[4]
+    assert lines[8].startswith("demo epoch 0: 8/8 micro-batches (100%)") and lines[8].endswith(
+        f"loss {np.mean(losses):.4f}")
+    assert [r["loss"] for r in read_curves(tmp_path / CURVES_FILE)] == pytest.approx(losses)
+
+    caplog.clear()
+    scored = validate(ds, task, rows.iloc[:10], Progress(log, "demo epoch 0 validation", 10, "samples", 0.0))
+    assert scored["error"].shape == (10,) and np.isfinite(scored["error"]).all()
+    lines = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert [line.split(",")[0] for line in lines] == [f"demo epoch 0 validation: {n}/10 samples ({n * 10}%)"
+                                                      for n in (4, 8, 10, 10)]
+
+    caplog.clear()  # rate-limited as in a real run (every 30 s): a short epoch prints its end only
+    train_epoch(ds, task, rows, order, 4, curves, Progress(log, "demo epoch 1", 8, "micro-batches", 30.0))
+    assert [r.getMessage().split(",")[0] for r in caplog.records if r.name == log.name] == [
+        "demo epoch 1: 8/8 micro-batches (100%)"]
+    curves.close()
