@@ -31,7 +31,7 @@ from reclora_ray.console import PROGRESS_EVERY_S, Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.llm.tune_state import STATE_FILE, load_state, read_state, save_state  # noqa: F401 (STATE_FILE)
+from reclora_ray.llm.tune_state import load_state, read_state, save_state
 from reclora_ray.llm.variants import Variant, crm_name, get_variant, upstream_outputs
 from reclora_ray.rundir import RunDir, check_can_write, staged_output, with_inputs, write_json_atomic
 from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config

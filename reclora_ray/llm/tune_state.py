@@ -9,7 +9,7 @@ holds only these files, and resuming reads nothing else:
     train_state.json              rank 0: format, history, the engine's step counters, the lr scheduler
     trainable.safetensors         rank 0: every trainable parameter of the engine's module, by name
     engine-rank<r>.safetensors    each rank: the tensors of its optimizer state (ZeRO partitions
-                                  included) and its torch RNG state
+                                  included) and its torch (and CUDA) RNG state
     engine-rank<r>.json           each rank: the rest of that state, with the tensors by key
 
 Anything that is not plain data (a tensor, number, string, bool, None, list, tuple, dict) is
@@ -143,7 +143,8 @@ def save_state(engine, directory: Path, rank: int, world: int, extra: dict) -> N
     tensors: dict = {}
     payload = {"format": FORMAT, "version": VERSION, "rank": rank, "world": world,
                "optimizer": encode(_optimizer_state(engine), tensors, "optimizer"),
-               "torch_rng": encode(torch.get_rng_state(), tensors, "torch_rng")}
+               "torch_rng": encode(torch.get_rng_state(), tensors, "torch_rng"),
+               "cuda_rng": encode(torch.cuda.get_rng_state(), tensors, "cuda_rng") if torch.cuda.is_available() else None}
     weights, meta = rank_files(rank)
     save_file(tensors, str(directory / weights))
     (directory / meta).write_text(json.dumps(payload))
@@ -193,7 +194,7 @@ def load_state(engine, directory: Path, rank: int, world: int) -> dict:
                                   f"{state['zero_stage']}, resumed by {world} with stage "
                                   f"{engine.zero_optimization_stage()}: the run's settings changed")
     loss_scaler = getattr(engine.optimizer, "loss_scaler", None)
-    optimizer_states, rng = [], None
+    optimizer_states, rng, cuda_rng = [], None, None
     for r in range(world):
         weights, meta = rank_files(r)
         payload = _read_json(directory / meta)
@@ -203,6 +204,7 @@ def load_state(engine, directory: Path, rank: int, world: int) -> dict:
         optimizer_states.append(decode(payload["optimizer"], tensors, directory / meta, loss_scaler))
         if r == rank:
             rng = decode(payload["torch_rng"], tensors, directory / meta)
+            cuda_rng = decode(payload.get("cuda_rng"), tensors, directory / meta)
     trainable = None
     if state["zero_stage"] < 3:
         trainable = _read_tensors(directory / TRAINABLE)
@@ -227,6 +229,8 @@ def load_state(engine, directory: Path, rank: int, world: int) -> dict:
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]
     torch.set_rng_state(rng)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     return state
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,17 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
     assert metrics["dtype"] == "float32"  # the tiny config's explicit llm.dtype, as the workers resolved it
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert not (run.root / "adapter" / ".ray-train-reclora").exists()
+
+    # The workers' stderr is no terminal: rank 0 printed one-line progress of its micro-batches and
+    # its validation, and the restarted workers resumed from the checkpoint (safetensors + JSON).
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    printed = "\n".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
+    assert "resumed from the checkpoint of epoch 0" in printed
+    for epoch in (0, 1):
+        assert f"reclora epoch {epoch}: " in printed and f"reclora epoch {epoch} validation: " in printed
+    assert " micro-batches (100%)" in printed and "samples (100%)" in printed
 
     base, _ = load_base(cfg.llm, device="cpu")
     adapter = load_adapter(base, out)
