@@ -27,7 +27,7 @@ import pandas as pd
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
-from reclora_ray.console import PROGRESS_EVERY_S, Progress
+from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
@@ -197,16 +197,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mb = cfg.tune.micro_batch
     valid = valid.iloc[rank::world]
     curves = Curves(loop_config["curves"], rank, attempt)
-    every_s = loop_config.get("progress_every_s", PROGRESS_EVERY_S)
 
     for epoch in range(len(history), cfg.tune.epochs):
         order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
-        progress = Progress(log, f"{variant.name} epoch {epoch}", len(order) // mb, "micro-batches", every_s,
+        progress = Progress(log, f"{variant.name} epoch {epoch}", len(order) // mb, "micro-batches",
                             active=rank == 0)
         losses = train_epoch(engine, task, train, order, mb, curves, progress)
 
         # Rank 0's share of the validation rows shows the rate; every rank scores its own.
-        progress = Progress(log, f"{variant.name} epoch {epoch} validation", len(valid), task.valid_unit, every_s,
+        progress = Progress(log, f"{variant.name} epoch {epoch} validation", len(valid), task.valid_unit,
                             active=rank == 0)
         gathered = [None] * world
         dist.all_gather_object(gathered, validate(engine, task, valid, progress))
