@@ -32,7 +32,7 @@ from reclora_ray.llm.histories import load_samples
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import RecLoRAModel, causal_lm, training_loss
 from reclora_ray.llm.plora import PersonalizedLoRAModel
-from reclora_ray.llm.tune import deepspeed_config, engine_precision
+from reclora_ray.llm.tune import deepspeed_config, engine_precision, lr_schedule
 from reclora_ray.variants import get_variant
 
 
@@ -69,7 +69,8 @@ def deepspeed_steps(cfg, model, inputs, rows, device, steps: int) -> dict:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     precision = engine_precision(cfg, dtype_name(causal_lm(model.llm).dtype))
     engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, 1, steps, precision), dist_init_required=False)
+                                      config=deepspeed_config(cfg, 1, steps, precision), dist_init_required=False,
+                                      lr_scheduler=lr_schedule(cfg, steps))
     losses, start = [], None
     for step in range(steps):
         if step == 2:

@@ -9,6 +9,7 @@ warnings, and keeps everything else (our workers' lines, warnings, tracebacks, p
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -177,5 +178,12 @@ class Progress:
         parts.append(f"{rate:.1f} {self.unit}/s" if rate is not None else f"{now - self.started:.0f} s")
         if self.total and rate and self.done < self.total:
             parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
-        parts += [f"{k} {v:.4f}" for k, v in extra.items()]
+        parts += [f"{k} {_number(v)}" for k, v in extra.items()]
         return ", ".join(parts)
+
+
+def _number(value: float) -> str:
+    """4 decimals, or 3 significant digits where those would hide the value (a learning rate of 2e-05)."""
+    if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.2e}"

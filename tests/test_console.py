@@ -49,12 +49,12 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     progress = Progress(log, "epoch 0", total=10, every_s=0.0)
     progress.update(1)  # the first step (after a data pipeline's warm-up) starts the rate's clock
     time.sleep(0.01)
-    progress.update(3, loss=0.5)
+    progress.update(3, loss=0.5, lr=2e-5)
     progress.close()
     first, second, last = (r.getMessage() for r in caplog.records)
     assert first.startswith("epoch 0: 1/10 steps (10%), ") and first.endswith(" s") and "ETA" not in first
     assert second.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in second
-    assert second.endswith("loss 0.5000")
+    assert second.endswith("loss 0.5000, lr 2.00e-05")  # a small learning rate keeps its digits
     assert last.startswith("epoch 0: 4/10 steps (40%)")
     caplog.clear()
     quiet = Progress(log, "epoch 0", total=10, every_s=3600.0)  # rate-limited: nothing until the end

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from reclora_ray.base_model import load_base
+from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.pipeline import run_next_item
 from reclora_ray.rundir import RunDir
@@ -37,6 +38,12 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
 
     trained = json.loads((run.next_item_adapter("reclora") / "train_metrics.json").read_text())
     assert trained["few_shot"] == 48 and np.isfinite(trained["history"][0]["train_loss"])
+    # The tuning loop is the CTR task's (tune.train_loop_per_worker): the same curves are kept.
+    curves = read_curves(run.next_item_adapter("reclora") / CURVES_FILE)
+    assert len([c for c in curves if c["kind"] == "step"]) == 3 and all(np.isfinite(c["loss"]) for c in curves
+                                                                        if c["kind"] == "step")
+    assert [(c["epoch"], c["hr1"]) for c in curves if c["kind"] == "epoch"] == [
+        (h["epoch"], h["val_hr1"]) for h in trained["history"]]
     adapter = load_adapter(load_base(cfg.llm, device="cpu")[0], run.next_item_adapter("reclora"))
     assert all(layer.lora_B.abs().sum() > 0 for layer in adapter.lora_layers().values())  # it trained
     report = (run.root / "next-item" / "report.md").read_text()

@@ -1,26 +1,28 @@
 """Tuning on the next-item task: the answer is the target's title, the loss on its tokens only.
 
-The same Ray Train + DeepSpeed setup as `reclora tune` (reclora_ray/llm/tune.py: its DeepSpeed
-config and few-shot sample): each worker runs an engine over the trainable gate and
-LoRA parameters; every epoch is validated (HR@1 over the 20 candidates, by candidate likelihood)
-and checkpointed, a killed worker resumes from the last checkpoint. The few-shot set is drawn
-from OUT/data/next_item/train.parquet; the adapter lands in OUT/next-item/adapter/<variant>/.
+The same Ray Train + DeepSpeed loop as `reclora tune` (reclora_ray/llm/tune.py's
+train_loop_per_worker, with NextItemTask for what differs: its DeepSpeed config, shuffle,
+checkpoints without pickle, resume and progress lines, and its few-shot sample):
+each worker runs an engine over the trainable gate and LoRA parameters; every epoch is validated
+(HR@1 over the 20 candidates, by candidate likelihood) and checkpointed, a killed worker resumes
+from the last checkpoint. The few-shot set is drawn from OUT/data/next_item/train.parquet; the
+adapter (and its curves.jsonl) lands in OUT/next-item/adapter/<variant>/.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from reclora_ray.config import Config
+from reclora_ray.curves import curves_config, keep_curves
 from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import load_rows
-from reclora_ray.llm.tune import STATE_FILE, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
+from reclora_ray.llm.tune import few_shot_sample, train_loop_per_worker
+from reclora_ray.llm.tune_state import read_state
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
@@ -31,85 +33,51 @@ log = logging.getLogger(__name__)
 SCORE_KEY = "val_hr1"
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import deepspeed
-    import ray
-    import ray.train
-    import torch
-    import torch.distributed as dist
+class NextItemTask:
+    """The next-item task of the tuning loop (tune.train_loop_per_worker; see tune.CTRTask): the
+    loss on the target title's tokens, validated by HR@1 over the 20 candidates."""
 
-    from reclora_ray.base_model import dtype_name, resolve_dtype
-    from reclora_ray.data.prepared import PreparedData
-    from reclora_ray.llm.inputs import to_device
-    from reclora_ray.llm.model import build_model
-    from reclora_ray.llm.next_item_score import candidate_scores, model_inputs
-    from reclora_ray.llm.plora import save_adapter, unwrap
-    from reclora_ray.ranking import per_row_metrics, target_ranks
+    valid_unit = "sequences"
+    empty = {"ranks": np.zeros(0, dtype=np.int64)}
 
-    cfg: Config = loop_config["cfg"]
-    variant = get_variant(loop_config["variant"])
-    run: RunDir = loop_config["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.run.seed)
+    def __init__(self, cfg: Config, data, variant, model, tokenizer, crm_spec, device):
+        from reclora_ray.llm.next_item_score import model_inputs
 
-    data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-    model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
-    inputs, features = model_inputs(cfg, data, tokenizer, variant, crm_spec)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    precision = engine_precision(cfg, dtype_name(resolve_dtype(cfg.llm.dtype, device)))
-    engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=trainable, dist_init_required=False,
-                                      config=deepspeed_config(cfg, world, loop_config["total_steps"], precision))
-    train, valid = ray.get(loop_config["train"]), ray.get(loop_config["valid"]).iloc[rank::world]
-    history, attempt = [], 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag="engine", load_module_strict=False)
-            history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
-        attempt = history[-1]["attempt"] + 1
+        self.cfg, self.model, self.device = cfg, model, device
+        self.inputs, self.features = model_inputs(cfg, data, tokenizer, variant, crm_spec)
+        self.valid_chunk = cfg.score.batch_size * 4
 
-    mb = cfg.tune.micro_batch
-    for epoch in range(len(history), cfg.tune.epochs):
-        engine.train()
-        losses = []
-        order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
-        for start in range(0, len(order), mb):
-            rows = train.iloc[order[start:start + mb]]
-            users, pos = rows["user_id"].to_numpy(), rows["pos"].to_numpy()
-            cands = np.stack(rows["candidates"].to_numpy())
-            batch = to_device(inputs.training_batch(users, pos, cands, rows["target_index"].to_numpy()), device)
-            crm_repr = None
-            if features is not None:
-                feats = features.without_target(users, pos, rows["timestamp"].to_numpy())
-                crm_repr = model.crm_repr(to_device(feats, device))
-            loss = engine(**batch, crm_repr=crm_repr).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
+    def loss(self, engine, rows):
+        from reclora_ray.llm.inputs import to_device
 
-        engine.eval()
-        ranks = []
-        for begin in range(0, len(valid), cfg.score.batch_size * 4):
-            rows = valid.iloc[begin:begin + cfg.score.batch_size * 4]
-            scores = candidate_scores(model, inputs, features, rows, cfg.score.batch_size, device)
-            ranks.append(target_ranks(scores, rows["target_index"].to_numpy()))
-        gathered = [None] * world
-        dist.all_gather_object(gathered, np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64))
-        valid = per_row_metrics(np.concatenate(gathered))
-        metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   SCORE_KEY: float(valid["hr@1"].mean()), "val_ndcg10": float(valid["ndcg@10"].mean())}
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
-            if rank == 0:
-                save_adapter(unwrap(engine.module), Path(tmp) / "adapter")
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if rank == 0:
-            log.info("next-item epoch %d: train loss %.4f, valid HR@1 %.4f, NDCG@10 %.4f",
-                     epoch, metrics["train_loss"], metrics[SCORE_KEY], metrics["val_ndcg10"])
+        users, pos = rows["user_id"].to_numpy(), rows["pos"].to_numpy()
+        cands = np.stack(rows["candidates"].to_numpy())
+        batch = to_device(self.inputs.training_batch(users, pos, cands, rows["target_index"].to_numpy()), self.device)
+        crm_repr = None
+        if self.features is not None:
+            feats = self.features.without_target(users, pos, rows["timestamp"].to_numpy())
+            crm_repr = self.model.crm_repr(to_device(feats, self.device))
+        return engine(**batch, crm_repr=crm_repr).loss
+
+    def score(self, rows) -> dict[str, np.ndarray]:
+        from reclora_ray.llm.next_item_score import candidate_scores
+        from reclora_ray.ranking import target_ranks
+
+        scores = candidate_scores(self.model, self.inputs, self.features, rows, self.cfg.score.batch_size, self.device)
+        return {"ranks": target_ranks(scores, rows["target_index"].to_numpy())}
+
+    def metrics(self, scored: dict[str, np.ndarray], dtype: str) -> dict:
+        from reclora_ray.ranking import per_row_metrics
+
+        valid = per_row_metrics(scored["ranks"])
+        return {SCORE_KEY: float(valid["hr@1"].mean()), "val_ndcg10": float(valid["ndcg@10"].mean())}
+
+    def curve(self, metrics: dict) -> dict:
+        return {"hr1": metrics[SCORE_KEY], "ndcg10": metrics["val_ndcg10"], "train_loss": metrics["train_loss"]}
+
+    def summary(self, metrics: dict) -> str:
+        return (f"next-item epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, "
+                f"valid HR@1 {metrics[SCORE_KEY]:.4f}, NDCG@10 {metrics['val_ndcg10']:.4f}")
 
 
 def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
@@ -137,8 +105,9 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     trainer = TorchTrainer(
         train_loop_per_worker,
         # As tune.py: each worker takes its share of a new permutation of the fixed set every epoch.
-        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(),
-                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid)},
+        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(), "task": NextItemTask,
+                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid),
+                           "curves": curves_config(cfg.tracking, storage, run.root, f"tune-next-item-{variant.name}")},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         run_config=RunConfig(name=f"tune-{fp}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
@@ -149,10 +118,11 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     best_checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
-        history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+        history = read_state(Path(ckpt_dir))["history"]
         summary = {"best_epoch": best["epoch"], f"best_{SCORE_KEY}": best[SCORE_KEY], "few_shot": len(train),
                    "history": history}
         write_json_atomic(tmp / "train_metrics.json", summary)
+        keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("next-item %s: best epoch %d (valid HR@1 %.4f) -> %s", variant.name, best["epoch"], best[SCORE_KEY], out)
     return out

@@ -4,14 +4,16 @@ The base LLM and the pretrained CRM stay frozen; only the gate and the meta-LoRA
 plain LoRA of a baseline variant) train, on a few-shot sample of the training split. Each Ray
 Train worker runs a DeepSpeed engine (ZeRO stage, precision, micro-batch and accumulation from
 `tune`/`llm`; gloo on CPU, NCCL on GPU, using the process group Ray Train sets up). Every epoch
-is validated (AUC on a fixed validation subsample) and checkpointed (trainable parameters and
-their optimizer state only); a failed run resumes from its last checkpoint. The best epoch's
-adapter lands in OUT/adapter/<variant>/.
+is validated (AUC on a fixed validation subsample) and checkpointed (trainable parameters, their
+optimizer state, the schedule and the step counters, as safetensors + JSON: tune_state.py; nothing
+in a checkpoint is unpickled); a failed run resumes from its last checkpoint. The best epoch's
+adapter lands in OUT/adapter/<variant>/. Rank 0 shows the rate and ETA of each epoch's
+micro-batches and of its validation (console.Progress). The loop is task-agnostic: the CTR task
+is CTRTask below, the next-item task next_item_tune.NextItemTask.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -22,37 +24,32 @@ import numpy as np
 import pandas as pd
 
 from reclora_ray.config import Config
+from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
+from reclora_ray.llm.tune_state import load_state, read_state, save_state
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
-from reclora_ray.variants import get_variant
+from reclora_ray.variants import Variant, get_variant
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.json"
-LOG_EVERY = 10  # micro-batches between progress lines
+LOSS_WINDOW = 10  # micro-batches in the running loss that the progress lines show
 
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str = "float32") -> dict:
     """The engine over the trainable gate and (meta-)LoRAs. `precision` is the engine's: fp32 keeps
     the adapter, its gradients and its optimizer state in fp32 over a bf16 or 8-bit base (see
-    engine_precision); "float16" turns on DeepSpeed's fp16 mode with dynamic loss scaling."""
+    engine_precision); "float16" turns on DeepSpeed's fp16 mode with dynamic loss scaling. The
+    learning-rate schedule is `lr_schedule`'s; `total_steps` sizes nothing here."""
     t = cfg.tune
-    warmup = int(t.warmup_ratio * total_steps)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
-        "scheduler": {  # the paper's linear schedule: optional linear warm-up, then linear decay to 0
-            "type": "WarmupDecayLR",
-            # DeepSpeed needs >= 1 warm-up step; without warm-up that step starts at lr itself.
-            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": max(warmup, 1),
-                       "warmup_min_lr": 0.0 if warmup else t.lr, "warmup_max_lr": t.lr, "warmup_type": "linear"},
-        },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": False},
         "fp16": {"enabled": precision == "float16", "loss_scale": 0, "initial_scale_power": 16},
@@ -60,6 +57,17 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_schedule(cfg: Config, total_steps: int):
+    """The paper's linear schedule, for `deepspeed.initialize(lr_scheduler=...)`: a linear warm-up
+    from 0 over tune.warmup_ratio of the steps (none by default: the first step is at tune.lr),
+    then a linear decay to 0 at the last step. (DeepSpeed's WarmupDecayLR decays to its warm-up
+    start, so without a warm-up it would hold the lr constant.)"""
+    from transformers import get_linear_schedule_with_warmup
+
+    warmup = int(cfg.tune.warmup_ratio * total_steps)
+    return lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
 def engine_precision(cfg: Config, base_dtype: str) -> str:
@@ -81,8 +89,65 @@ def epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int, micro_batch
     return order[rank::world][:per_rank]
 
 
+class CTRTask:
+    """The CTR task of the tuning loop: Yes/No on the paper's prompt, validated by AUC.
+
+    A task gives the loop (train_loop_per_worker) what differs between tasks: the loss of a
+    micro-batch of its rows, the scores of a chunk of validation rows (arrays, gathered from every
+    rank), the epoch's validation metrics from them, and how to show them. Engine, DeepSpeed
+    config, shuffling, resume, checkpoints and progress are the loop's."""
+
+    valid_unit = "samples"
+    empty = {"labels": np.zeros(0), "probs": np.zeros(0, dtype=np.float32)}
+
+    def __init__(self, cfg: Config, data: PreparedData, variant: Variant, model, tokenizer, crm_spec, device):
+        from reclora_ray.llm.inputs import InputBuilder
+
+        self.cfg, self.model, self.device = cfg, model, device
+        self.inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
+        self.answer_ids = self.inputs.collator.yes_no
+        self.valid_chunk = cfg.score.batch_size * 8
+
+    def loss(self, engine, rows: pd.DataFrame):
+        from reclora_ray.llm.inputs import to_device
+        from reclora_ray.llm.model import training_loss
+
+        batch = to_device(self.inputs.training_batch(rows), self.device)
+        crm_repr = self.model.crm_repr(batch.pop("crm_features"))
+        return training_loss(engine, batch, crm_repr, self.cfg.tune.loss, self.answer_ids)
+
+    def score(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        from reclora_ray.llm.collate import p_yes
+        from reclora_ray.llm.inputs import to_device
+
+        hist = self.inputs.histories(rows)
+        batches = self.inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
+                                              rows["timestamp"].to_numpy(), hist, self.cfg.score.batch_size)
+        labels, probs = [], []
+        for index, batch in batches:
+            # model.llm is engine.module
+            scores = self.model.answer_scores(**to_device(batch, self.device), answer_ids=self.answer_ids)
+            probs.append(p_yes(scores).cpu().numpy())
+            labels.append(rows["label"].to_numpy()[index])
+        return {"labels": np.concatenate(labels), "probs": np.concatenate(probs)}
+
+    def metrics(self, scored: dict[str, np.ndarray], dtype: str) -> dict:
+        from reclora_ray.metrics import binary_metrics
+
+        valid = binary_metrics(scored["labels"], scored["probs"])
+        return {"val_auc": valid["auc"], "val_logloss": valid["logloss"], "dtype": dtype}
+
+    def curve(self, metrics: dict) -> dict:
+        return {"auc": metrics["val_auc"], "logloss": metrics["val_logloss"], "train_loss": metrics["train_loss"]}
+
+    def summary(self, metrics: dict) -> str:
+        return (f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, valid AUC {metrics['val_auc']:.4f}, "
+                f"logloss {metrics['val_logloss']:.4f} ({metrics['dtype']})")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: a DeepSpeed engine over this worker's share of the few-shot set."""
+    """One Ray Train worker: a DeepSpeed engine over this worker's share of the few-shot set, for
+    the task `loop_config["task"]` (CTRTask unless given; next_item_tune.NextItemTask)."""
     import deepspeed
     import ray
     import ray.train
@@ -90,12 +155,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from reclora_ray.base_model import dtype_name, resolve_dtype
-    from reclora_ray.llm.collate import p_yes
-    from reclora_ray.llm.inputs import InputBuilder, to_device
-    from reclora_ray.llm.model import build_model, training_loss
+    from reclora_ray.console import setup_worker_logging
+    from reclora_ray.llm.model import build_model
     from reclora_ray.llm.plora import save_adapter, unwrap
-    from reclora_ray.metrics import binary_metrics
 
+    setup_worker_logging()  # also where Ray's setup hook did not run (a job's cluster): our lines are shown
     cfg: Config = loop_config["cfg"]
     variant = get_variant(loop_config["variant"])
     run: RunDir = loop_config["run"]
@@ -109,7 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
     if cfg.tune.gradient_checkpointing:
         unwrap(model.llm).activation_checkpointing_enable()
-    inputs = InputBuilder(cfg, data, variant, tokenizer, crm_spec)
+    task = loop_config.get("task", CTRTask)(cfg, data, variant, model, tokenizer, crm_spec, device)
     base_dtype = dtype_name(resolve_dtype(cfg.llm.dtype, device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The engine owns the LLM only: the frozen CRM stays outside, in its own precision, and
@@ -117,66 +181,81 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(
         model=model.llm, model_parameters=trainable, dist_init_required=False,
         config=deepspeed_config(cfg, world, loop_config["total_steps"], engine_precision(cfg, base_dtype)),
+        lr_scheduler=lr_schedule(cfg, loop_config["total_steps"]),
     )
 
     history, attempt = [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag="engine", load_module_strict=False)
-            history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+            history = load_state(engine, Path(ckpt_dir), rank, world)["history"]
         attempt = history[-1]["attempt"] + 1
         log.info("rank %d resumed from the checkpoint of epoch %d", rank, history[-1]["epoch"])
-    start_epoch = len(history)
-    answer_ids = inputs.collator.yes_no
     mb = cfg.tune.micro_batch
     valid = valid.iloc[rank::world]
     curves = Curves(loop_config["curves"], rank, attempt)
 
-    for epoch in range(start_epoch, cfg.tune.epochs):
-        engine.train()
-        losses = []
+    for epoch in range(len(history), cfg.tune.epochs):
         order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
-        for start in range(0, len(order), mb):
-            batch = to_device(inputs.training_batch(train.iloc[order[start:start + mb]]), device)
-            crm_repr = model.crm_repr(batch.pop("crm_features"))
-            loss = training_loss(engine, batch, crm_repr, cfg.tune.loss, answer_ids)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            curves.step(loss=losses[-1], lr=engine.get_lr()[0])
-            if rank == 0 and len(losses) % LOG_EVERY == 0:
-                log.info("epoch %d: %d/%d micro-batches, loss %.4f (last %d), lr %.2e", epoch, len(losses),
-                         len(order) // mb, np.mean(losses[-LOG_EVERY:]), LOG_EVERY, engine.get_lr()[0])
+        progress = Progress(log, f"{variant.name} epoch {epoch}", len(order) // mb, "micro-batches",
+                            active=rank == 0)
+        losses = train_epoch(engine, task, train, order, mb, curves, progress)
 
-        engine.eval()
-        labels, probs = [], []
-        for begin in range(0, len(valid), cfg.score.batch_size * 8):
-            rows = valid.iloc[begin:begin + cfg.score.batch_size * 8]
-            hist = inputs.histories(rows)
-            batches = inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
-                                             rows["timestamp"].to_numpy(), hist, cfg.score.batch_size)
-            for index, batch in batches:
-                scores = model.answer_scores(**to_device(batch, device), answer_ids=answer_ids)  # model.llm is engine.module
-                probs.append(p_yes(scores).cpu().numpy())
-                labels.append(rows["label"].to_numpy()[index])
+        # Rank 0's share of the validation rows shows the rate; every rank scores its own.
+        progress = Progress(log, f"{variant.name} epoch {epoch} validation", len(valid), task.valid_unit,
+                            active=rank == 0)
         gathered = [None] * world
-        dist.all_gather_object(gathered, (np.concatenate(labels), np.concatenate(probs)))
-        valid_metrics = binary_metrics(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+        dist.all_gather_object(gathered, validate(engine, task, valid, progress))
         metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "val_auc": valid_metrics["auc"], "val_logloss": valid_metrics["logloss"], "dtype": base_dtype}
+                   **task.metrics(merge_scored(gathered, task.empty), base_dtype)}
         history.append(metrics)
-        curves.epoch(epoch, auc=valid_metrics["auc"], logloss=valid_metrics["logloss"], train_loss=metrics["train_loss"])
+        curves.epoch(epoch, **task.curve(metrics))
 
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="engine", exclude_frozen_parameters=True)
+            save_state(engine, Path(tmp), rank, world, {"history": history})  # safetensors + JSON, no pickle
             if rank == 0:
                 save_adapter(unwrap(engine.module), Path(tmp) / "adapter")
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
-            log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f (%s)",
-                     epoch, metrics["train_loss"], metrics["val_auc"], metrics["val_logloss"], base_dtype)
+            log.info("%s", task.summary(metrics))
+    curves.close()
+
+
+def train_epoch(engine, task, rows: pd.DataFrame, order: np.ndarray, micro_batch: int, curves: Curves,
+                progress: Progress) -> list[float]:
+    """One epoch of micro-batches of `rows` in `order`; the loss of each."""
+    engine.train()
+    losses = []
+    for start in range(0, len(order), micro_batch):
+        loss = task.loss(engine, rows.iloc[order[start:start + micro_batch]])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        lr = engine.get_lr()[0]
+        curves.step(loss=losses[-1], lr=lr)
+        progress.update(loss=float(np.mean(losses[-LOSS_WINDOW:])), lr=lr)
+    progress.close(loss=float(np.mean(losses)) if losses else float("nan"))
+    return losses
+
+
+def validate(engine, task, valid: pd.DataFrame, progress: Progress) -> dict[str, np.ndarray]:
+    """This rank's validation scores, chunk by chunk (the task's arrays, concatenated)."""
+    import torch
+
+    engine.eval()
+    parts = []
+    with torch.no_grad():
+        for begin in range(0, len(valid), task.valid_chunk):
+            rows = valid.iloc[begin:begin + task.valid_chunk]
+            parts.append(task.score(rows))
+            progress.update(len(rows))
+    progress.close()
+    return merge_scored(parts, task.empty)
+
+
+def merge_scored(parts: list[dict], empty: dict) -> dict[str, np.ndarray]:
+    parts = [p for p in parts if p and len(next(iter(p.values())))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else dict(empty)
 
 
 def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False,
@@ -228,7 +307,7 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
-        history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+        history = read_state(Path(ckpt_dir))["history"]
     best = best_epoch(history)
     best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:

@@ -80,6 +80,16 @@ def retrieve_histories(cfg: Config, out: str | Path | RunDir, overwrite: bool = 
     return run.retrieval
 
 
+def user_block_bounds(user_ids: np.ndarray, size: int) -> np.ndarray:
+    """Block boundaries over rows sorted by user: about `size` rows each (so every actor of the
+    pool gets a share of a split), cut only where a user starts, so a block always holds every
+    sample of its users."""
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]]) if len(user_ids) else np.zeros(0, int)
+    at = np.searchsorted(starts, np.arange(size, len(user_ids), size))
+    inner = np.unique(starts[at[at < len(starts)]])
+    return np.r_[0, inner[inner > 0], len(user_ids)]
+
+
 def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dict) -> dict:
     """Retrieve in user order, spill each result block to scratch files, then write the split
     in its own row order, one window of rows at a time."""
@@ -92,12 +102,13 @@ def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dic
     order = np.lexsort((samples.column("pos").to_numpy(), samples.column("user_id").to_numpy()))
     by_user = samples.drop_columns(["sample_id"]).take(order).append_column("row", pa.array(order))
     del samples
-    size = cfg.retrieve.batch_size
-    ds = ray.data.from_arrow([by_user.slice(i, size) for i in range(0, max(len(by_user), 1), size)])
+    size = min(cfg.retrieve.batch_size, -(-len(by_user) // cfg.retrieve.concurrency) or 1)
+    cuts = user_block_bounds(by_user.column("user_id").to_numpy(), size)
+    ds = ray.data.from_arrow([by_user.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])])
     del by_user
     ds = ds.map_batches(
         RetrieveBatch, fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
-        batch_size=size, batch_format="numpy", num_cpus=1,
+        batch_size=None, batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.retrieve.concurrency),
     )
     started, done = time.time(), 0

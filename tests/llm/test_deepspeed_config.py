@@ -1,9 +1,17 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from reclora_ray.config import ConfigError, load_config
-from reclora_ray.llm.tune import best_epoch, deepspeed_config, engine_precision, epoch_rows, few_shot_sample
+from reclora_ray.llm.tune import (
+    best_epoch,
+    deepspeed_config,
+    engine_precision,
+    epoch_rows,
+    few_shot_sample,
+    lr_schedule,
+)
 
 
 def test_batch_sizes_and_zero_stage_follow_the_config():
@@ -23,13 +31,25 @@ def test_the_engine_keeps_the_adapter_fp32_over_bf16_and_8bit_bases():
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0
 
 
+def lrs_over(cfg, total_steps: int) -> list[float]:
+    """The lr of each optimizer step under lr_schedule, on a real optimizer."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.tune.lr)
+    schedule = lr_schedule(cfg, total_steps)(optimizer)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
 def test_the_schedule_is_linear_without_a_forced_warm_up():
-    cfg = load_config("tiny", ["tune.lr=2e-3"])
-    params = deepspeed_config(cfg, 1, total_steps=100)["scheduler"]["params"]
-    assert params["warmup_min_lr"] == params["warmup_max_lr"] == 2e-3  # step 0 already at lr
-    assert params["total_num_steps"] == 100
-    warm = deepspeed_config(load_config("tiny", ["tune.warmup_ratio=0.1"]), 1, total_steps=100)["scheduler"]["params"]
-    assert warm["warmup_num_steps"] == 10 and warm["warmup_min_lr"] == 0.0
+    lrs = lrs_over(load_config("tiny", ["tune.lr=2e-3"]), total_steps=100)
+    assert lrs[0] == pytest.approx(2e-3)  # step 0 already at lr
+    assert lrs[50] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(2e-5)  # decays to 0, never held
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    warm = lrs_over(load_config("tiny", ["tune.lr=2e-3", "tune.warmup_ratio=0.1"]), total_steps=100)
+    assert warm[0] == 0.0 and warm[5] == pytest.approx(1e-3) and max(warm) == pytest.approx(2e-3) == warm[10]
     with pytest.raises(ConfigError, match="warmup_ratio"):
         load_config("tiny", ["tune.warmup_ratio=1.5"])
 

@@ -52,3 +52,16 @@ def test_semantic_without_embeddings_is_a_clear_error(run_dir, write_embeddings)
     write_embeddings(run_dir / "embeddings", np.ones((90, 8), np.float32))
     with pytest.raises(ValueError, match="embed.pca_dim=16"):
         retrieve_histories(load_config("tiny"), run_dir)
+
+
+def test_blocks_hold_whole_users_and_give_every_actor_a_share():
+    from reclora_ray.retrieval.retrieve import user_block_bounds
+
+    users = np.repeat(np.arange(6), [5, 1, 7, 2, 2, 3])  # 20 rows sorted by user
+    bounds = user_block_bounds(users, size=10)  # two actors: about 10 rows each
+    assert bounds.tolist() == [0, 13, 20]  # cut where user 3 starts, after the 10th row
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert set(users[a:b]).isdisjoint(users[:a]) and set(users[a:b]).isdisjoint(users[b:])
+    assert user_block_bounds(users, size=100).tolist() == [0, 20]
+    assert user_block_bounds(np.zeros(0, int), size=4).tolist() == [0, 0]
+    assert len(user_block_bounds(np.arange(20), size=5)) == 5  # one row per user: even blocks
