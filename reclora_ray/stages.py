@@ -264,7 +264,8 @@ def own_fingerprint(stage: Stage, cfg: Config, key: Key = None) -> str:
     """The config side of a stage instance's fingerprint: its name, key and declared sections
     (execution-only fields and `ignore` left out). `cfg` is the instance's (config_for)."""
     payload = {"stage": stage.name, "key": key, "config": cfg.fingerprint_payload(*stage.sections, ignore=stage.ignore)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{key}-{digest}" if key else digest  # "reclora-...": which instance, at a glance
 
 
 def sweep_key(stage: Stage | str, cfg: Config, key: Key = None) -> str:
