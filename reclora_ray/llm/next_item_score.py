@@ -183,7 +183,8 @@ class NextItemScorer:
             texts, hits = generate_and_match(self.model, self.inputs, self.features, rows.iloc[picked], self.batch_size,
                                              self.device, self.generation.max_new_tokens, self.generation.fuzzy_cutoff)
             generated[picked], matched[picked] = texts, hits
-        return out.assign(generated=generated, matched=matched)
+        # A string column even where a block has no answer (an all-None object column would be null-typed).
+        return out.assign(generated=pd.array(generated, dtype="string"), matched=matched)
 
 
 class NextItemCRMScorer:
