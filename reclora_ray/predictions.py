@@ -83,7 +83,7 @@ def write_predictions(ds, out_dir: Path) -> Path:
 def read_shards(out_dir: Path, columns: list[str]):
     import ray.data
 
-    return ray.data.read_parquet(str(Path(out_dir) / SHARDS), columns=columns)
+    return ray.data.read_parquet(str(Path(out_dir) / SHARDS)).select_columns(columns)  # projected at read time
 
 
 def _one_row(stats: dict) -> dict:
