@@ -278,6 +278,17 @@ class TuneConfig:
 
 
 @dataclass
+class NextItemScoreConfig:
+    """Next-item scoring beside the candidate likelihood: iLoRA's generate-and-match form (the LLM
+    writes its answer greedily, matched to a candidate title by `next_item.match_answer`), on one
+    fixed random subsample of the test sequences (seed run.seed), the same for every LLM row."""
+
+    generate: Optional[int] = 200  # sequences generated for; 0: off; None: every test sequence
+    max_new_tokens: int = 32  # a title with its year is 5-20 tokens
+    fuzzy_cutoff: float = 0.9  # difflib ratio the fuzzy fallback needs; 1.0: exact rules only
+
+
+@dataclass
 class ScoreConfig:
     # The LLM rows score one fixed random subsample of the test split (seed run.seed) of this size,
     # the same for every variant; the CRM scores the whole split. None: every LLM row scores it all.
@@ -286,6 +297,7 @@ class ScoreConfig:
     concurrency: int = 1
     num_gpus: float = 1.0
     zero_shot: bool = True
+    next_item: NextItemScoreConfig = field(default_factory=NextItemScoreConfig)  # not in CTR scoring's fingerprint
 
 
 @dataclass
@@ -335,10 +347,15 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named sections: a stage's outputs are valid for it."""
+    def section_hash(self, *sections: str, without: tuple[str, ...] = ()) -> str:
+        """A short stable hash of the named sections: a stage's outputs are valid for it.
+        `without`: dotted keys left out ("score.next_item": keys a stage does not read)."""
         values = {s: getattr(self, s) for s in sections}
         payload = {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()}
+        for key in without:
+            section, _, name = key.partition(".")
+            if section in payload and isinstance(payload[section], dict):
+                payload[section].pop(name, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ from reclora_ray.llm.base import load_base
 from reclora_ray.llm.next_item_score import adapter_dir, scores_dir
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.next_item_pipeline import run_next_item
+from reclora_ray.predictions import read_predictions
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
@@ -28,7 +29,7 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
     test = pd.read_parquet(run.data / "next_item" / "test.parquet")
     assert set(summary["models"]) == {"crm-sim", "reclora"}
     for name in summary["models"]:
-        preds = pd.read_parquet(scores_dir(run, name) / "predictions.parquet")
+        preds = read_predictions(scores_dir(run, name))
         assert sorted(preds["sample_id"]) == sorted(test["sample_id"])
         scores = np.stack(preds["scores"].to_numpy())
         assert scores.shape == (len(test), 20) and np.isfinite(scores).all()

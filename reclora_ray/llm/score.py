@@ -4,8 +4,11 @@ Each actor loads the base LLM, the adapter and the CRM once (`Scorer`). A prompt
 forward pass: no `generate`, logits at the last position only, P(yes) = softmax(s_yes, s_no)
 (paper Eq. 16), prompts grouped by token length so padded batches waste little. The CRM alone
 and the zero-shot base model are scored on the same samples, so every row of the report
-compares like with like. Output: OUT/scores/<name>/predictions.parquet (sample_id, user_id,
-user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes[, gate]) and metrics.json (AUC, LogLoss, n).
+compares like with like. Rows are read, scored and written by the workers (`scoring.py`): the
+driver never holds them. Output: OUT/scores/<name>/predictions/*.parquet, Parquet shards written
+by Ray Data (sample_id, user_id, user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes,
+dtype[, gate]; read them with `predictions.read_predictions`, which also reads an older run's single
+predictions.parquet) and metrics.json (AUC, LogLoss, n, computed over the shards by the workers).
 """
 
 from __future__ import annotations
@@ -17,24 +20,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from reclora_ray.cli import add_common_arguments
 from reclora_ray.config import Config
-from reclora_ray.data.catalogue import add_catalogue_ids
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import p_yes
-from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
+from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
 from reclora_ray.llm.variants import crm_name, get_variant, upstream_outputs
-from reclora_ray.metrics import binary_metrics
-from reclora_ray.rundir import RunDir, check_can_write, read_marker, staged_output, with_inputs, write_json_atomic
-from reclora_ray.runtime import config_from_args, init_ray, save_resolved_config
+from reclora_ray.rundir import RunDir, check_can_write, read_marker, with_inputs
+from reclora_ray.runtime import config_from_args
+from reclora_ray.scoring import score_with, split_rows, subsample_ids
 
 log = logging.getLogger(__name__)
 
 KEEP = ["sample_id", "user_id", "item_id", "label"]
+NOT_READ = ("score.next_item",)  # score keys CTR scoring does not read: not in its fingerprints
 
 
 def scoring_device(num_gpus: float) -> torch.device:
@@ -126,27 +130,36 @@ class CRMScorer:
         return rows[KEEP].assign(p_yes=torch.sigmoid(logits).float().numpy())
 
 
-def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, out: Path, fp: str,
-                num_gpus: float, info: dict) -> dict:
-    import ray.data
+def ctr_summary(staged: Path) -> dict:
+    """AUC, LogLoss and n of written predictions, computed by the workers, and the LLM's dtype as
+    the actors resolved it (their `dtype` column)."""
+    from reclora_ray.predictions import binary_metrics_of, read_shards, shard_files, unique_strings
 
-    init_ray(cfg)
-    block_rows = max(cfg.score.batch_size * 8, 128)
-    ds = ray.data.from_pandas([rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)])
-    scored = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
-    preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
-    if "dtype" in preds:  # the LLM's dtype as the actors resolved it, saved with the metrics
-        info = info | {"dtype": ", ".join(sorted(preds.pop("dtype").unique()))}
-    preds = add_catalogue_ids(preds, RunDir(ctor_kwargs["out"]).data)  # raw ids beside the dense ones
-    metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy()) | info
-    with staged_output(out, fp) as tmp:
-        preds.to_parquet(tmp / "predictions.parquet", index=False)
-        write_json_atomic(tmp / "metrics.json", metrics)
-        save_resolved_config(cfg, tmp)
+    metrics = binary_metrics_of(read_shards(staged, ["label", "p_yes"]))
+    if "dtype" in pq.read_schema(shard_files(staged)[0]).names:
+        metrics["dtype"] = ", ".join(unique_strings(read_shards(staged, ["dtype"]), "dtype"))
+    return metrics
+
+
+def _score_ctr(actor, ctor_kwargs: dict, rows, cfg: Config, run: RunDir, out: Path, fp: str, num_gpus: float,
+               info: dict) -> dict:
+    metrics = score_with(actor, ctor_kwargs, rows, cfg=cfg, out=out, fp=fp, num_gpus=num_gpus,
+                         block_rows=max(cfg.score.batch_size * 8, 128), summarize=ctr_summary, info=info,
+                         data_dir=run.data)
     log.info("%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
              info["model"], metrics["auc"], metrics["logloss"], metrics["n"], out)
     return metrics
+
+
+def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
+    """The test split as a Ray Dataset (with the retrieved histories the variant reads), cut to
+    `llm_test_rows`' fixed subsample when `subsample`."""
+    from reclora_ray.retrieval.retrieve import retrieval_dir
+
+    samples = run.data / "samples" / "test.parquet"
+    retrieval = retrieval_dir(run.data) / "test.parquet" if variant.needs_retrieval else None
+    keep = subsample_ids(samples, cfg.score.llm_subsample, cfg.run.seed) if subsample else None
+    return split_rows(samples, retrieval, keep)
 
 
 def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
@@ -160,13 +173,15 @@ def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) 
         if marker is None:
             raise FileNotFoundError(f"{run.adapter(variant.name)} holds no adapter; run `reclora tune` first")
     adapter = [run.adapter(variant.name)] if variant.adapter else []
-    fp = with_inputs(f"{fingerprint(cfg, variant)}-{cfg.section_hash('score')}", upstream_outputs(cfg, run, variant) + adapter)
+    fp = with_inputs(f"{fingerprint(cfg, variant)}-{cfg.section_hash('score', without=NOT_READ)}",
+                     upstream_outputs(cfg, run, variant) + adapter)
     if not check_can_write(out, fp, overwrite):
         return out
-    rows = llm_test_rows(cfg, load_samples(run.data, "test", variant))
-    log.info("scoring %s on %d test samples", variant.name, len(rows))
-    _score_with(Scorer, {"cfg": cfg, "out": str(run.root.resolve()), "variant_name": variant.name},
-                rows, cfg, out, fp, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
+    log.info("scoring %s on the test samples%s", variant.name,
+             f" (a fixed subsample of {cfg.score.llm_subsample})" if cfg.score.llm_subsample else "")
+    _score_ctr(Scorer, {"cfg": cfg, "out": str(run.root.resolve()), "variant_name": variant.name},
+               ctr_test_rows(cfg, run, variant, subsample=True), cfg, run, out, fp, cfg.score.num_gpus,
+               {"model": variant.name, "variant": variant.description})
     return out
 
 
@@ -185,13 +200,14 @@ def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite
     if marker is None:
         raise FileNotFoundError(f"{crm_dir} holds no CRM; run `reclora pretrain-crm` first")
     out = run.scores(f"crm-{name}")
-    fp = with_inputs(f"crm-{cfg.section_hash('retrieve', 'score')}", upstream_outputs(cfg, run, variant) + [crm_dir])
+    fp = with_inputs(f"crm-{cfg.section_hash('retrieve', 'score', without=NOT_READ)}",
+                     upstream_outputs(cfg, run, variant) + [crm_dir])
     if not check_can_write(out, fp, overwrite):
         return out
-    rows = load_samples(run.data, "test", variant)
-    _score_with(CRMScorer, {"cfg": cfg, "out": str(run.root.resolve()), "crm_dir": str(crm_dir),
-                            "long_mode": variant.long_mode},
-                rows, cfg, out, fp, 0, {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
+    _score_ctr(CRMScorer, {"cfg": cfg, "out": str(run.root.resolve()), "crm_dir": str(crm_dir),
+                           "long_mode": variant.long_mode},
+               ctr_test_rows(cfg, run, variant, subsample=False), cfg, run, out, fp, 0,
+               {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
     return out
 
 
