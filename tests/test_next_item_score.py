@@ -11,7 +11,7 @@ from reclora_ray.crm.train import pretrain_crm
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.next_item import match_answer
 from reclora_ray.llm.next_item_report import write_next_item_report
-from reclora_ray.llm.next_item_score import NOT_GENERATED, score_next_item, score_next_item_crm, scores_dir, split_path
+from reclora_ray.llm.next_item_score import NOT_GENERATED, score_next_item, score_next_item_crm, split_path
 from reclora_ray.predictions import read_predictions
 from reclora_ray.rundir import RunDir, StageOutputExists, identity
 from reclora_ray.scoring import subsample_ids

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 # which F.linear cannot fold into one matmul, so it broadcasts the (vocab, d) head to a
 # (batch, d, vocab) copy (1.4 s of a 4.9 s bf16 training step of SmolLM2 on CPU); an index
 # gathers a contiguous (batch, 1, d) instead.
-HIDDEN_ONLY = {"output_hidden_states": True, "logits_to_keep": torch.tensor([-1]), "use_cache": False}
+def last_positions(n: int) -> torch.Tensor:
+    """`logits_to_keep` for the last n positions, as indices (see HIDDEN_ONLY)."""
+    return torch.arange(-n, 0)
+
+
+HIDDEN_ONLY = {"output_hidden_states": True, "logits_to_keep": last_positions(1), "use_cache": False}
 
 
 def causal_lm(llm: nn.Module) -> nn.Module:

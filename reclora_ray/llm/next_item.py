@@ -28,6 +28,7 @@ import torch
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
+from reclora_ray.llm.model import last_positions
 from reclora_ray.llm.prompt import PromptBuilder, render
 
 # iLoRA's prompt words per dataset: (past participle, noun, verb).
@@ -110,7 +111,7 @@ def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]]
         raise ValueError("a candidate title tokenizes to nothing")
     device = next(llm.parameters()).device
     prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
-    out = llm(**prefix, use_cache=True, logits_to_keep=1, **_llm_kwargs(crm_repr))
+    out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
     cache = out.past_key_values
     cache.batch_repeat_interleave(n_cand)
     first_logits = out.logits[:, -1, :].repeat_interleave(n_cand, dim=0)  # predicts each title's first token
@@ -146,7 +147,7 @@ def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b:b + 1].expand(len(cands), -1)}
         keep = max(len(t) for t in cands)  # left-padded: the titles are the last tokens
-        logits = llm(**batch, logits_to_keep=keep + 1, **kwargs).logits[:, :-1]  # position j predicts j + 1
+        logits = llm(**batch, logits_to_keep=last_positions(keep + 1), **kwargs).logits[:, :-1]  # position j predicts j + 1
         targets = torch.zeros((len(cands), keep), dtype=torch.long, device=device)
         mask = torch.zeros_like(targets)
         for i, t in enumerate(cands):
@@ -169,7 +170,7 @@ def greedy_answers(llm, collator: PromptCollator, prompt_ids: list[list[int]], m
     prompts' key/value cache extended one token per step; `crm_repr` routes a gated model."""
     device = next(llm.parameters()).device
     prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
-    out = llm(**prefix, use_cache=True, logits_to_keep=1, **_llm_kwargs(crm_repr))
+    out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
     cache, mask = out.past_key_values, prefix["attention_mask"]
     position = mask.sum(-1)  # the next token's position: real tokens only, as in the prompt
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
