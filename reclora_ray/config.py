@@ -307,6 +307,17 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class NextItemScoreConfig:
+    """Next-item scoring beside the candidate likelihood: iLoRA's generate-and-match form (the LLM
+    writes its answer greedily, matched to a candidate title by `next_item.match_answer`), on one
+    fixed random subsample of the test sequences (seed run.seed), the same for every LLM row."""
+
+    generate: Optional[int] = 200  # sequences generated for; 0: off; None: every test sequence
+    max_new_tokens: int = 32  # a title with its year is 5-20 tokens
+    fuzzy_cutoff: float = 0.9  # difflib ratio the fuzzy fallback needs; 1.0: exact rules only
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     # The LLM rows score one fixed random subsample of the test split (seed run.seed) of this size,
     # the same for every variant; the CRM scores the whole split. None: every LLM row scores it all.
@@ -315,6 +326,7 @@ class ScoreConfig:
     concurrency: int = execution(1)
     num_gpus: float = execution(1.0)
     zero_shot: bool = execution(True)  # which rows are scored, not how
+    next_item: NextItemScoreConfig = field(default_factory=NextItemScoreConfig)  # not in CTR scoring's fingerprint
 
 
 @dataclass(frozen=True)

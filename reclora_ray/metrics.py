@@ -99,3 +99,65 @@ def bootstrap_mean(values, users, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0,
     means = (weights @ sums) / (weights @ counts)
     lo, hi = interval(means, level)
     return {"mean": float(values.mean()), "lo": lo, "hi": hi, "p_value": paired_p_value(means), "n_users": n_users}
+
+
+# --------------------------------------------------------------------------- metrics by parts
+# AUC, LogLoss and n of predictions too many for one process, exactly: the predictions are
+# sorted by probability (a distributed sort: contiguous runs of the global order), each run
+# is summarized by `binary_block_stats` where it lives, and `combine_binary_stats` merges the
+# summaries (a few numbers per run) into the same values `binary_metrics` gives on all rows.
+# The AUC is the Mann-Whitney statistic U (a tie counts half) over P x N, kept as the integer
+# 2U so that combining runs loses nothing.
+
+
+def binary_block_stats(labels, probs) -> dict:
+    """The summary of one contiguous run of the probability-sorted predictions (any order within)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(probs, dtype=np.float64)
+    if labels.shape != raw.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and probabilities {raw.shape} must be equal 1-d arrays")
+    nonfinite = int((~np.isfinite(raw)).sum())
+    q = np.clip(np.where(np.isfinite(raw), raw, 0.5), EPS, 1 - EPS)
+    values, inverse = np.unique(q, return_inverse=True)
+    pos = np.bincount(inverse, weights=labels, minlength=len(values)).astype(np.int64)
+    neg = np.bincount(inverse, minlength=len(values)).astype(np.int64) - pos
+    neg_below = np.cumsum(neg) - neg
+    stats = {"n": int(len(q)), "pos": int(pos.sum()), "neg": int(neg.sum()),
+             "twice_u": int((2 * pos * neg_below + pos * neg).sum()),
+             "logloss_sum": float(-np.sum(np.where(labels == 1, np.log(q), np.log1p(-q)))),
+             "nonfinite": nonfinite}
+    if len(values):
+        stats |= {"lo": float(values[0]), "lo_pos": int(pos[0]), "lo_neg": int(neg[0]),
+                  "hi": float(values[-1]), "hi_pos": int(pos[-1]), "hi_neg": int(neg[-1])}
+    return stats
+
+
+def combine_binary_stats(blocks: list[dict]) -> dict[str, float]:
+    """`binary_metrics` of all rows from the summaries of disjoint contiguous runs of their sorted order."""
+    blocks = sorted((b for b in blocks if b["n"] > 0), key=lambda b: (b["lo"], b["hi"]))
+    n = sum(b["n"] for b in blocks)
+    if n == 0:
+        raise ValueError("cannot compute metrics on zero samples")
+    if sum(b["nonfinite"] for b in blocks):
+        raise ValueError("probabilities contain NaN or inf")
+    for a, b in zip(blocks, blocks[1:]):
+        if a["hi"] > b["lo"]:
+            raise ValueError("the blocks are not contiguous runs of the sorted predictions (their ranges overlap)")
+    twice_u, negs_before = 0, 0
+    at_value: dict[float, list[tuple[int, int]]] = {}  # a value ending several runs: (pos, neg) per run, in order
+    for b in blocks:
+        twice_u += b["twice_u"] + 2 * b["pos"] * negs_before
+        negs_before += b["neg"]
+        at_value.setdefault(b["lo"], []).append((b["lo_pos"], b["lo_neg"]))
+        if b["hi"] != b["lo"]:
+            at_value.setdefault(b["hi"], []).append((b["hi_pos"], b["hi_neg"]))
+    for runs in at_value.values():  # equal values in different runs: counted 1 or 0 above, a tie is 1/2
+        pos_before = neg_before = 0
+        for pos, neg in runs:
+            twice_u += pos_before * neg - pos * neg_before
+            pos_before += pos
+            neg_before += neg
+    positives = sum(b["pos"] for b in blocks)
+    negatives = n - positives
+    auc = twice_u / (2 * positives * negatives) if positives and negatives else float("nan")
+    return {"auc": float(auc), "logloss": float(sum(b["logloss_sum"] for b in blocks) / n), "n": int(n)}

@@ -1,7 +1,7 @@
 """`reclora report`: one comparison table in the paper's Table 2 form, plus PNG plots.
 
-Reads every scored model under OUT/scores/<name>/ (metrics.json + predictions.parquet, where
-predictions carry sample_id, user_id, item_id, label, p_yes and, for personalized-LoRA variants,
+Reads every scored model under OUT/scores/<name>/ (metrics.json + the predictions' Parquet shards,
+or an older run's single predictions.parquet: `predictions.read_predictions`; predictions carry sample_id, user_id, item_id, label, p_yes and, for personalized-LoRA variants,
 the per-sample gate weights `gate`). Models are compared only on the samples they all scored, with
 bootstrap-over-users confidence intervals and paired differences to RecLoRA (`evaluate`). Writes
 OUT/report.md, OUT/metrics.json (evaluate's payload), OUT/roc.png and, when gates exist, OUT/gates.png.
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from reclora_ray import storage
 from reclora_ray.curves import plot_curves
 from reclora_ray.metrics import BOOTSTRAP_ROUNDS, binary_metrics, bootstrap_metrics, interval, paired_p_value, rel_impr
+from reclora_ray.predictions import has_predictions, read_predictions, scored_outputs, shard_files
 from reclora_ray.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,8 @@ DISPLAY = {
 
 def collect_scores(run: RunDir) -> dict[str, pd.DataFrame]:
     """Predictions of every finished scoring output (sample_id, user_id, label, p_yes), by name."""
-    found = {}
-    for path in sorted((run.root / "scores").glob("*/predictions.parquet")):
-        found[path.parent.name] = pd.read_parquet(path, columns=["sample_id", "user_id", "label", "p_yes"])
-    return found
+    return {path.name: read_predictions(path, ["sample_id", "user_id", "label", "p_yes"])
+            for path in scored_outputs(run.root / "scores")}
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -149,10 +149,9 @@ def plot_roc(run: RunDir, names: list[str], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     drawn = False
     for name in sorted(names, key=_order):
-        preds = run.scores(name) / "predictions.parquet"
-        if not preds.exists():
+        if not has_predictions(run.scores(name)):
             continue
-        df = pd.read_parquet(preds, columns=["label", "p_yes"])
+        df = read_predictions(run.scores(name), ["label", "p_yes"])
         if df["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_curve(df["label"], df["p_yes"])
@@ -171,12 +170,10 @@ def plot_roc(run: RunDir, names: list[str], path: Path) -> bool:
 def plot_gates(run: RunDir, name: str, path: Path) -> bool:
     """Distribution of the personalized-LoRA gate: mean weight per meta-LoRA, and how peaked
     each user's mix is (max weight per user)."""
-    preds = run.scores(name) / "predictions.parquet"
-    if not preds.exists():
+    files = shard_files(run.scores(name))
+    if not files or "gate" not in pq.read_schema(files[0]).names:
         return False
-    df = pd.read_parquet(preds)
-    if "gate" not in df.columns:
-        return False
+    df = read_predictions(run.scores(name), ["user_id", "gate"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,13 +216,12 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
         parts += ["![Gate weights](gates.png)", ""]
-    examples = next((run.scores(n) / "predictions.parquet" for n in (OURS, *sorted(preds))
-                     if (run.scores(n) / "predictions.parquet").is_file()), None)
+    examples = next((run.scores(n) for n in (OURS, *sorted(preds)) if has_predictions(run.scores(n))), None)
     if examples is not None and (run.data / "items.parquet").is_file():
         from reclora_ray.data.catalogue import example_rows
 
-        parts += [f"## Examples ({examples.parent.name}, catalogue ids)", "",
-                  example_rows(run.data, pd.read_parquet(examples)), ""]
+        parts += [f"## Examples ({examples.name}, catalogue ids)", "",
+                  example_rows(run.data, read_predictions(examples, ["sample_id", "user_id", "item_id", "label", "p_yes"])), ""]
     if plot_curves(run.root, run.root / "curves.png"):
         parts += ["![Training loss and validation curves](curves.png)", ""]
     if notes:

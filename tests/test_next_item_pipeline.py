@@ -11,6 +11,7 @@ from reclora_ray.base_model import load_base
 from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.pipeline import run_next_item
+from reclora_ray.predictions import read_predictions
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
@@ -27,7 +28,7 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
     test = pd.read_parquet(run.data / "next_item" / "test.parquet")
     assert set(summary["models"]) == {"crm-sim", "reclora"}
     for name in summary["models"]:
-        preds = pd.read_parquet(run.next_item_scores(name) / "predictions.parquet")
+        preds = read_predictions(run.next_item_scores(name))
         assert sorted(preds["sample_id"]) == sorted(test["sample_id"])
         scores = np.stack(preds["scores"].to_numpy())
         assert scores.shape == (len(test), 20) and np.isfinite(scores).all()

@@ -9,6 +9,8 @@ but in no user's sequence (data.cold_items): it is scored from its text alone.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -57,13 +59,20 @@ class Catalogue:
         return self._users.get(str(raw_id))
 
 
+@functools.lru_cache(maxsize=8)
+def _raw_id_lookup(path: str, mtime_ns: int, kind: str) -> pd.Series:
+    """dense id -> raw id of users.parquet / items.parquet, read once per process and file version
+    (a scoring worker adds raw ids to every block it writes)."""
+    return pd.read_parquet(path, columns=[f"{kind}_id", "raw_id"]).set_index(f"{kind}_id")["raw_id"]
+
+
 def add_catalogue_ids(frame: pd.DataFrame, data_dir) -> pd.DataFrame:
     """user_raw_id / item_raw_id beside the dense user_id / item_id of `frame` (e.g. predictions)."""
     from pathlib import Path
 
     for kind in ("user", "item"):
-        raw = pd.read_parquet(Path(data_dir) / f"{kind}s.parquet", columns=[f"{kind}_id", "raw_id"])
-        lookup = raw.set_index(f"{kind}_id")["raw_id"]
+        path = Path(data_dir) / f"{kind}s.parquet"
+        lookup = _raw_id_lookup(str(path.resolve()), path.stat().st_mtime_ns, kind)
         frame.insert(frame.columns.get_loc(f"{kind}_id") + 1, f"{kind}_raw_id",
                      lookup.reindex(frame[f"{kind}_id"].to_numpy()).to_numpy())
     return frame

@@ -12,15 +12,23 @@ tokens only); its key/value cache is repeated for the C candidates and the C con
 in one batch on top of it: a prompt costs one prefix plus C short continuations, not C full
 forwards. `full_prompt_logliks` is the plain form (every prompt + candidate as its own
 sequence), kept as the reference and the benchmark's baseline.
+
+Generate-and-match (iLoRA's reported form, `greedy_answers` + `match_answer`): the LLM writes an
+answer greedily and the answer is matched to one candidate's title, or to none (an invalid answer).
 """
 
 from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
 
 import numpy as np
 import torch
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
+from reclora_ray.llm.model import last_positions
 from reclora_ray.llm.prompt import PromptBuilder, render
 
 # iLoRA's prompt words per dataset: (past participle, noun, verb).
@@ -103,7 +111,7 @@ def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]]
         raise ValueError("a candidate title tokenizes to nothing")
     device = next(llm.parameters()).device
     prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
-    out = llm(**prefix, use_cache=True, logits_to_keep=1, **_llm_kwargs(crm_repr))
+    out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
     cache = out.past_key_values
     cache.batch_repeat_interleave(n_cand)
     first_logits = out.logits[:, -1, :].repeat_interleave(n_cand, dim=0)  # predicts each title's first token
@@ -139,7 +147,7 @@ def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b:b + 1].expand(len(cands), -1)}
         keep = max(len(t) for t in cands)  # left-padded: the titles are the last tokens
-        logits = llm(**batch, logits_to_keep=keep + 1, **kwargs).logits[:, :-1]  # position j predicts j + 1
+        logits = llm(**batch, logits_to_keep=last_positions(keep + 1), **kwargs).logits[:, :-1]  # position j predicts j + 1
         targets = torch.zeros((len(cands), keep), dtype=torch.long, device=device)
         mask = torch.zeros_like(targets)
         for i, t in enumerate(cands):
@@ -147,3 +155,93 @@ def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int
             mask[i, keep - len(t):] = 1
         rows.append(_mean_token_logprob(logits, targets, mask))
     return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------- generate and match
+# iLoRA's own evaluation: the LLM writes its answer (greedy), the answer is matched to one of the
+# prompt's candidates; HR@1 over the valid answers and ValidRatio (the share of answers that name
+# a candidate) are reported beside the likelihood ranking, for comparability with its paper.
+
+
+@torch.inference_mode()
+def greedy_answers(llm, collator: PromptCollator, prompt_ids: list[list[int]], max_new_tokens: int,
+                   stop_ids=(), crm_repr: torch.Tensor | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, the stop token excluded) of left-padded prompts, the
+    prompts' key/value cache extended one token per step; `crm_repr` routes a gated model."""
+    device = next(llm.parameters()).device
+    prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
+    out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
+    cache, mask = out.past_key_values, prefix["attention_mask"]
+    position = mask.sum(-1)  # the next token's position: real tokens only, as in the prompt
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    steps = []
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1, :].float().argmax(-1)
+        steps.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
+                  use_cache=True, **_llm_kwargs(crm_repr))
+        position = position + 1
+    answers = []
+    for row in torch.stack(steps, dim=1).tolist():
+        cut = next((i for i, t in enumerate(row) if t in set(stop_ids)), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+_YEAR = re.compile(r"\s*\((?:\d{4}|\d{4}\s*[-–]\s*\d{0,4})\)\s*$")
+
+
+def normalize_title(text: str) -> str:
+    """Case, Unicode form, quotes and emphasis, surrounding punctuation and inner whitespace folded."""
+    text = unicodedata.normalize("NFKC", str(text)).strip().lower()
+    text = re.sub(r"\s+", " ", text)
+    return text.strip(" \t\"'`*_.,;:!").strip()
+
+
+def _answer_line(text: str) -> str:
+    """The answer's first non-empty line, less a leading 'answer:' the model may repeat."""
+    line = next((part for part in str(text).splitlines() if part.strip()), "")
+    return re.sub(r"^\s*(?:the\s+)?answer\s*(?:is)?\s*[:\-]?\s*", "", line, flags=re.IGNORECASE)
+
+
+def match_answer(generated: str, titles, fuzzy_cutoff: float = 0.9) -> int:
+    """The index of the candidate a generated answer names, -1 when it names none (invalid).
+
+    Rules, in order, each accepted only when it picks one candidate:
+    1. the normalized answer (first line, `normalize_title`) equals a normalized title;
+    2. equal with a trailing year "(1996)" dropped from both (the model wrote "Fargo");
+    3. the answer contains one normalized title whole (at word boundaries; a title inside another
+       contained title does not count), e.g. "I think Fargo (1996)."; two different titles: invalid;
+    4. fuzzy: the best difflib ratio between the answer and a title, at least `fuzzy_cutoff` and
+       strictly above the second best (a typo or a dropped article; fuzzy_cutoff >= 1 turns it off).
+    """
+    answer = normalize_title(_answer_line(generated))
+    if not answer:
+        return -1
+    norm = [normalize_title(t) for t in titles]
+
+    def unique(hits: list[int]) -> int:
+        return hits[0] if len({norm[i] for i in hits}) == 1 else -1
+
+    exact = [i for i, t in enumerate(norm) if t == answer]
+    if exact:
+        return exact[0]
+    bare = _YEAR.sub("", answer)
+    hits = [i for i, t in enumerate(norm) if _YEAR.sub("", t) == bare]
+    if hits:
+        return unique(hits)
+    contained = [i for i, t in enumerate(norm) if t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", answer)]
+    if contained:  # a title inside another contained one ("Heat" in "Heat (1995)") is not a second answer
+        outer = [i for i in contained if not any(norm[i] != norm[j] and norm[i] in norm[j] for j in contained)]
+        return unique(outer)
+    if fuzzy_cutoff >= 1:
+        return -1
+    ratios = sorted(((difflib.SequenceMatcher(None, answer, t).ratio(), i) for i, t in enumerate(norm)), reverse=True)
+    best, index = ratios[0]
+    second = ratios[1][0] if len(ratios) > 1 else -1.0
+    return index if best >= fuzzy_cutoff and best > second else -1

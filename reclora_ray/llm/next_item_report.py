@@ -1,11 +1,13 @@
 """The next-item report: HR@k, NDCG@k, MRR per model with CIs by bootstrap over users, and paired
-comparisons (each method against plain LoRA and against RecLoRA) on the identical candidates.
+comparisons (each method against plain LoRA and against RecLoRA) on the identical candidates; and
+iLoRA's generate-and-match figures (HR@1 over valid answers, ValidRatio) where the LLM rows made them.
 
 Writes OUT/next-item/report.md and OUT/next-item/metrics.json.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -13,6 +15,7 @@ import pandas as pd
 
 from reclora_ray import storage
 from reclora_ray.metrics import bootstrap_mean
+from reclora_ray.predictions import read_predictions, scored_outputs
 from reclora_ray.ranking import per_row_metrics, target_ranks
 from reclora_ray.report import DISPLAY, _order
 from reclora_ray.rundir import RunDir, write_json_atomic
@@ -27,10 +30,10 @@ BASELINES = ("tallrec", "reclora")  # plain LoRA on the same prompt, and RecLoRA
 def per_row(run: RunDir) -> dict[str, pd.DataFrame]:
     """Each scored model's per-sequence metrics, indexed by sample_id, on the rows all models share."""
     found = {}
-    for path in sorted((run.next_item / "scores").glob("*/predictions.parquet")):
-        preds = pd.read_parquet(path)
+    for path in scored_outputs(run.next_item / "scores"):
+        preds = read_predictions(path, ["sample_id", "user_id", "target_index", "scores"])
         ranks = target_ranks(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy())
-        found[path.parent.name] = pd.DataFrame(per_row_metrics(ranks), index=preds["sample_id"]).assign(
+        found[path.name] = pd.DataFrame(per_row_metrics(ranks), index=preds["sample_id"]).assign(
             user_id=preds["user_id"].to_numpy())
     if not found:
         raise FileNotFoundError(f"no next-item scores under {run.next_item / 'scores'}")
@@ -59,6 +62,35 @@ def summarize(rows: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) 
     return {"models": models, "paired": paired}
 
 
+GENERATED = ("gen_hr@1", "valid_ratio", "gen_hr@1_all", "gen_n")
+
+
+def generation(run: RunDir) -> dict:
+    """The generate-and-match figures each LLM row's scoring stage wrote (its metrics.json), by model:
+    every row generated for the same fixed subsample of the test sequences."""
+    found = {}
+    for path in scored_outputs(run.next_item / "scores"):
+        metrics_file = path / "metrics.json"
+        if metrics_file.is_file() and "gen_n" in (m := json.loads(metrics_file.read_text())):
+            found[path.name] = {k: m[k] for k in GENERATED}
+    return found
+
+
+def generation_table(found: dict) -> list[str]:
+    lines = ["## Generate and match (iLoRA's evaluation)", "",
+             "| Model | HR@1 (valid answers) | ValidRatio | HR@1 (all answers) | sequences |", "|---|---|---|---|---|"]
+    for name in sorted(found, key=_order):
+        m = found[name]
+        lines.append(f"| {DISPLAY.get(name, name)} | {m['gen_hr@1']:.4f} | {m['valid_ratio']:.4f} | "
+                     f"{m['gen_hr@1_all']:.4f} | {m['gen_n']} |")
+    return lines + ["", "Each LLM answers by greedy generation on the same fixed subsample of the test sequences; "
+                    "the answer's first line names a candidate when, normalized (case, Unicode, quotes, outer "
+                    "punctuation), it equals a title, equals one less its year, contains exactly one title, or is "
+                    "within a difflib ratio of score.next_item.fuzzy_cutoff of exactly one best title; otherwise it "
+                    "is invalid. HR@1 (valid answers) is iLoRA's; HR@1 (all answers) counts an invalid answer as a miss.",
+                    ""]
+
+
 def _fmt(m: dict, c: str) -> str:
     if f"{c}_ci" in m:
         lo, hi = m[f"{c}_ci"]
@@ -68,6 +100,7 @@ def _fmt(m: dict, c: str) -> str:
 
 def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
     summary = summarize(per_row(run))
+    summary["generate"] = generation(run)
     lines = ["# Next-item ranking report", "",
              "| Model | " + " | ".join(c.upper() for c in COLUMNS) + " | n |",
              "|---" * (len(COLUMNS) + 2) + "|"]
@@ -82,6 +115,8 @@ def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
         for key, p in summary["paired"].items():
             lines.append(f"| {key} | {p['diff']:+.4f} | [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}] | {p['p_value']:.3f} |")
         lines.append("")
+    if summary["generate"]:
+        lines += generation_table(summary["generate"])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     root = run.next_item

@@ -4,8 +4,13 @@ LLM variants score a candidate by the length-normalised log-likelihood of its ti
 iLoRA prompt (`candidate_logliks`, one prefix pass per prompt); the CRM alone by its logit for
 (user, recent history, candidate). Both read the recent history: the next item is unknown when
 the prompt is written, so there is no target to retrieve by, and a gate's R_c is computed with
-no target item (the unknown-item code). Output: OUT/next-item/scores/<name>/predictions.parquet
-(sample_id, user_id, target_index, scores) and metrics.json (HR@k, NDCG@k, MRR, n).
+no target item (the unknown-item code). On a fixed subsample of the sequences
+(score.next_item.generate) the LLM rows also answer by greedy generation, matched to a candidate
+(`next_item.match_answer`): iLoRA's HR@1 over valid answers and ValidRatio. Rows are read, scored
+and written by the workers (`scoring.score_with`, the same helper as CTR scoring). Output:
+OUT/next-item/scores/<name>/predictions/*.parquet (sample_id, user_id, target_index, scores[,
+generated, matched: the candidate index, -1 invalid, -2 not generated]) and metrics.json (HR@k,
+NDCG@k, MRR, n[, gen_n, valid_ratio, gen_hr@1 (over valid answers), gen_hr@1_all]).
 """
 
 from __future__ import annotations
@@ -15,20 +20,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import PromptCollator, length_buckets
-from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks
+from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, greedy_answers, match_answer
 from reclora_ray.llm.prompt import PromptBuilder
-from reclora_ray.ranking import ranking_metrics
-from reclora_ray.rundir import RunDir, write_json_atomic
-from reclora_ray.runtime import init_ray
+from reclora_ray.ranking import per_row_metrics, target_ranks
+from reclora_ray.rundir import RunDir
+from reclora_ray.scoring import score_with, split_rows, subsample_ids
 from reclora_ray.stages import StageRun
 from reclora_ray.variants import Variant, crm_name, get_variant
 
 log = logging.getLogger(__name__)
+
+def split_path(run: RunDir, split: str) -> Path:
+    from reclora_ray.data.next_item import NEXT_ITEM_DIR
+
+    return run.data / NEXT_ITEM_DIR / f"{split}.parquet"
+
 
 def load_rows(run: RunDir, split: str) -> pd.DataFrame:
     """A split's next-item rows with `candidates` as one list column (for Ray Data blocks)."""
@@ -99,10 +111,37 @@ def candidate_scores(model, inputs: NextItemInputs, features: NextItemFeatures |
     return out
 
 
-class NextItemScorer:
-    """Ray Data actor: an LLM variant's candidate log-likelihoods for next-item rows."""
+NOT_GENERATED, INVALID = -2, -1  # `matched` of a row not generated for, and of an answer naming no candidate
 
-    def __init__(self, cfg: Config, run: RunDir, variant_name: str, adapter: Path | None):
+
+def generate_and_match(model, inputs: NextItemInputs, features: NextItemFeatures | None, rows: pd.DataFrame,
+                       batch_size: int, device, max_new_tokens: int, fuzzy_cutoff: float) -> tuple[list[str], np.ndarray]:
+    """Greedy answers of a RecLoRAModel to next-item prompts, and the candidate each names (-1: none)."""
+    users, pos, cands = rows["user_id"].to_numpy(), rows["pos"].to_numpy(), _as_candidates(rows)
+    prompts = inputs.prompt_ids(users, pos, cands)
+    crm_repr = None
+    if features is not None:
+        feats = features.without_target(users, pos, rows["timestamp"].to_numpy())
+        crm_repr = model.crm_repr({k: v.to(device) for k, v in feats.items()})
+    tokenizer = inputs.collator.tokenizer
+    stop = {t for t in (tokenizer.eos_token_id, inputs.collator.pad_id) if t is not None}
+    texts = [""] * len(rows)
+    for index in length_buckets([len(p) for p in prompts], batch_size):
+        answers = greedy_answers(model.llm, inputs.collator, [prompts[i] for i in index], max_new_tokens, stop,
+                                 None if crm_repr is None else crm_repr[index])
+        for i, ids in zip(index, answers):
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    titles = inputs.prompts.titles
+    matched = np.array([match_answer(text, titles[row], fuzzy_cutoff) for text, row in zip(texts, cands)], dtype=np.int16)
+    return texts, matched
+
+
+class NextItemScorer:
+    """Ray Data actor: an LLM variant's candidate log-likelihoods for next-item rows, and its
+    generated answers on the rows whose sample id is in `generate_ids`."""
+
+    def __init__(self, cfg: Config, run: RunDir, variant_name: str, adapter: Path | None,
+                 generate_ids: np.ndarray | bool | None = None):
         from reclora_ray.llm.model import build_model
         from reclora_ray.llm.score import scoring_device
 
@@ -114,13 +153,27 @@ class NextItemScorer:
         self.model.eval()
         self.inputs, self.features = model_inputs(cfg, data, tokenizer, self.variant, spec)
         self.batch_size = cfg.score.batch_size
+        self.generate_ids = generate_ids if generate_ids is None or generate_ids is True else np.asarray(generate_ids)
+        self.generation = cfg.score.next_item
 
     def scores(self, rows: pd.DataFrame) -> np.ndarray:
         return candidate_scores(self.model, self.inputs, self.features, rows, self.batch_size, self.device)
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         rows = rows.reset_index(drop=True)
-        return rows[["sample_id", "user_id", "target_index"]].assign(scores=list(self.scores(rows)))
+        out = rows[["sample_id", "user_id", "target_index"]].assign(scores=list(self.scores(rows)))
+        if self.generate_ids is None:
+            return out
+        picked = (np.arange(len(rows)) if self.generate_ids is True
+                  else np.flatnonzero(np.isin(rows["sample_id"].to_numpy(), self.generate_ids)))
+        generated = np.full(len(rows), None, dtype=object)
+        matched = np.full(len(rows), NOT_GENERATED, dtype=np.int16)
+        if len(picked):
+            texts, hits = generate_and_match(self.model, self.inputs, self.features, rows.iloc[picked], self.batch_size,
+                                             self.device, self.generation.max_new_tokens, self.generation.fuzzy_cutoff)
+            generated[picked], matched[picked] = texts, hits
+        # A string column even where a block has no answer (an all-None object column would be null-typed).
+        return out.assign(generated=pd.array(generated, dtype="string"), matched=matched)
 
 
 class NextItemCRMScorer:
@@ -143,37 +196,70 @@ class NextItemCRMScorer:
         return rows[["sample_id", "user_id", "target_index"]].assign(scores=list(logits))
 
 
-def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, stage: StageRun,
-                num_gpus: float, info: dict) -> dict:
-    import ray.data
+def ranking_rows(batch: dict) -> dict[str, np.ndarray]:
+    """Per-row ranking metrics of a numpy batch of predictions (scores, target_index)."""
+    return per_row_metrics(target_ranks(np.stack(batch["scores"]), batch["target_index"]))
 
-    init_ray(cfg)
-    block_rows = max(cfg.score.batch_size * 4, 32)
-    ds = ray.data.from_pandas([rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)])
-    scored = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
-    preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
-    metrics = ranking_metrics(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy()) | info
-    with stage.write() as tmp:
-        preds.to_parquet(tmp / "predictions.parquet", index=False)
-        write_json_atomic(tmp / "metrics.json", metrics)
-    log.info("%s (next item): HR@1 %.4f, NDCG@10 %.4f on %d test sequences -> %s",
-             info["model"], metrics["hr@1"], metrics["ndcg@10"], metrics["n"], stage.out)
+
+def generation_rows(batch: dict) -> dict[str, np.ndarray]:
+    matched, target = batch["matched"].astype(np.int64), batch["target_index"].astype(np.int64)
+    return {"generated": matched != NOT_GENERATED, "valid": matched >= 0, "hit": matched == target}
+
+
+def generation_metrics(counts: dict) -> dict:
+    """iLoRA's generate-and-match figures from counts: HR@1 over valid answers, ValidRatio, and
+    HR@1 over every generated answer (an invalid answer a miss)."""
+    gen, valid, hit = (int(round(counts[k])) for k in ("generated", "valid", "hit"))
+    return {"gen_n": gen, "valid_ratio": valid / gen if gen else float("nan"),
+            "gen_hr@1": hit / valid if valid else float("nan"), "gen_hr@1_all": hit / gen if gen else float("nan")}
+
+
+def next_item_summary(staged: Path) -> dict:
+    """HR@k, NDCG@k, MRR and n over the written predictions, by the workers; the generate-and-match
+    figures where the predictions carry answers."""
+    from reclora_ray.predictions import mean_metrics_of, read_shards, shard_files, sums_of
+
+    metrics = mean_metrics_of(read_shards(staged, ["scores", "target_index"]), ranking_rows)
+    if "matched" in pq.read_schema(shard_files(staged)[0]).names:
+        metrics |= generation_metrics(sums_of(read_shards(staged, ["matched", "target_index"]), generation_rows))
     return metrics
+
+
+def _score_next(actor, ctor_kwargs: dict, stage: StageRun, num_gpus: float, info: dict) -> dict:
+    cfg, out = stage.cfg, stage.out
+    metrics = score_with(actor, ctor_kwargs, split_rows(split_path(stage.run, "test")), stage=stage,
+                         num_gpus=num_gpus, block_rows=max(cfg.score.batch_size * 4, 32), summarize=next_item_summary,
+                         info=info)
+    generated = (f"; generated {metrics['gen_n']}: HR@1 {metrics['gen_hr@1']:.4f} over valid answers, "
+                 f"ValidRatio {metrics['valid_ratio']:.4f}") if "gen_n" in metrics else ""
+    log.info("%s (next item): HR@1 %.4f, NDCG@10 %.4f on %d test sequences%s -> %s",
+             info["model"], metrics["hr@1"], metrics["ndcg@10"], metrics["n"], generated, out)
+    return metrics
+
+
+def generate_ids(cfg: Config, run: RunDir) -> np.ndarray | bool | None:
+    """The test sequences every LLM row also generates for: a fixed subsample (seed run.seed) of
+    score.next_item.generate sequences; None when off."""
+    n = cfg.score.next_item.generate
+    if n == 0:
+        return None
+    ids = subsample_ids(split_path(run, "test"), n, cfg.run.seed)
+    return True if ids is None else ids  # True: every sequence
 
 
 def score_next_item(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
     """An LLM variant (its next-item adapter, or the base model) on the test sequences."""
     variant: Variant = get_variant(name)
+    # What the scorer reads (the prepared data, the CRM a gate reads, the adapter): the stage table's.
     stage = StageRun("score-next-item", cfg, run, variant.name)
     run = stage.run.resolved()
     if stage.up_to_date(overwrite):
         return stage.out
-    rows = load_rows(run, "test")
-    log.info("scoring %s on %d next-item test sequences", variant.name, len(rows))
-    _score_with(NextItemScorer, {"cfg": cfg, "run": run, "variant_name": variant.name,
-                                 "adapter": run.next_item_adapter(variant.name) if variant.adapter else None},
-                rows, cfg, stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
+    log.info("scoring %s on the next-item test sequences", variant.name)
+    _score_next(NextItemScorer, {"cfg": cfg, "run": run, "variant_name": variant.name,
+                                 "adapter": run.next_item_adapter(variant.name) if variant.adapter else None,
+                                 "generate_ids": generate_ids(cfg, run)},
+                stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
     return stage.out
 
 
@@ -184,8 +270,8 @@ def score_next_item_crm(cfg: Config, run: RunDir, variant_name: str, overwrite: 
     run = stage.run.resolved()
     if stage.up_to_date(overwrite):
         return stage.out
-    _score_with(NextItemCRMScorer, {"cfg": cfg, "run": run, "crm_dir": run.crm(name)},
-                load_rows(run, "test"), cfg, stage, 0, {"model": f"crm-{name}", "variant": f"the CRM {name} alone"})
+    _score_next(NextItemCRMScorer, {"cfg": cfg, "run": run, "crm_dir": run.crm(name)},
+                stage, 0, {"model": f"crm-{name}", "variant": f"the CRM {name} alone"})
     return stage.out
 
 

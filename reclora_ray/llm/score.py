@@ -4,8 +4,11 @@ Each actor loads the base LLM, the adapter and the CRM once (`Scorer`). A prompt
 forward pass: no `generate`, logits at the last position only, P(yes) = softmax(s_yes, s_no)
 (paper Eq. 16), prompts grouped by token length so padded batches waste little. The CRM alone
 and the zero-shot base model are scored on the same samples, so every row of the report
-compares like with like. Output: OUT/scores/<name>/predictions.parquet (sample_id, user_id,
-user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes[, gate]) and metrics.json (AUC, LogLoss, n).
+compares like with like. Rows are read, scored and written by the workers (`scoring.py`): the
+driver never holds them. Output: OUT/scores/<name>/predictions/*.parquet, Parquet shards written
+by Ray Data (sample_id, user_id, user_raw_id, item_id, item_raw_id (catalogue ids), label, p_yes,
+dtype[, gate]; read them with `predictions.read_predictions`, which also reads an older run's single
+predictions.parquet) and metrics.json (AUC, LogLoss, n, computed over the shards by the workers).
 """
 
 from __future__ import annotations
@@ -15,18 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from reclora_ray.config import Config
-from reclora_ray.data.catalogue import add_catalogue_ids
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import p_yes
-from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices, load_samples
+from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
-from reclora_ray.metrics import binary_metrics
-from reclora_ray.rundir import RunDir, write_json_atomic
-from reclora_ray.runtime import init_ray
+from reclora_ray.rundir import RunDir
+from reclora_ray.scoring import score_with, split_rows, subsample_ids
 from reclora_ray.stages import StageRun
 from reclora_ray.variants import crm_name, get_variant
 
@@ -45,7 +47,7 @@ class Scorer:
     Called on a DataFrame of prepared samples (the Ray Data actor), or through `score` with
     explicit histories (the online service)."""
 
-    def __init__(self, cfg: Config, run: RunDir, variant_name: str, data: PreparedData | None = None):
+    def __init__(self, cfg: Config, run: RunDir | str, variant_name: str, data: PreparedData | None = None):
         from reclora_ray.llm.model import build_model
 
         run = RunDir.of(run)
@@ -124,40 +126,50 @@ class CRMScorer:
         return rows[KEEP].assign(p_yes=torch.sigmoid(logits).float().numpy())
 
 
-def _score_with(actor, ctor_kwargs: dict, rows: pd.DataFrame, cfg: Config, stage: StageRun,
-                num_gpus: float, info: dict) -> dict:
-    import ray.data
+def ctr_summary(staged: Path) -> dict:
+    """AUC, LogLoss and n of written predictions, computed by the workers, and the LLM's dtype as
+    the actors resolved it (their `dtype` column)."""
+    from reclora_ray.predictions import binary_metrics_of, read_shards, shard_files, unique_strings
 
-    init_ray(cfg)
-    block_rows = max(cfg.score.batch_size * 8, 128)
-    ds = ray.data.from_pandas([rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)])
-    scored = ds.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
-    preds = scored.to_pandas().sort_values("sample_id", ignore_index=True)
-    if "dtype" in preds:  # the LLM's dtype as the actors resolved it, saved with the metrics
-        info = info | {"dtype": ", ".join(sorted(preds.pop("dtype").unique()))}
-    preds = add_catalogue_ids(preds, stage.run.data)  # raw ids beside the dense ones
-    metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy()) | info
-    with stage.write() as tmp:
-        preds.to_parquet(tmp / "predictions.parquet", index=False)
-        write_json_atomic(tmp / "metrics.json", metrics)
+    metrics = binary_metrics_of(read_shards(staged, ["label", "p_yes"]))
+    if "dtype" in pq.read_schema(shard_files(staged)[0]).names:
+        metrics["dtype"] = ", ".join(unique_strings(read_shards(staged, ["dtype"]), "dtype"))
+    return metrics
+
+
+def _score_ctr(actor, ctor_kwargs: dict, rows, stage: StageRun, num_gpus: float, info: dict) -> dict:
+    metrics = score_with(actor, ctor_kwargs, rows, stage=stage, num_gpus=num_gpus,
+                         block_rows=max(stage.cfg.score.batch_size * 8, 128), summarize=ctr_summary, info=info,
+                         data_dir=stage.run.data)
     log.info("%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
              info["model"], metrics["auc"], metrics["logloss"], metrics["n"], stage.out)
     return metrics
+
+
+def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
+    """The test split as a Ray Dataset (with the retrieved histories the variant reads), cut to
+    `llm_test_rows`' fixed subsample when `subsample`."""
+    from reclora_ray.retrieval.retrieve import retrieval_dir
+
+    samples = run.data / "samples" / "test.parquet"
+    retrieval = retrieval_dir(run) / "test.parquet" if variant.needs_retrieval else None
+    keep = subsample_ids(samples, cfg.score.llm_subsample, cfg.run.seed) if subsample else None
+    return split_rows(samples, retrieval, keep)
 
 
 def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
     """P(yes) of one LLM variant on the test split -> OUT/scores/<variant>/ (skipped when done)."""
     variant = get_variant(name)
     stage = StageRun("score", cfg, run, variant.name)
-    run = stage.run
+    run, out = stage.run, stage.out
     if stage.up_to_date(overwrite):
-        return stage.out
-    rows = llm_test_rows(cfg, load_samples(run, "test", variant))
-    log.info("scoring %s on %d test samples", variant.name, len(rows))
-    _score_with(Scorer, {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
-                rows, cfg, stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
-    return stage.out
+        return out
+    log.info("scoring %s on the test samples%s", variant.name,
+             f" (a fixed subsample of {cfg.score.llm_subsample})" if cfg.score.llm_subsample else "")
+    _score_ctr(Scorer, {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
+               ctr_test_rows(cfg, run, variant, subsample=True), stage, cfg.score.num_gpus,
+               {"model": variant.name, "variant": variant.description})
+    return out
 
 
 def llm_test_rows(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:
@@ -171,14 +183,14 @@ def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite
     variant = get_variant(variant_name)
     name = crm_name(cfg, variant)
     stage = StageRun("score-crm", cfg, run, variant.name)
-    run = stage.run
+    run, out = stage.run, stage.out
     if stage.up_to_date(overwrite):
-        return stage.out
-    rows = load_samples(run, "test", variant)
-    _score_with(CRMScorer, {"cfg": cfg, "run": run.resolved(), "crm_dir": run.resolved().crm(name),
-                            "long_mode": variant.long_mode},
-                rows, cfg, stage, 0, {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
-    return stage.out
+        return out
+    _score_ctr(CRMScorer, {"cfg": cfg, "run": run.resolved(), "crm_dir": run.resolved().crm(name),
+                           "long_mode": variant.long_mode},
+               ctr_test_rows(cfg, run, variant, subsample=False), stage, 0,
+               {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
+    return out
 
 
 def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:

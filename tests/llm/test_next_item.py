@@ -8,7 +8,13 @@ import torch
 from reclora_ray.config import LoRAConfig
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
-from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, full_prompt_logliks
+from reclora_ray.llm.next_item import (
+    NextItemInputs,
+    candidate_logliks,
+    full_prompt_logliks,
+    greedy_answers,
+    match_answer,
+)
 from reclora_ray.llm.plora import PersonalizedLoRAModel
 from reclora_ray.llm.prompt import PromptBuilder
 
@@ -84,3 +90,68 @@ def test_prompt_lists_history_and_candidates_and_training_targets_the_title():
     labels = batch["labels"][0]
     answer = labels[labels != IGNORE_INDEX].tolist()
     assert tokenizer.decode(answer) == "Delta (1993)" and answer == inputs.title_ids[3]
+
+
+# --------------------------------------------------------------------------- generate and match
+
+
+def _reference_greedy(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
+    """One prompt, no cache, no padding: the whole sequence through the model at every step."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        nxt = int(llm(input_ids=torch.tensor([tokens])).logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        tokens.append(nxt)
+    return tokens[len(prompt):]
+
+
+def test_greedy_answers_with_the_cache_equal_uncached_greedy_decoding(llama):
+    prompts, _ = _random_inputs(n_prompts=4, seed=11)  # unequal lengths: left-padded in one batch
+    answers = greedy_answers(llama, _Collator(), prompts, max_new_tokens=6)
+    assert answers == [_reference_greedy(llama, p, 6, set()) for p in prompts]
+    assert all(len(a) == 6 for a in answers)
+    # A stop token ends an answer (and is not part of it); the others go on.
+    stop = answers[1][2]
+    stopped = greedy_answers(llama, _Collator(), prompts, max_new_tokens=6, stop_ids={stop})
+    assert stopped == [_reference_greedy(llama, p, 6, {stop}) for p in prompts]
+    assert stopped[1] == answers[1][:answers[1].index(stop)]
+
+
+def test_greedy_answers_route_each_prompts_gate(llama, randomize):
+    cfg = LoRAConfig(variant="plora", r=2, n_meta=4, target_modules=["q_proj", "v_proj", "up_proj"], temperature=0.5)
+    model = PersonalizedLoRAModel(llama, cfg, crm_dim=CRM_DIM).eval()
+    randomize(model)
+    prompts, _ = _random_inputs(n_prompts=3, seed=12)
+    crm_repr = torch.randn(3, CRM_DIM, generator=torch.Generator().manual_seed(2)) * 3
+    batched = greedy_answers(model, _Collator(), prompts, 5, crm_repr=crm_repr)
+    alone = [greedy_answers(model, _Collator(), [p], 5, crm_repr=crm_repr[i:i + 1])[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+
+
+TITLES = ["Fargo (1996)", "Heat (1995)", "Star Wars (1977)", "Heat", "Toy Story (1995)", "Amélie (2001)"]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Fargo (1996)", 0),                              # 1. exact
+    ('  "fargo (1996)."\nAnd another line', 0),       # 1. case, quotes, outer punctuation, first line only
+    ("Answer: Heat (1995)", 1),                       # the prompt's "Answer:" repeated
+    ("AMÉLIE (2001)", 5),                             # Unicode case folding
+    ("Fargo", 0),                                     # 2. the title less its year
+    ("Star Wars (1978)", 2),                          # 2. the same title, another year
+    ("Heat", 3),                                      # 1. before 2.: the candidate titled "Heat" itself
+    ("I think Star Wars (1977) is next", 2),          # 3. one title inside the answer
+    ("Heat (1995) is my guess", 1),                   # 3. "Heat" inside "Heat (1995)" is not a second title
+    ("Fargo (1996), Heat (1995)", -1),                # 3. two titles: invalid
+    ("Toy Stry (1995)", 4),                           # 4. fuzzy: a typo
+    ("Titanic (1997)", -1),                           # no candidate
+    ("", -1), ("\n\n", -1),
+])
+def test_generated_answers_are_matched_to_one_candidate_or_none(answer, expected):
+    assert match_answer(answer, TITLES) == expected
+
+
+def test_fuzzy_matching_needs_its_cutoff_and_a_unique_best():
+    assert match_answer("Toy Stry (1995)", TITLES, fuzzy_cutoff=1.0) == -1  # exact rules only
+    assert match_answer("Toy Stry (1995)", TITLES, fuzzy_cutoff=0.99) == -1
+    assert match_answer("Heat (1996)x", ["Heat (1995)x", "Heat (1997)x"]) == -1  # two equally close titles

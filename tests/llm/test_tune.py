@@ -14,6 +14,7 @@ from reclora_ray.curves import CURVES_FILE, read_curves
 from reclora_ray.llm.plora import load_adapter
 from reclora_ray.llm.score import Scorer, score_variant
 from reclora_ray.llm.tune import tune_variant
+from reclora_ray.predictions import read_predictions
 from reclora_ray.rundir import RunDir
 from tests.conftest import kill_one_train_worker, tiny_config
 
@@ -58,7 +59,7 @@ def test_zero2_on_two_workers_resumes_after_a_killed_worker_and_scores(ray_local
     assert all(layer.lora_B.abs().sum() > 0 for layer in adapter.lora_layers().values())  # it trained
 
     scores = score_variant(cfg, run, "reclora")
-    preds = pd.read_parquet(scores / "predictions.parquet")
+    preds = read_predictions(scores)
     test = pd.read_parquet(run.data / "samples" / "test.parquet")
     assert sorted(preds["sample_id"]) == sorted(test["sample_id"])
     gates = np.stack(preds["gate"].to_numpy())

@@ -1,0 +1,142 @@
+"""Batch scoring on Ray Data, shared by the CTR (`llm/score.py`) and next-item (`llm/next_item_score.py`)
+stages: rows read by the workers, scored by an actor pool, written as Parquet shards into the
+stage's staged output, metrics computed over the shards by the workers (`predictions.py`).
+
+The driver never holds the rows: it lists row ranges (a split's Parquet row groups), and reads at
+most the sample_id column when the LLM rows score a fixed subsample of the split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reclora_ray.predictions import write_predictions
+from reclora_ray.rundir import write_json_atomic
+from reclora_ray.runtime import init_ray
+from reclora_ray.stages import StageRun
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+def row_ranges(path: Path) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of a Parquet file, one per row group (one read task each)."""
+    meta = pq.ParquetFile(path).metadata
+    bounds = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def read_slice(path: Path, lo: int, hi: int) -> pa.Table:
+    """Rows [lo, hi) of a Parquet file, reading only the row groups they fall in."""
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata
+    starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    groups = [i for i in range(meta.num_row_groups) if starts[i] < hi and starts[i + 1] > lo]
+    if not groups:
+        return pf.schema_arrow.empty_table()
+    return pf.read_row_groups(groups).slice(lo - int(starts[groups[0]]), hi - lo)
+
+
+def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k_short: int,
+                keep: np.ndarray | None) -> pa.Table:
+    """One range of a split's rows, its retrieved histories beside them (the retrieval output is
+    row-aligned with the samples), cut to the kept sample ids."""
+    from reclora_ray.retrieval.history import lists_to_padded
+
+    lo, hi = int(batch["lo"][0]), int(batch["hi"][0])
+    table = read_slice(Path(samples), lo, hi)
+    if retrieval is not None:
+        hist = read_slice(Path(retrieval), lo, hi)
+        if not np.array_equal(hist.column("sample_id").to_numpy(), table.column("sample_id").to_numpy()):
+            raise ValueError(f"the retrieval output {retrieval} does not match {samples} (rows {lo}..{hi}); "
+                             "re-run `reclora retrieve --overwrite`")
+        for name, k in (("hist_long", k_long), ("hist_short", k_short)):
+            padded = lists_to_padded(hist.column(name), k)
+            table = table.append_column(name, pa.FixedSizeListArray.from_arrays(pa.array(padded.reshape(-1)), k))
+    if keep is not None:
+        table = table.filter(pa.array(np.isin(table.column("sample_id").to_numpy(), keep)))
+    return table
+
+
+def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None):
+    """A Ray Dataset of a split's rows, read by the workers range by range.
+
+    `retrieval`: OUT/retrieval/<split>.parquet, whose hist_long / hist_short (padded to the
+    retrieval's k) join the rows; `keep`: the sample ids to score (None: all)."""
+    import json
+
+    import ray.data
+
+    k_long = k_short = 0
+    if retrieval is not None:
+        meta = json.loads((Path(retrieval).parent / "retrieval.json").read_text())
+        k_long, k_short = meta["k_long"], meta["k_short"]
+        if pq.ParquetFile(retrieval).metadata.num_rows != pq.ParquetFile(samples).metadata.num_rows:
+            raise ValueError(f"the retrieval output {retrieval} does not match {samples}; "
+                             "re-run `reclora retrieve --overwrite`")
+    ranges = row_ranges(samples)
+    if not ranges:
+        raise ValueError(f"{samples} holds no rows to score")
+    return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges]).map_batches(
+        _read_block, batch_size=1, batch_format="numpy",
+        fn_kwargs={"samples": str(samples), "retrieval": None if retrieval is None else str(retrieval),
+                   "k_long": k_long, "k_short": k_short, "keep": keep})
+
+
+def subsample_ids(samples: Path, n: int | None, seed: int) -> np.ndarray | None:
+    """The sample ids of `fixed_subsample(split sorted by sample_id, n, seed)`, from the sample_id
+    column alone; None when n keeps the whole split."""
+    ids = np.sort(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_numpy())
+    if n is None or n >= len(ids):
+        return None
+    return ids[np.sort(np.random.default_rng(seed).choice(len(ids), size=n, replace=False))]
+
+
+# --------------------------------------------------------------------------- writing predictions
+
+
+def _plain_block(frame: pd.DataFrame, data_dir: str | None) -> pa.Table:
+    """A scored block as plain Arrow types (vector columns as fixed-size lists, not Ray's tensor
+    extension: any Parquet reader reads them), with the catalogue ids beside the dense ones."""
+    if data_dir is not None:
+        from reclora_ray.data.catalogue import add_catalogue_ids
+
+        frame = add_catalogue_ids(frame.reset_index(drop=True), data_dir)
+    vectors = [c for c in frame.columns if "Tensor" in str(frame[c].dtype)
+               or (len(frame) > 0 and isinstance(frame[c].iloc[0], (np.ndarray, list)))]
+    table = pa.Table.from_pandas(frame.drop(columns=vectors), preserve_index=False)
+    for name in vectors:
+        values = np.stack(frame[name].to_numpy())
+        at = list(frame.columns).index(name)
+        table = table.add_column(at, name, pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]))
+    return table
+
+
+def score_with(actor, ctor_kwargs: dict, rows, *, stage: StageRun, num_gpus: float, block_rows: int,
+               summarize: Callable[[Path], dict], info: dict, data_dir: Path | None = None) -> dict:
+    """Score `rows` (a Ray Dataset) with an actor pool of `actor` (a callable class: pandas rows ->
+    pandas predictions) into the stage's staged output: predictions as Parquet shards, then
+    metrics.json = summarize(staged dir) | info (the marker and resolved config: `stage.write`).
+    `data_dir`: add the catalogue ids (user_raw_id, item_raw_id) of the prepared data beside the dense ones."""
+    import ray.data
+
+    cfg = stage.cfg
+    init_ray(cfg)
+    scored = rows.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
+    scored = scored.map_batches(_plain_block, batch_size=None, batch_format="pandas",
+                                fn_kwargs={"data_dir": None if data_dir is None else str(data_dir)})
+    with stage.write() as tmp:
+        write_predictions(scored, tmp)
+        metrics = summarize(tmp) | info
+        write_json_atomic(tmp / "metrics.json", metrics)
+    return metrics
