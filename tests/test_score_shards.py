@@ -13,10 +13,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from reclora_ray import predictions
 from reclora_ray.llm.histories import fixed_subsample, load_samples
 from reclora_ray.llm.score import score_crm, score_variant
-from reclora_ray.variants import get_variant
 from reclora_ray.predictions import read_predictions, shard_files
 from reclora_ray.report import write_report
 from reclora_ray.rundir import MARKER, RunDir
+from reclora_ray.variants import get_variant
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
