@@ -24,7 +24,7 @@ FAST_CRM = ["--set", "crm.history=recent", "--set", "crm.batch_size=256", "--set
 def registered_checkpoint(scratch: Path) -> bool:
     """Whether the Ray Train controller has registered a checkpoint (a checkpoint directory on
     disk is not enough: a report the controller has not collected yet is lost with its worker)."""
-    for snapshot in scratch.glob("*/crm/.ray-train-sim/*/checkpoint_manager_snapshot.json"):
+    for snapshot in scratch.glob("*/crm/.ray-train-sim-recent/*/checkpoint_manager_snapshot.json"):
         try:
             return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
         except json.JSONDecodeError:  # being written
@@ -88,7 +88,7 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
     assert metrics["model"] == "sim" and metrics["n_test"] == 200 and 0.5 < metrics["auc"] <= 1
     assert load_crm(out).d_c == metrics["d_c"] == json.loads((out / "crm.json").read_text())["d_c"]
     assert "uploading " in logs and list(scratch.iterdir()) == []  # the staged run directory is gone
-    assert not (run / "crm" / ".ray-train-sim").exists()
+    assert not (run / "crm" / ".ray-train-sim-recent").exists()
 
     # Same config again: the finished output at the URI is seen, nothing is trained or uploaded.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
