@@ -105,11 +105,11 @@ class Scorer:
 class CRMScorer:
     """Ray Data actor: the CRM alone, sigmoid(logit), on the same rows as the LLMs."""
 
-    def __init__(self, cfg: Config, run: RunDir, crm_dir: Path, long_mode: str):
+    def __init__(self, cfg: Config, run: RunDir | str, crm_dir: Path, long_mode: str):
         from reclora_ray.crm import load_crm
         from reclora_ray.crm.features import FeatureEncoder
 
-        self.data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
+        self.data = PreparedData.load(RunDir.of(run).data, expect_dataset=cfg.data.dataset)
         self.model = load_crm(crm_dir)
         self.encoder = FeatureEncoder(self.model.spec)
         self.long_mode = long_mode
