@@ -232,7 +232,11 @@ def test_export_adapter_command_writes_the_services_adapter_and_a_merged_model(s
     served_tensors = load_file(tmp_path / "served" / name / "adapter_model.safetensors")
     cli_tensors = load_file(tmp_path / "cli" / "adapter_model.safetensors")
     assert served_tensors.keys() == cli_tensors.keys()
-    assert all(torch.equal(served_tensors[k], cli_tensors[k]) for k in served_tensors)
+    # The same adapter up to float summation order: the replica and this process may run different
+    # thread counts, so the CRM forward and the gate's mix can differ in the last bits (a wrong
+    # history or gate would differ by orders of magnitude more).
+    for k in served_tensors:
+        torch.testing.assert_close(served_tensors[k], cli_tensors[k], rtol=1e-5, atol=1e-7, msg=k)
 
     assert cli_main([*base_args, "--out", str(tmp_path / "merged"), "--merge"]) == 0
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
