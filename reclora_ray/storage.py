@@ -11,6 +11,7 @@ GOOGLE_APPLICATION_CREDENTIALS / workload identity for gs://).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import uuid
 from pathlib import Path
@@ -18,6 +19,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
+
+
+def package_dir(module: str, missing: str) -> Path:
+    """The folder of an installed package, found without importing it (the data and model packages
+    import heavy or absent dependencies); FileNotFoundError with `missing` when it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(missing)
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def is_uri(location: str | Path) -> bool:

