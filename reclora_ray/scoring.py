@@ -28,14 +28,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- reading rows
 
 
-def row_ranges(path: Path, max_rows: int) -> list[tuple[int, int]]:
-    """[lo, hi) row ranges of a Parquet file (one read task each): its row groups, cut into ranges
-    of at most `max_rows` rows. A split written as one row group would otherwise be one block,
-    which an actor pool scores on one actor however many it holds."""
+def row_ranges(path: Path) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of a Parquet file, one per row group (one read task each)."""
     meta = pq.ParquetFile(path).metadata
     bounds = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    return [(int(lo), int(min(lo + max_rows, b))) for a, b in zip(bounds[:-1], bounds[1:])
-            for lo in range(int(a), int(b), max_rows)]
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def read_slice(path: Path, lo: int, hi: int) -> pa.Table:
@@ -70,10 +67,8 @@ def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k
     return table
 
 
-def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None,
-               range_rows: int = 1024):
-    """A Ray Dataset of a split's rows, read by the workers range by range (`range_rows` rows of
-    the file each, before `keep`).
+def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None):
+    """A Ray Dataset of a split's rows, read by the workers range by range.
 
     `retrieval`: OUT/retrieval/<split>.parquet, whose hist_long / hist_short (padded to the
     retrieval's k) join the rows; `keep`: the sample ids to score (None: all)."""
@@ -88,7 +83,7 @@ def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | 
         if pq.ParquetFile(retrieval).metadata.num_rows != pq.ParquetFile(samples).metadata.num_rows:
             raise ValueError(f"the retrieval output {retrieval} does not match {samples}; "
                              "re-run `reclora retrieve --overwrite`")
-    ranges = row_ranges(samples, range_rows)
+    ranges = row_ranges(samples)
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
     return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges]).map_batches(

@@ -78,16 +78,3 @@ def test_llm_rows_score_the_fixed_subsample_and_the_report_reads_the_shards(ray_
         assert m["auc"] == pytest.approx(roc_auc_score(own["label"], np.clip(own["p_yes"], 1e-7, 1 - 1e-7)))
     crm = json.loads((run.scores("crm-sim") / "metrics.json").read_text())
     assert payload["own_samples"]["crm-sim"]["auc"] == pytest.approx(crm["auc"], abs=1e-12)
-
-
-def test_row_ranges_cut_row_groups_so_every_actor_of_a_pool_gets_work(tmp_path):
-    import pyarrow as pa
-
-    from reclora_ray.scoring import read_slice, row_ranges
-
-    path = tmp_path / "split.parquet"
-    pq.write_table(pa.table({"sample_id": list(range(2500))}), path, row_group_size=2000)
-    ranges = row_ranges(path, 1024)
-    assert ranges == [(0, 1024), (1024, 2000), (2000, 2500)]
-    read = [read_slice(path, lo, hi).column("sample_id").to_pylist() for lo, hi in ranges]
-    assert sum(read, []) == list(range(2500))
