@@ -28,11 +28,20 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- reading rows
 
 
-def row_ranges(path: Path) -> list[tuple[int, int]]:
-    """[lo, hi) row ranges of a Parquet file, one per row group (one read task each)."""
+def row_ranges(path: Path, min_ranges: int = 1) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of a Parquet file (one read task each): its row groups, each cut into
+    equal pieces when the file has fewer than `min_ranges` groups. A split written as one row
+    group would otherwise be one block, which an actor pool scores on one actor however many it
+    holds. A piece reads its whole row group, so a group is cut into at most `min_ranges` pieces,
+    never into fixed-size ranges (quadratic on a large one-group file)."""
     meta = pq.ParquetFile(path).metadata
     bounds = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    pieces = -(-max(min_ranges, 1) // max(meta.num_row_groups, 1))
+    ranges = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cuts = np.unique(np.linspace(a, b, min(pieces, b - a) + 1).round().astype(int)) if b > a else []
+        ranges += [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    return ranges
 
 
 def read_slice(path: Path, lo: int, hi: int) -> pa.Table:
@@ -67,8 +76,14 @@ def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k
     return table
 
 
-def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None):
-    """A Ray Dataset of a split's rows, read by the workers range by range.
+def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None,
+               min_ranges: int = 8, readers: int = 2):
+    """A Ray Dataset of a split's rows, read by the workers range by range (at least `min_ranges`
+    ranges where the split has as many rows: give an actor pool several blocks per actor).
+
+    The reads take no CPU, at most `readers` at a time: on one CPU each they would be fused into
+    the scoring actors, which then bundle `batch_size` one-row range items into one call and score
+    the whole split on one actor, or wait for CPUs the actors hold.
 
     `retrieval`: OUT/retrieval/<split>.parquet, whose hist_long / hist_short (padded to the
     retrieval's k) join the rows; `keep`: the sample ids to score (None: all)."""
@@ -83,11 +98,11 @@ def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | 
         if pq.ParquetFile(retrieval).metadata.num_rows != pq.ParquetFile(samples).metadata.num_rows:
             raise ValueError(f"the retrieval output {retrieval} does not match {samples}; "
                              "re-run `reclora retrieve --overwrite`")
-    ranges = row_ranges(samples)
+    ranges = row_ranges(samples, min_ranges)
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
-    return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges]).map_batches(
-        _read_block, batch_size=1, batch_format="numpy",
+    return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
+        _read_block, batch_size=1, batch_format="numpy", num_cpus=0, concurrency=readers,
         fn_kwargs={"samples": str(samples), "retrieval": None if retrieval is None else str(retrieval),
                    "k_long": k_long, "k_short": k_short, "keep": keep})
 

@@ -1,0 +1,56 @@
+"""Reading a split for scoring: row ranges that give every actor of a pool work, read back whole."""
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from reclora_ray.scoring import read_slice, row_ranges, split_rows
+
+
+def _split(path, n: int, row_group_size: int):
+    pq.write_table(pa.table({"sample_id": np.arange(n), "label": np.arange(n) % 2}), path,
+                   row_group_size=row_group_size)
+    return path
+
+
+@pytest.mark.parametrize(("n", "group", "min_ranges", "expected"), [
+    (2000, 2000, 8, 8),   # the quickstart's test split: one row group, cut into 8 pieces
+    (2500, 1000, 8, 9),   # three groups, each cut into ceil(8 / 3) = 3 pieces
+    (2500, 100, 8, 25),   # enough groups already: one range each
+    (5, 5, 8, 5),         # fewer rows than ranges asked for: one row each
+    (2000, 2000, 1, 1),
+])
+def test_row_ranges_cover_the_file_once_in_order(tmp_path, n, group, min_ranges, expected):
+    path = _split(tmp_path / "split.parquet", n, group)
+    ranges = row_ranges(path, min_ranges)
+    assert len(ranges) == expected
+    assert all(hi > lo for lo, hi in ranges)
+    read = np.concatenate([read_slice(path, lo, hi).column("sample_id").to_numpy() for lo, hi in ranges])
+    np.testing.assert_array_equal(read, np.arange(n))
+    for g in range(-(-n // group)):  # a group's pieces are equal to a row, and none crosses groups
+        sizes = [hi - lo for lo, hi in ranges if lo // group == g]
+        assert max(sizes) - min(sizes) <= 1 and all((hi - 1) // group == lo // group for lo, hi in ranges)
+
+
+@pytest.mark.ray
+def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, tmp_path):
+    """A split written as one row group used to be one block, which a 2-actor pool scored on one."""
+    import ray.data
+
+    class Pid:  # defined here so Ray ships it by value (the tests are not importable by the workers)
+        def __call__(self, batch):
+            time.sleep(0.2)  # a scorer's pace: the first actor up must not drain the pool's queue alone
+            return batch.assign(pid=os.getpid())
+
+    path = _split(tmp_path / "test.parquet", 640, 640)
+    keep = np.arange(0, 640, 2)
+    rows = split_rows(path, keep=keep, min_ranges=8)
+    assert rows.materialize().num_blocks() == 8
+    scored = rows.map_batches(Pid, batch_size=16, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=2)).to_pandas()
+    assert sorted(scored["sample_id"]) == keep.tolist()
+    assert scored["pid"].nunique() == 2
