@@ -102,7 +102,8 @@ def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | 
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
     return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
-        _read_block, batch_size=1, batch_format="numpy", num_cpus=0, concurrency=readers,
+        _read_block, batch_size=1, batch_format="numpy", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=readers),
         fn_kwargs={"samples": str(samples), "retrieval": None if retrieval is None else str(retrieval),
                    "k_long": k_long, "k_short": k_short, "keep": keep})
 
