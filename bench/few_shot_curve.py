@@ -35,21 +35,12 @@ from reclora_ray.llm.histories import load_samples  # noqa: E402
 from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
 from reclora_ray.llm.model import build_model, training_loss  # noqa: E402
 from reclora_ray.llm.score import Scorer  # noqa: E402
-from reclora_ray.llm.tune import few_shot_sample  # noqa: E402
+from reclora_ray.llm.tune import few_shot_sample, lr_schedule  # noqa: E402
 from reclora_ray.metrics import binary_metrics  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
 from reclora_ray.variants import get_variant  # noqa: E402
 
 log = logging.getLogger("few_shot_curve")
-
-
-def linear_schedule(optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up to the peak lr, then linear decay to 0 (DeepSpeed's WarmupDecayLR)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:  # none by default: the paper's schedule is a linear decay
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, InputBuilder, int, float]:
@@ -64,7 +55,7 @@ def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, 
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     per_epoch = len(train) // (t.micro_batch * t.grad_accum)
     total = max(1, per_epoch) * t.epochs
-    scheduler = linear_schedule(optimizer, total, int(t.warmup_ratio * total))
+    scheduler = lr_schedule(cfg, total)(optimizer)  # the tune stage's own schedule
     rng = np.random.default_rng(cfg.run.seed)
     start, steps = time.perf_counter(), 0
     model.train()
