@@ -232,12 +232,12 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
 
 
 def run_stage(cfg, run: RunDir, key=None, overwrite: bool = False, timings: dict | None = None) -> dict:
-    """The `report` stage of the stage table: OUT/report.md and OUT/metrics.json, with the notes
-    of `reclora run` when it gets its stage wall times."""
-    return write_report(run, run_notes(cfg, run, timings) if timings is not None else None)
+    """The `report` stage of the stage table: OUT/report.md and OUT/metrics.json, with notes on
+    what the run was under `cfg` (and the stage wall times, when `reclora run` gives them)."""
+    return write_report(run, run_notes(cfg, run, timings))
 
 
-def run_notes(cfg, run: RunDir, timings: dict) -> list[str]:
+def run_notes(cfg, run: RunDir, timings: dict | None = None) -> list[str]:
     """What a run was: dataset, models, few-shot set, test samples, histories, stage wall times."""
     scored = (["zero-shot"] if cfg.score.zero_shot else []) + list(cfg.tune.variants)
     return [
@@ -250,8 +250,7 @@ def run_notes(cfg, run: RunDir, timings: dict) -> list[str]:
                     f"{cfg.run.seed}), the CRM on the whole split" if cfg.score.llm_subsample else "the whole split")
         + (f" (itself a fixed subsample of {cfg.data.test_subsample})" if cfg.data.test_subsample else ""),
         f"histories: {cfg.retrieve.k_long} behaviours for the CRM, {cfg.retrieve.k_short} in the prompt",
-        "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
-    ]
+    ] + (["stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())] if timings else [])
 
 
 def _computed_dtype(run: RunDir, scored: list[str]) -> str:

@@ -79,3 +79,18 @@ def test_table_without_ours_has_no_comparison():
                                       "logloss_ci": [0.58, 0.62], "n": 10, "users": 3}}}
     assert comparison_table(payload).splitlines()[-1] == \
         "| DIN | ID-based | 0.7000 [0.6800, 0.7200] | 0.6000 [0.5800, 0.6200] | - | - | - |"
+
+
+def test_the_report_stage_alone_writes_what_the_run_was_under_its_config(tmp_path):
+    """`reclora report --config X` used to ignore X: only `reclora run`, which passes stage times, wrote notes."""
+    from reclora_ray.report import run_stage
+    from tests.conftest import tiny_config
+
+    run, *_ = _run(tmp_path)
+    cfg = tiny_config("score.llm_subsample=400")
+    run_stage(cfg, run)
+    report = (tmp_path / "report.md").read_text()
+    assert f"dataset {cfg.data.dataset}; LLM {cfg.llm.model}" in report
+    assert "fixed random subsample of 400 samples" in report and "stage wall times" not in report
+    run_stage(cfg, run, timings={"prepare": 1.5})
+    assert "stage wall times (s): prepare 1.5" in (tmp_path / "report.md").read_text()
