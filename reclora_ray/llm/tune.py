@@ -28,7 +28,7 @@ from reclora_ray.console import Progress
 from reclora_ray.curves import Curves, curves_config, keep_curves
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.histories import fixed_subsample, load_samples
-from reclora_ray.llm.tune_state import load_state, read_state, save_state
+from reclora_ray.llm.tune_state import load_state, read_state, save_engine_adapter, save_state
 from reclora_ray.rundir import RunDir, write_json_atomic
 from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
@@ -157,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from reclora_ray.base_model import dtype_name, resolve_dtype
     from reclora_ray.console import setup_worker_logging
     from reclora_ray.llm.model import build_model
-    from reclora_ray.llm.plora import save_adapter, unwrap
+    from reclora_ray.llm.plora import unwrap
 
     setup_worker_logging()  # also where Ray's setup hook did not run (a job's cluster): our lines are shown
     cfg: Config = loop_config["cfg"]
@@ -213,8 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             save_state(engine, Path(tmp), rank, world, {"history": history})  # safetensors + JSON, no pickle
-            if rank == 0:
-                save_adapter(unwrap(engine.module), Path(tmp) / "adapter")
+            save_engine_adapter(engine, Path(tmp) / "adapter", rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
             log.info("%s", task.summary(metrics))

@@ -161,6 +161,24 @@ def save_state(engine, directory: Path, rank: int, world: int, extra: dict) -> N
     (directory / STATE_FILE).write_text(json.dumps(state))
 
 
+def save_engine_adapter(engine, directory: Path, rank: int) -> None:
+    """The engine's adapter (gate and meta-LoRAs, `save_adapter`'s format) written by rank 0. Every
+    rank calls it: under ZeRO-3 each holds a slice of every parameter, gathered here for the write
+    (a collective), or rank 0 would write empty tensors."""
+    from contextlib import nullcontext
+
+    import deepspeed
+
+    from reclora_ray.llm.plora import save_adapter, unwrap
+
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    whole = (deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+             if engine.zero_optimization_stage() == 3 else nullcontext())
+    with whole:
+        if rank == 0:
+            save_adapter(unwrap(engine.module), directory)
+
+
 def refuse_pickles(directory: Path) -> None:
     for path in sorted(Path(directory).rglob("*")):
         if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:

@@ -252,3 +252,27 @@ def test_a_non_tty_tune_run_prints_periodic_one_line_progress(process_group, tmp
     assert [r.getMessage().split(",")[0] for r in caplog.records if r.name == log.name] == [
         "demo epoch 1: 8/8 micro-batches (100%)"]
     curves.close()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_adapter_of_a_zero3_engine_is_saved_whole(process_group, tmp_path, zero_stage):
+    """ZeRO-3 holds a slice of every parameter per rank: rank 0 alone wrote empty tensors."""
+    import deepspeed
+
+    from reclora_ray.config import LoRAConfig, load_config
+    from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter, trainable_state_dict
+    from reclora_ray.llm.tune import deepspeed_config
+    from reclora_ray.llm.tune_state import save_engine_adapter
+    from tests.llm.conftest import CRM_DIM, randomize_lora_b, tiny_llama
+
+    model = PersonalizedLoRAModel(tiny_llama(), LoRAConfig(n_meta=2, target_modules=["q_proj", "v_proj"]), CRM_DIM)
+    randomize_lora_b(model)
+    expected = {k: v.clone() for k, v in trainable_state_dict(model).items()}
+    cfg = load_config("tiny", [f"tune.zero_stage={zero_stage}"])
+    ds, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                  dist_init_required=False, config=deepspeed_config(cfg, 1, total_steps=4))
+    save_engine_adapter(ds, tmp_path / "adapter", rank=0)
+    restored = trainable_state_dict(load_adapter(tiny_llama(), tmp_path / "adapter"))
+    assert restored.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(restored[name], tensor, rtol=0, atol=0, msg=name)
