@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -76,6 +76,14 @@ def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k
     return table
 
 
+class SplitRows(NamedTuple):
+    """A split's rows to score: a lazy Ray Dataset, and how many rows it holds (known up front,
+    so the pool's calls can be sized without executing the dataset)."""
+
+    dataset: Any
+    n_rows: int
+
+
 def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None,
                min_ranges: int = 8, readers: int = 2):
     """A Ray Dataset of a split's rows, read by the workers range by range (at least `min_ranges`
@@ -101,11 +109,12 @@ def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | 
     ranges = row_ranges(samples, min_ranges)
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
-    return ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
+    n_rows = len(keep) if keep is not None else ranges[-1][1]
+    return SplitRows(ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
         _read_block, batch_size=1, batch_format="numpy", num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=readers),
         fn_kwargs={"samples": str(samples), "retrieval": None if retrieval is None else str(retrieval),
-                   "k_long": k_long, "k_short": k_short, "keep": keep})
+                   "k_long": k_long, "k_short": k_short, "keep": keep}), n_rows)
 
 
 def subsample_ids(samples: Path, n: int | None, seed: int) -> np.ndarray | None:
@@ -137,17 +146,26 @@ def _plain_block(frame: pd.DataFrame, data_dir: str | None) -> pa.Table:
     return table
 
 
-def score_with(actor, ctor_kwargs: dict, rows, *, stage: StageRun, num_gpus: float, block_rows: int,
+def call_rows(n_rows: int, max_rows: int, actors: int) -> int:
+    """Rows per actor call: at most `max_rows`, and few enough that the split makes at least four
+    calls per actor (Ray Data bundles small blocks up to a call's rows: 200 rows in calls of 128
+    would go 128 to one actor and 72 to the other)."""
+    return max(1, min(max_rows, -(-n_rows // (4 * actors))))
+
+
+def score_with(actor, ctor_kwargs: dict, rows: SplitRows, *, stage: StageRun, num_gpus: float, max_call_rows: int,
                summarize: Callable[[Path], dict], info: dict, data_dir: Path | None = None) -> dict:
-    """Score `rows` (a Ray Dataset) with an actor pool of `actor` (a callable class: pandas rows ->
-    pandas predictions) into the stage's staged output: predictions as Parquet shards, then
-    metrics.json = summarize(staged dir) | info (the marker and resolved config: `stage.write`).
-    `data_dir`: add the catalogue ids (user_raw_id, item_raw_id) of the prepared data beside the dense ones."""
+    """Score `rows` with an actor pool of `actor` (a callable class: pandas rows -> pandas
+    predictions; calls of at most `max_call_rows` rows) into the stage's staged output: predictions
+    as Parquet shards, then metrics.json = summarize(staged dir) | info (the marker and resolved
+    config: `stage.write`). `data_dir`: add the catalogue ids (user_raw_id, item_raw_id) of the
+    prepared data beside the dense ones."""
     import ray.data
 
     cfg = stage.cfg
     init_ray(cfg)
-    scored = rows.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=block_rows, batch_format="pandas",
+    per_call = call_rows(rows.n_rows, max_call_rows, cfg.score.concurrency)
+    scored = rows.dataset.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=per_call, batch_format="pandas",
                               compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
     scored = scored.map_batches(_plain_block, batch_size=None, batch_format="pandas",
                                 fn_kwargs={"data_dir": None if data_dir is None else str(data_dir)})

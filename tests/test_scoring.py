@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reclora_ray.scoring import read_slice, row_ranges, split_rows
+from reclora_ray.scoring import call_rows, read_slice, row_ranges, split_rows
 
 
 def _split(path, n: int, row_group_size: int):
@@ -36,6 +36,12 @@ def test_row_ranges_cover_the_file_once_in_order(tmp_path, n, group, min_ranges,
         assert max(sizes) - min(sizes) <= 1 and all((hi - 1) // group == lo // group for lo, hi in ranges)
 
 
+def test_calls_are_sized_so_every_actor_gets_several():
+    assert call_rows(200, 128, actors=2) == 25  # not 128 + 72: four calls per actor
+    assert call_rows(2000, 128, actors=2) == 128
+    assert call_rows(3, 128, actors=2) == 1
+
+
 @pytest.mark.ray
 def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, tmp_path):
     """A split written as one row group used to be one block, which a 2-actor pool scored on one."""
@@ -49,8 +55,8 @@ def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, t
     path = _split(tmp_path / "test.parquet", 640, 640)
     keep = np.arange(0, 640, 2)
     rows = split_rows(path, keep=keep, min_ranges=8)
-    assert rows.materialize().num_blocks() == 8
-    scored = rows.map_batches(Pid, batch_size=16, batch_format="pandas",
+    assert rows.n_rows == len(keep) and rows.dataset.materialize().num_blocks() == 8
+    scored = rows.dataset.map_batches(Pid, batch_size=call_rows(rows.n_rows, 128, actors=2), batch_format="pandas",
                               compute=ray.data.ActorPoolStrategy(size=2)).to_pandas()
     assert sorted(scored["sample_id"]) == keep.tolist()
     assert scored["pid"].nunique() == 2

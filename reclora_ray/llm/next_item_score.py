@@ -230,7 +230,7 @@ def _score_next(actor, ctor_kwargs: dict, stage: StageRun, num_gpus: float, info
     rows = split_rows(split_path(stage.run, "test"), min_ranges=4 * cfg.score.concurrency,
                       readers=cfg.score.concurrency)
     metrics = score_with(actor, ctor_kwargs, rows, stage=stage,
-                         num_gpus=num_gpus, block_rows=max(cfg.score.batch_size * 4, 32), summarize=next_item_summary,
+                         num_gpus=num_gpus, max_call_rows=max(cfg.score.batch_size * 4, 32), summarize=next_item_summary,
                          info=info)
     generated = (f"; generated {metrics['gen_n']}: HR@1 {metrics['gen_hr@1']:.4f} over valid answers, "
                  f"ValidRatio {metrics['valid_ratio']:.4f}") if "gen_n" in metrics else ""

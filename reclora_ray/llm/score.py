@@ -139,7 +139,7 @@ def ctr_summary(staged: Path) -> dict:
 
 def _score_ctr(actor, ctor_kwargs: dict, rows, stage: StageRun, num_gpus: float, info: dict) -> dict:
     metrics = score_with(actor, ctor_kwargs, rows, stage=stage, num_gpus=num_gpus,
-                         block_rows=max(stage.cfg.score.batch_size * 8, 128), summarize=ctr_summary, info=info,
+                         max_call_rows=max(stage.cfg.score.batch_size * 8, 128), summarize=ctr_summary, info=info,
                          data_dir=stage.run.data)
     log.info("%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
              info["model"], metrics["auc"], metrics["logloss"], metrics["n"], stage.out)
@@ -147,7 +147,7 @@ def _score_ctr(actor, ctor_kwargs: dict, rows, stage: StageRun, num_gpus: float,
 
 
 def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
-    """The test split as a Ray Dataset (with the retrieved histories the variant reads), cut to
+    """The test split's rows (`SplitRows`: with the retrieved histories the variant reads), cut to
     `llm_test_rows`' fixed subsample when `subsample`."""
     from reclora_ray.retrieval.retrieve import retrieval_dir
 
