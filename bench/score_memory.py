@@ -6,9 +6,14 @@ stages; or reuses --run), replaces its test split by --rows rows (the tiny test 
 retrieved histories repeated under new sample ids), then scores the CRM alone on the whole split
 (`score_crm`: the stage that scores every test row) once per mode, each in a fresh process:
 
-  before  the scoring module as of --before-ref (git show): the driver reads the split into pandas,
-          hands it to Ray Data, collects the scored rows with to_pandas() and writes one file
+  before  the package as of --before-ref (a git worktree of it, imported instead of this checkout):
+          the driver reads the split into pandas, hands it to Ray Data, collects the scored rows
+          with to_pandas() and writes one file
   after   this checkout: the workers read, score and write Parquet shards; metrics by the workers
+
+The run is built by this checkout, so --before-ref must read its layout: 28acebb (the recorded
+'before' in bench/results/score_memory_*.json) predates the top-level OUT/retrieval and stops
+with "no retrieval output under .../data"; compare today's scoring with `--modes after`.
 
 Per mode: the driver's peak RSS over the scoring call (sampled every 50 ms; the driver process
 alone, not Ray's workers or object store), its RSS when the call starts, wall time, and the
@@ -20,7 +25,7 @@ metrics (equal in both modes: the same rows, the same model). Prints one JSON ob
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -32,7 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+SOURCE_TREE_ENV = "BENCH_SOURCE_TREE"  # the package a child imports: this checkout, or --before-ref's worktree
+sys.path.insert(0, os.environ.get(SOURCE_TREE_ENV, str(ROOT)))
 
 OVERRIDES = ["run.num_cpus=2", "crm.num_workers=1", "crm.cpus_per_worker=1", "score.concurrency=1"]
 
@@ -68,16 +74,12 @@ def synthesize_split(run: Path, rows: int) -> None:
     pq.write_table(hist, retrieval_path)
 
 
-def load_before(ref: str):
-    """The scoring module as it was at `ref`, imported from `git show` (a module of its own)."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:reclora_ray/llm/score.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "score_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("score_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def worktree(ref: str) -> Path:
+    """A detached git worktree of `ref`, so the 'before' child imports the whole package as it
+    was (one old module over today's package breaks as soon as an import it uses moves)."""
+    path = Path(tempfile.mkdtemp(prefix="score-memory-before-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(path), ref], check=True)
+    return path
 
 
 class DriverPeak:
@@ -114,7 +116,7 @@ def child(mode: str, run: Path, ref: str) -> dict:
     from reclora_ray.runtime import init_ray
 
     cfg = load_config("tiny", OVERRIDES)
-    module = load_before(ref) if mode == "before" else importlib.import_module("reclora_ray.llm.score")
+    module = importlib.import_module("reclora_ray.llm.score")
     init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(run / "scores", ignore_errors=True)
@@ -157,8 +159,14 @@ def main() -> int:
     synthesize_split(run, args.rows)
     results = []
     for mode in args.modes.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--run", str(run), "--before-ref", args.before_ref],
-                              capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        tree = worktree(args.before_ref) if mode == "before" else ROOT
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--run", str(run), "--before-ref", args.before_ref],
+                                  capture_output=True, text=True,
+                                  env=os.environ | {"PYTHONPATH": str(tree), SOURCE_TREE_ENV: str(tree)})
+        finally:
+            if tree != ROOT:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
