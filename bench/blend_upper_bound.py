@@ -54,12 +54,19 @@ def with_ci(labels, users, probs: dict[str, np.ndarray]) -> dict:
     out = {}
     for name, p in probs.items():
         point = binary_metrics(labels, p)
-        out[name] = {"auc": point["auc"], "auc_ci": interval(boot[name][:, 0]),
-                     "logloss": point["logloss"], "logloss_ci": interval(boot[name][:, 1])}
+        out[name] = {
+            "auc": point["auc"],
+            "auc_ci": interval(boot[name][:, 0]),
+            "logloss": point["logloss"],
+            "logloss_ci": interval(boot[name][:, 1]),
+        }
         if name != "crm":
             diff = boot[name][:, 0] - boot["crm"][:, 0]
-            out[name] |= {"minus_crm_auc": point["auc"] - out["crm"]["auc"], "minus_crm_ci": interval(diff),
-                          "minus_crm_p": paired_p_value(diff)}
+            out[name] |= {
+                "minus_crm_auc": point["auc"] - out["crm"]["auc"],
+                "minus_crm_ci": interval(diff),
+                "minus_crm_p": paired_p_value(diff),
+            }
     return out
 
 
@@ -84,7 +91,9 @@ def main() -> None:
         valid = valid.reset_index(drop=True)
         key = variant.long_mode
         if key not in crm_valid_cache:
-            crm_valid_cache[key] = CRMScorer(cfg, str(run.root), str(crm_dir), variant.long_mode)(valid)["p_yes"].to_numpy()
+            crm_valid_cache[key] = CRMScorer(cfg, str(run.root), str(crm_dir), variant.long_mode)(valid)[
+                "p_yes"
+            ].to_numpy()
         log.info("scoring %s on %d validation samples", name, len(valid))
         llm_valid = Scorer(cfg, str(run.root), name)(valid)["p_yes"].to_numpy()
         labels_valid = valid["label"].to_numpy()
@@ -92,19 +101,33 @@ def main() -> None:
 
         test = pd.read_parquet(run.scores(name) / "predictions.parquet")[["sample_id", "user_id", "label", "p_yes"]]
         test = test.merge(crm_test[["sample_id", "p_yes"]].rename(columns={"p_yes": "crm"}), on="sample_id")
-        probs = {"crm": test["crm"].to_numpy(), "llm": test["p_yes"].to_numpy(),
-                 "blend": blend.predict_proba(np.c_[logit(test["crm"]), logit(test["p_yes"])])[:, 1]}
+        probs = {
+            "crm": test["crm"].to_numpy(),
+            "llm": test["p_yes"].to_numpy(),
+            "blend": blend.predict_proba(np.c_[logit(test["crm"]), logit(test["p_yes"])])[:, 1],
+        }
         results[name] = {
-            "valid": {"n": len(valid), "crm_auc": binary_metrics(labels_valid, crm_valid_cache[key])["auc"],
-                      "llm_auc": binary_metrics(labels_valid, llm_valid)["auc"],
-                      "coef_crm_llm": blend.coef_[0].tolist(), "intercept": float(blend.intercept_[0])},
+            "valid": {
+                "n": len(valid),
+                "crm_auc": binary_metrics(labels_valid, crm_valid_cache[key])["auc"],
+                "llm_auc": binary_metrics(labels_valid, llm_valid)["auc"],
+                "coef_crm_llm": blend.coef_[0].tolist(),
+                "intercept": float(blend.intercept_[0]),
+            },
             "test": {"n": len(test), "users": int(test["user_id"].nunique())}
             | with_ci(test["label"].to_numpy(), test["user_id"].to_numpy(), probs),
         }
         t = results[name]["test"]
-        log.info("%s: test AUC crm %.4f, llm %.4f, blend %.4f (blend - crm %+.4f, 95%% CI [%+.4f, %+.4f], p %.3f)",
-                 name, t["crm"]["auc"], t["llm"]["auc"], t["blend"]["auc"], t["blend"]["minus_crm_auc"],
-                 *t["blend"]["minus_crm_ci"], t["blend"]["minus_crm_p"])
+        log.info(
+            "%s: test AUC crm %.4f, llm %.4f, blend %.4f (blend - crm %+.4f, 95%% CI [%+.4f, %+.4f], p %.3f)",
+            name,
+            t["crm"]["auc"],
+            t["llm"]["auc"],
+            t["blend"]["auc"],
+            t["blend"]["minus_crm_auc"],
+            *t["blend"]["minus_crm_ci"],
+            t["blend"]["minus_crm_p"],
+        )
     print(json.dumps(results))
 
 

@@ -46,7 +46,7 @@ def write_synthetic_ml25m(root: Path, fraction: float, seed: int = 0) -> Path:
         return data
     rng = np.random.default_rng(seed)
     n_users = max(100, int(ML25M["users"] * fraction))
-    n_items = max(100, int(ML25M["items"] * fraction ** 0.5))
+    n_items = max(100, int(ML25M["items"] * fraction**0.5))
     n_rows = int(ML25M["rows"] * fraction)
     log.info("writing a synthetic log: %d users, %d items, %d behaviours", n_users, n_items, n_rows)
     (data / "samples").mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,12 @@ def write_synthetic_ml25m(root: Path, fraction: float, seed: int = 0) -> Path:
     item_quality = rng.normal(size=n_items).astype(np.float32)
     user_of_row = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     user_bias = rng.normal(scale=0.7, size=n_users).astype(np.float32)
-    ratings = np.clip(np.round((3.5 + item_quality[item_ids] * 0.6 + user_bias[user_of_row]
-                                + rng.normal(scale=0.8, size=n_rows)) * 2) / 2, 0.5, 5.0).astype(np.float32)
+    ratings = np.clip(
+        np.round((3.5 + item_quality[item_ids] * 0.6 + user_bias[user_of_row] + rng.normal(scale=0.8, size=n_rows)) * 2)
+        / 2,
+        0.5,
+        5.0,
+    ).astype(np.float32)
     labels = (ratings > 3.0).astype(np.int8)
     gaps = np.cumsum(rng.integers(1, 3600, size=n_rows))
     first = rng.integers(789_652_009, 1_500_000_000, size=n_users)
@@ -71,27 +75,53 @@ def write_synthetic_ml25m(root: Path, fraction: float, seed: int = 0) -> Path:
     def lists(values):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
-    pq.write_table(pa.table({"user_id": np.arange(n_users), "item_ids": lists(item_ids), "ratings": lists(ratings),
-                             "labels": lists(labels), "timestamps": lists(timestamps)}), data / "sequences.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": np.arange(n_users),
+                "item_ids": lists(item_ids),
+                "ratings": lists(ratings),
+                "labels": lists(labels),
+                "timestamps": lists(timestamps),
+            }
+        ),
+        data / "sequences.parquet",
+    )
     order = np.argsort(timestamps, kind="stable")  # global time order = sample_id order
     sample_id = np.empty(n_rows, dtype=np.int64)
     sample_id[order] = np.arange(n_rows)
     bounds = [0, n_rows - 2 * SMALL_SPLIT, n_rows - SMALL_SPLIT, n_rows]
     for split, a, b in zip(("train", "valid", "test"), bounds, bounds[1:]):
         rows = order[a:b]
-        pq.write_table(pa.table({
-            "sample_id": sample_id[rows], "user_id": user_of_row[rows], "item_id": item_ids[rows].astype(np.int64),
-            "label": labels[rows], "rating": ratings[rows], "timestamp": timestamps[rows], "pos": pos[rows],
-        }), data / "samples" / f"{split}.parquet", row_group_size=1 << 20)
+        pq.write_table(
+            pa.table(
+                {
+                    "sample_id": sample_id[rows],
+                    "user_id": user_of_row[rows],
+                    "item_id": item_ids[rows].astype(np.int64),
+                    "label": labels[rows],
+                    "rating": ratings[rows],
+                    "timestamp": timestamps[rows],
+                    "pos": pos[rows],
+                }
+            ),
+            data / "samples" / f"{split}.parquet",
+            row_group_size=1 << 20,
+        )
     genres = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Documentary"]
-    pd.DataFrame({
-        "item_id": np.arange(n_items), "raw_id": np.arange(n_items) + 1, "title": [f"Movie {i}" for i in range(n_items)],
-        "year": pd.array(1950 + np.arange(n_items) % 70, dtype="Int64"),
-        "genres": [[genres[i % 8], genres[(i // 8) % 8]] for i in range(n_items)],
-        "text": [f"Movie {i}" for i in range(n_items)],
-    }).to_parquet(data / "items.parquet", index=False)
-    pd.DataFrame({"user_id": np.arange(n_users), "raw_id": np.arange(n_users) + 1,
-                  "profile_text": [""] * n_users}).to_parquet(data / "users.parquet", index=False)
+    pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "raw_id": np.arange(n_items) + 1,
+            "title": [f"Movie {i}" for i in range(n_items)],
+            "year": pd.array(1950 + np.arange(n_items) % 70, dtype="Int64"),
+            "genres": [[genres[i % 8], genres[(i // 8) % 8]] for i in range(n_items)],
+            "text": [f"Movie {i}" for i in range(n_items)],
+        }
+    ).to_parquet(data / "items.parquet", index=False)
+    pd.DataFrame(
+        {"user_id": np.arange(n_users), "raw_id": np.arange(n_users) + 1, "profile_text": [""] * n_users}
+    ).to_parquet(data / "users.parquet", index=False)
     (data / "meta.json").write_text(json.dumps({"dataset": "ml-25m", "synthetic": True, "n_rows": n_rows}))
     return data
 
@@ -126,21 +156,35 @@ def main() -> None:
             for model in args.models:
                 # ML-25M has no user profile: its users are ids (as in the ml-25m config).
                 users = [] if dataset == "ml-100k" else ["crm.user_fields=null", "crm.user_id=true"]
-                cfg = load_config("quickstart", [
-                    f"data.dataset={dataset}", f"crm.model={model}", "crm.history=recent", "crm.epochs=1",
-                    f"crm.steps_per_epoch={args.steps}", "crm.batch_size=1024", "run.num_cpus=2", *users])
+                cfg = load_config(
+                    "quickstart",
+                    [
+                        f"data.dataset={dataset}",
+                        f"crm.model={model}",
+                        "crm.history=recent",
+                        "crm.epochs=1",
+                        f"crm.steps_per_epoch={args.steps}",
+                        "crm.batch_size=1024",
+                        "run.num_cpus=2",
+                        *users,
+                    ],
+                )
                 started = time.perf_counter()
                 out = pretrain_crm(cfg, run, overwrite=True)
                 metrics = json.loads((out / "metrics.json").read_text())
                 epoch = metrics["history"][0]
                 results[f"{dataset}/{model}"] = {
                     "samples_per_s": round(epoch["train_samples_per_s"], 1),
-                    "steps": args.steps, "wall_s": round(time.perf_counter() - started, 1),
+                    "steps": args.steps,
+                    "wall_s": round(time.perf_counter() - started, 1),
                     "test_auc": round(metrics["auc"], 4),
                 }
                 log.info("%s/%s: %s", dataset, model, results[f"{dataset}/{model}"])
-    print(json.dumps({"models": results, "peak_rss_gb": round(memory.peak_rss / 2**30, 2),
-                      "cpus": os.cpu_count(), "workers": 2}))
+    print(
+        json.dumps(
+            {"models": results, "peak_rss_gb": round(memory.peak_rss / 2**30, 2), "cpus": os.cpu_count(), "workers": 2}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, 
         order = rng.permutation(len(train))
         losses = []
         for i in range(0, per_epoch * t.micro_batch * t.grad_accum, t.micro_batch):
-            batch = to_device(inputs.training_batch(train.iloc[order[i:i + t.micro_batch]]), device)
+            batch = to_device(inputs.training_batch(train.iloc[order[i : i + t.micro_batch]]), device)
             crm_repr = model.crm_repr(batch.pop("crm_features"))
             loss = training_loss(model.llm, batch, crm_repr, t.loss, inputs.collator.yes_no) / t.grad_accum
             loss.backward()
@@ -74,8 +74,14 @@ def tune_once(cfg, run, data, variant, train, device) -> tuple[torch.nn.Module, 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
-        log.info("%s, %d samples, lr %g: epoch %d loss %.4f", variant.name, len(train), t.lr, epoch,
-                 float(np.mean(losses)) if losses else float("nan"))
+        log.info(
+            "%s, %d samples, lr %g: epoch %d loss %.4f",
+            variant.name,
+            len(train),
+            t.lr,
+            epoch,
+            float(np.mean(losses)) if losses else float("nan"),
+        )
     return model, inputs, steps, time.perf_counter() - start
 
 
@@ -110,14 +116,26 @@ def main() -> None:
             model, inputs, steps, train_s = tune_once(cfg, run, data, variant, train, device)
             preds = Scorer.from_model(model, inputs, data, device, cfg.score.batch_size)(valid)
             metrics = binary_metrics(preds["label"].to_numpy(), preds["p_yes"].to_numpy())
-            point = {"variant": variant.name, "few_shot": len(train) if variant.adapter else 0,
-                     "lr": lr if variant.adapter else None, "steps": steps, "auc": round(metrics["auc"], 4),
-                     "logloss": round(metrics["logloss"], 4), "train_s": round(train_s, 1)}
+            point = {
+                "variant": variant.name,
+                "few_shot": len(train) if variant.adapter else 0,
+                "lr": lr if variant.adapter else None,
+                "steps": steps,
+                "auc": round(metrics["auc"], 4),
+                "logloss": round(metrics["logloss"], 4),
+                "train_s": round(train_s, 1),
+            }
             curve.append(point)
             print(json.dumps(point), flush=True)
             del model
-    result = {"run": str(run.root), "config": args.config, "overrides": args.overrides, "device": str(device),
-              "valid_samples": args.valid, "curve": curve}
+    result = {
+        "run": str(run.root),
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": str(device),
+        "valid_samples": args.valid,
+        "curve": curve,
+    }
     print(json.dumps(result))
 
 

@@ -40,8 +40,13 @@ def save_random_model(shape: dict, directory: Path, tokenizer_dir: Path) -> Path
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=2048)
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -68,22 +73,32 @@ def deepspeed_steps(cfg, model, inputs, rows, device, steps: int) -> dict:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     precision = engine_precision(cfg, dtype_name(causal_lm(model.llm).dtype))
-    engine, *_ = deepspeed.initialize(model=model.llm, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, 1, steps, precision), dist_init_required=False,
-                                      lr_scheduler=lr_schedule(cfg, steps))
+    engine, *_ = deepspeed.initialize(
+        model=model.llm,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, 1, steps, precision),
+        dist_init_required=False,
+        lr_scheduler=lr_schedule(cfg, steps),
+    )
     losses, start = [], None
     for step in range(steps):
         if step == 2:
             start = synced(device)
-        batch = to_device(inputs.training_batch(rows.iloc[(step * 8) % 256:][:8]), device)
+        batch = to_device(inputs.training_batch(rows.iloc[(step * 8) % 256 :][:8]), device)
         crm_repr = model.crm_repr(batch.pop("crm_features"))
         loss = training_loss(engine, batch, crm_repr, cfg.tune.loss, inputs.collator.yes_no)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return {"zero_stage": cfg.tune.zero_stage, "engine_precision": precision, "steps": steps,
-            "step_s": round((synced(device) - start) / (steps - 2), 4), "loss_first": losses[0], "loss_last": losses[-1],
-            "finite": all(torch.isfinite(torch.tensor(losses)).tolist())}
+    return {
+        "zero_stage": cfg.tune.zero_stage,
+        "engine_precision": precision,
+        "steps": steps,
+        "step_s": round((synced(device) - start) / (steps - 2), 4),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
+    }
 
 
 @torch.inference_mode()
@@ -97,8 +112,12 @@ def scoring_throughput(model, inputs, rows, device, batch_size: int) -> dict:
         batch = to_device(batch, device)
         p_yes(model.answer_scores(**batch, answer_ids=inputs.collator.yes_no))
     wall = synced(device) - start
-    return {"prompts": len(rows), "batch_size": batch_size, "wall_s": round(wall, 2),
-            "prompts_per_s": round(len(rows) / wall, 1)}
+    return {
+        "prompts": len(rows),
+        "batch_size": batch_size,
+        "wall_s": round(wall, 2),
+        "prompts_per_s": round(len(rows) / wall, 1),
+    }
 
 
 def main() -> None:
@@ -113,9 +132,18 @@ def main() -> None:
     data = PreparedData.load(args.data)
     variant = get_variant("reclora")
     retrieved = json.loads((data.run.retrieval / "retrieval.json").read_text())
-    cfg = load_config("tiny", ["llm.dtype=bfloat16", "llm.load_in_8bit=false", "lora.n_meta=8", "lora.r=8",
-                               f"retrieve.k_short={retrieved['k_short']}", f"retrieve.k_long={retrieved['k_long']}",
-                               "llm.max_length=512"])
+    cfg = load_config(
+        "tiny",
+        [
+            "llm.dtype=bfloat16",
+            "llm.load_in_8bit=false",
+            "lora.n_meta=8",
+            "lora.r=8",
+            f"retrieve.k_short={retrieved['k_short']}",
+            f"retrieve.k_long={retrieved['k_long']}",
+            "llm.max_length=512",
+        ],
+    )
     tiny_model, _ = load_base(cfg.llm, device="cpu")  # builds the offline tokenizer directory
     tokenizer_dir = Path(tiny_model.name_or_path)
     features = build_features(data, cfg.crm, cfg.retrieve.k_long)
@@ -144,16 +172,20 @@ def main() -> None:
         loss.backward()
         grads = [p.grad for p in model8.parameters() if p.requires_grad]
         model8.zero_grad()
-        results["int8_135m"] = {"loss": loss.item(), "grads_finite": all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
-                                "trainable_with_grad": sum(g is not None for g in grads),
-                                "score": scoring_throughput(model8, inputs, test.iloc[:512], device, batch_size=64),
-                                "deepspeed": deepspeed_steps(eight, model8, inputs, train, device, args.steps)}
+        results["int8_135m"] = {
+            "loss": loss.item(),
+            "grads_finite": all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
+            "trainable_with_grad": sum(g is not None for g in grads),
+            "score": scoring_throughput(model8, inputs, test.iloc[:512], device, batch_size=64),
+            "deepspeed": deepspeed_steps(eight, model8, inputs, train, device, args.steps),
+        }
         print(json.dumps(results), flush=True)
         del model8, base8
         torch.cuda.empty_cache()
 
-        big = random_llama("llama-7b", layers=args.layers_7b, dtype=torch.bfloat16, device=device,
-                           pad_token_id=tokenizer.pad_token_id)
+        big = random_llama(
+            "llama-7b", layers=args.layers_7b, dtype=torch.bfloat16, device=device, pad_token_id=tokenizer.pad_token_id
+        )
         model7 = model_for(cfg, big, data, features, variant)
         results["score_7b_bf16"] = scoring_throughput(model7, inputs, test, device, batch_size=32)
         results["score_7b_bf16"]["layers"] = args.layers_7b

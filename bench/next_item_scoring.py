@@ -73,10 +73,19 @@ def main() -> None:
         model, tokenizer = load_base(cfg.llm, device=device)
     else:
         _, tokenizer = load_base(cfg.llm, device="cpu")  # the tiny config: builds the offline tokenizer
-        model = random_llama(args.shape, layers=args.layers, dtype=getattr(torch, args.dtype), device=device,
-                             pad_token_id=tokenizer.pad_token_id)
-    inputs = NextItemInputs(PromptBuilder.from_prepared(data, tokenizer), PromptCollator(tokenizer, cfg.llm.max_length),
-                            data.sequences, cfg.data.next_item.history)
+        model = random_llama(
+            args.shape,
+            layers=args.layers,
+            dtype=getattr(torch, args.dtype),
+            device=device,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    inputs = NextItemInputs(
+        PromptBuilder.from_prepared(data, tokenizer),
+        PromptCollator(tokenizer, cfg.llm.max_length),
+        data.sequences,
+        cfg.data.next_item.history,
+    )
     rows, candidates = data.next_item("test")
     pick = np.random.default_rng(0).choice(len(rows), size=min(args.prompts, len(rows)), replace=False)
     rows, candidates = rows.iloc[pick].reset_index(drop=True), candidates[pick]
@@ -85,8 +94,13 @@ def main() -> None:
     batches = [slice(i, i + args.batch_size) for i in range(0, len(prompts), args.batch_size)]
     prompt_tokens = float(np.mean([len(p) for p in prompts]))
     title_tokens = float(np.mean([len(t) for row in cands for t in row]))
-    log.info("%d sequences x %d candidates: prompt %.0f tokens, title %.1f tokens on average",
-             len(prompts), candidates.shape[1], prompt_tokens, title_tokens)
+    log.info(
+        "%d sequences x %d candidates: prompt %.0f tokens, title %.1f tokens on average",
+        len(prompts),
+        candidates.shape[1],
+        prompt_tokens,
+        title_tokens,
+    )
 
     def run(fn):
         return torch.cat([fn(model, inputs.collator, prompts[s], cands[s]) for s in batches]).float().cpu()
@@ -96,7 +110,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in methods}
     scores = {}
     for r in range(args.rounds):
-        for name in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
+        for name in list(methods) if r % 2 == 0 else list(methods)[::-1]:
             start = synced(device)
             scores[name] = run(methods[name])
             times[name].append(synced(device) - start)
@@ -105,9 +119,13 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model or f"random {args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
-        "dtype": args.dtype, "sequences": len(prompts), "candidates": int(candidates.shape[1]),
-        "batch_size": args.batch_size, "mean_prompt_tokens": round(prompt_tokens, 1),
-        "mean_title_tokens": round(title_tokens, 2), "rounds": args.rounds,
+        "dtype": args.dtype,
+        "sequences": len(prompts),
+        "candidates": int(candidates.shape[1]),
+        "batch_size": args.batch_size,
+        "mean_prompt_tokens": round(prompt_tokens, 1),
+        "mean_title_tokens": round(title_tokens, 2),
+        "rounds": args.rounds,
         "shared_prefix_sequences_per_s": round(rate["shared"], 3),
         "separate_sequences_per_s": round(rate["separate"], 3),
         "speedup": round(rate["shared"] / rate["separate"], 2),

@@ -182,11 +182,16 @@ def bench_shape(shape: str, args) -> dict:
             if device.type == "cuda":
                 peak_bytes[name] = torch.cuda.max_memory_allocated()
         for round_ in range(args.repeats):
-            order = phase[round_ % len(phase):] + phase[: round_ % len(phase)]
+            order = phase[round_ % len(phase) :] + phase[: round_ % len(phase)]
             for name in order:
                 times[name].append(timed(step, bench.install(name), device))
-            log.info("%s round %d/%d: %s", shape, round_ + 1, args.repeats,
-                     ", ".join(f"{n} {times[n][-1]:.3f}s" for n in phase))
+            log.info(
+                "%s round %d/%d: %s",
+                shape,
+                round_ + 1,
+                args.repeats,
+                ", ".join(f"{n} {times[n][-1]:.3f}s" for n in phase),
+            )
         for name in phase:
             if name not in results:
                 results[name] = {
@@ -200,7 +205,9 @@ def bench_shape(shape: str, args) -> dict:
     lora_s = results["lora"]["median_s"]
     summary = {
         "ratio_vs_lora": {str(n): round(results[f"plora_{n}"]["median_s"] / lora_s, 3) for n in N_METAS},
-        "naive_ratio_16": round(results["naive_16"]["median_s"] / lora_s, 3) if results["naive_16"] else "out of memory",
+        "naive_ratio_16": round(results["naive_16"]["median_s"] / lora_s, 3)
+        if results["naive_16"]
+        else "out of memory",
         # best-of-rounds: on a shared machine, interference only ever adds time
         "ratio_vs_lora_best": {
             str(n): round(results[f"plora_{n}"]["best_s"] / results["lora"]["best_s"], 3) for n in N_METAS
@@ -232,8 +239,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--adapter-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: --dtype (as under DeepSpeed bf16/fp16, which casts the whole module)")
+    parser.add_argument(
+        "--adapter-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: --dtype (as under DeepSpeed bf16/fp16, which casts the whole module)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     report = {shape: bench_shape(shape, args) for shape in args.shapes}

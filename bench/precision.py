@@ -47,8 +47,9 @@ log = logging.getLogger("precision")
 
 def scorer_for(cfg, run, data, variant, adapter: bool) -> Scorer:
     model, tokenizer, spec = build_model(cfg, run, variant, run.adapter(variant.name) if adapter else None)
-    return Scorer.from_model(model, InputBuilder(cfg, data, variant, tokenizer, spec), data, torch.device("cpu"),
-                             cfg.score.batch_size)
+    return Scorer.from_model(
+        model, InputBuilder(cfg, data, variant, tokenizer, spec), data, torch.device("cpu"), cfg.score.batch_size
+    )
 
 
 def time_scoring(scorer: Scorer, rows) -> float:
@@ -68,7 +69,7 @@ def time_tuning(cfg, run, data, variant, rows, steps: int) -> float:
     model.train()
 
     def step(i: int) -> None:
-        batch = to_device(inputs.training_batch(rows.iloc[i * mb:(i + 1) * mb]), "cpu")
+        batch = to_device(inputs.training_batch(rows.iloc[i * mb : (i + 1) * mb]), "cpu")
         crm_repr = model.crm_repr(batch.pop("crm_features"))
         training_loss(model.llm, batch, crm_repr, cfg.tune.loss, inputs.collator.yes_no).backward()
         optimizer.step()
@@ -89,7 +90,7 @@ def time_embedding(cfg, data, n_items: int) -> float:
     encoder(items.iloc[:8])
     start = time.perf_counter()
     for i in range(0, len(items), cfg.embed.batch_size):
-        encoder(items.iloc[i:i + cfg.embed.batch_size])
+        encoder(items.iloc[i : i + cfg.embed.batch_size])
     return len(items) / (time.perf_counter() - start)
 
 
@@ -113,16 +114,24 @@ def main() -> None:
     variant = get_variant("reclora")
     test = load_samples(run.data, "test", variant)
     rows = test.sample(n=args.prompts, random_state=0).reset_index(drop=True)
-    train = load_samples(run.data, "train", variant).sample(n=(args.tune_steps + 1) * auto_cfg.tune.micro_batch,
-                                                            random_state=0).reset_index(drop=True)
+    train = (
+        load_samples(run.data, "train", variant)
+        .sample(n=(args.tune_steps + 1) * auto_cfg.tune.micro_batch, random_state=0)
+        .reset_index(drop=True)
+    )
     rates: dict[str, dict[str, float]] = {"scoring": {}, "tuning": {}, "embedding": {}}
     for name, cfg in configs.items():  # untuned adapters: the cost is the same as a tuned one's
         rates["scoring"][name] = time_scoring(scorer_for(cfg, run, data, variant, adapter=False), rows)
         rates["tuning"][name] = time_tuning(cfg, run, data, variant, train, args.tune_steps)
         rates["embedding"][name] = time_embedding(cfg, data, args.items)
         log.info("%s: %s", name, {k: round(v[name], 2) for k, v in rates.items()})
-    result = {"cpu_bf16_dtype": resolved, "threads": 1, "prompts": len(rows), "tune_samples": args.tune_steps * auto_cfg.tune.micro_batch,
-              "items": args.items}
+    result = {
+        "cpu_bf16_dtype": resolved,
+        "threads": 1,
+        "prompts": len(rows),
+        "tune_samples": args.tune_steps * auto_cfg.tune.micro_batch,
+        "items": args.items,
+    }
     for what, pair in rates.items():
         result[f"{what}_fp32_per_s"] = round(pair["fp32"], 2)
         result[f"{what}_auto_per_s"] = round(pair["auto"], 2)
@@ -131,16 +140,29 @@ def main() -> None:
     if args.parity_samples:
         from scipy.stats import spearmanr
 
-        cfg = auto_cfg if auto_cfg.score.llm_subsample is None else dataclasses.replace(
-            auto_cfg, score=dataclasses.replace(auto_cfg.score, llm_subsample=args.parity_samples))
-        sample = llm_test_rows(cfg, test).iloc[:args.parity_samples]
-        probs = {name: scorer_for(c, run, data, variant, adapter=True)(sample)["p_yes"].to_numpy()
-                 for name, c in configs.items()}
+        cfg = (
+            auto_cfg
+            if auto_cfg.score.llm_subsample is None
+            else dataclasses.replace(
+                auto_cfg, score=dataclasses.replace(auto_cfg.score, llm_subsample=args.parity_samples)
+            )
+        )
+        sample = llm_test_rows(cfg, test).iloc[: args.parity_samples]
+        probs = {
+            name: scorer_for(c, run, data, variant, adapter=True)(sample)["p_yes"].to_numpy()
+            for name, c in configs.items()
+        }
         auc = {name: binary_metrics(sample["label"].to_numpy(), p)["auc"] for name, p in probs.items()}
-        result.update({"parity_samples": len(sample), "parity_auc_fp32": round(auc["fp32"], 4),
-                       "parity_auc_auto": round(auc["auto"], 4), "parity_abs_delta_auc": round(abs(auc["auto"] - auc["fp32"]), 4),
-                       "parity_spearman": round(float(spearmanr(probs["fp32"], probs["auto"]).statistic), 4),
-                       "parity_max_abs_diff_p_yes": round(float(np.abs(probs["fp32"] - probs["auto"]).max()), 4)})
+        result.update(
+            {
+                "parity_samples": len(sample),
+                "parity_auc_fp32": round(auc["fp32"], 4),
+                "parity_auc_auto": round(auc["auto"], 4),
+                "parity_abs_delta_auc": round(abs(auc["auto"] - auc["fp32"]), 4),
+                "parity_spearman": round(float(spearmanr(probs["fp32"], probs["auto"]).statistic), 4),
+                "parity_max_abs_diff_p_yes": round(float(np.abs(probs["fp32"] - probs["auto"]).max()), 4),
+            }
+        )
     print(json.dumps(result), flush=True)
 
 

@@ -60,19 +60,25 @@ def main() -> None:
     import ray
 
     ray.shutdown()
-    print(json.dumps({
-        "bench": "prepare_scale",
-        "rows": meta["n_rows"], "users": meta["n_users"], "items": meta["n_items"],
-        "samples": {s: meta["splits"][s]["rows"] for s in meta["splits"]},
-        "wall_s": round(wall_s, 1),
-        "rows_per_s": round(meta["n_rows"] / wall_s),
-        "peak_rss_gb": round(sampler.peak_rss / 2**30, 2),
-        "peak_pss_gb": round(sampler.peak_pss / 2**30, 2),
-        "synth_s": round(synth_s, 1),
-        "num_cpus": args.num_cpus,
-        "load_avg_1m": os.getloadavg()[0],
-        "machine_cpus": os.cpu_count(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "prepare_scale",
+                "rows": meta["n_rows"],
+                "users": meta["n_users"],
+                "items": meta["n_items"],
+                "samples": {s: meta["splits"][s]["rows"] for s in meta["splits"]},
+                "wall_s": round(wall_s, 1),
+                "rows_per_s": round(meta["n_rows"] / wall_s),
+                "peak_rss_gb": round(sampler.peak_rss / 2**30, 2),
+                "peak_pss_gb": round(sampler.peak_pss / 2**30, 2),
+                "synth_s": round(synth_s, 1),
+                "num_cpus": args.num_cpus,
+                "load_avg_1m": os.getloadavg()[0],
+                "machine_cpus": os.cpu_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

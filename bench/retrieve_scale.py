@@ -62,10 +62,17 @@ def write_random_embeddings(run: RunDir, n_items: int, dim: int) -> None:
     run.embeddings.mkdir(parents=True, exist_ok=True)
     vectors = np.random.default_rng(0).standard_normal((n_items, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    pq.write_table(pa.table({
-        "item_id": pa.array(np.arange(n_items), pa.int64()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim).cast(pa.list_(pa.float32())),
-    }), run.embeddings / "item_embeddings.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": pa.array(np.arange(n_items), pa.int64()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim).cast(
+                    pa.list_(pa.float32())
+                ),
+            }
+        ),
+        run.embeddings / "item_embeddings.parquet",
+    )
 
 
 def main() -> None:
@@ -73,8 +80,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=FULL_ROWS)
     parser.add_argument("--work-dir", default="/tmp/reclora-bench-retrieve")
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the retrieve run, e.g. retrieve.batch_size=65536")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the retrieve run, e.g. retrieve.batch_size=65536",
+    )
     args = parser.parse_args()
     setup_logging()
 
@@ -83,8 +96,16 @@ def main() -> None:
     from reclora_ray.retrieval.retrieve import retrieve_histories
 
     run = RunDir(prepared_log(Path(args.work_dir), args.rows, args.num_cpus))
-    cfg = load_config("ml-25m", [f"run.num_cpus={args.num_cpus}", f"retrieve.concurrency={args.num_cpus}",
-                                 "retrieve.k_long=60", "retrieve.k_short=10", *args.overrides])
+    cfg = load_config(
+        "ml-25m",
+        [
+            f"run.num_cpus={args.num_cpus}",
+            f"retrieve.concurrency={args.num_cpus}",
+            "retrieve.k_long=60",
+            "retrieve.k_short=10",
+            *args.overrides,
+        ],
+    )
     meta = json.loads((run.data / "meta.json").read_text())
     n_items = pq.read_metadata(run.data / "items.parquet").num_rows
     write_random_embeddings(run, n_items, cfg.embed.pca_dim)
@@ -95,22 +116,30 @@ def main() -> None:
         wall_s = time.perf_counter() - started
     stats = json.loads((out / "retrieval.json").read_text())["splits"]
     samples = sum(s["samples"] for s in stats.values())
-    print(json.dumps({
-        "bench": "retrieve_scale",
-        "samples": samples,
-        "splits": {name: s["samples"] for name, s in stats.items()},
-        "users": meta.get("n_users"), "items": n_items,
-        "k_long": cfg.retrieve.k_long, "k_short": cfg.retrieve.k_short, "dim": cfg.embed.pca_dim,
-        "mean_long": round(stats["train"]["mean_long"], 2), "mean_short": round(stats["train"]["mean_short"], 2),
-        "wall_s": round(wall_s, 1),
-        "samples_per_s": round(samples / wall_s),
-        "peak_rss_gb": round(sampler.peak_rss / 2**30, 2),
-        "peak_pss_gb": round(sampler.peak_pss / 2**30, 2),
-        "num_cpus": args.num_cpus,
-        "batch_size": cfg.retrieve.batch_size,
-        "load_avg_1m": os.getloadavg()[0],
-        "machine_cpus": os.cpu_count(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "retrieve_scale",
+                "samples": samples,
+                "splits": {name: s["samples"] for name, s in stats.items()},
+                "users": meta.get("n_users"),
+                "items": n_items,
+                "k_long": cfg.retrieve.k_long,
+                "k_short": cfg.retrieve.k_short,
+                "dim": cfg.embed.pca_dim,
+                "mean_long": round(stats["train"]["mean_long"], 2),
+                "mean_short": round(stats["train"]["mean_short"], 2),
+                "wall_s": round(wall_s, 1),
+                "samples_per_s": round(samples / wall_s),
+                "peak_rss_gb": round(sampler.peak_rss / 2**30, 2),
+                "peak_pss_gb": round(sampler.peak_pss / 2**30, 2),
+                "num_cpus": args.num_cpus,
+                "batch_size": cfg.retrieve.batch_size,
+                "load_avg_1m": os.getloadavg()[0],
+                "machine_cpus": os.cpu_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -127,11 +127,18 @@ def child(mode: str, run: Path, ref: str) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
     ray.shutdown()
-    return {"mode": mode, "driver_rss_at_start_mb": round(mem.start / 2**20, 1),
-            "driver_peak_rss_mb": round(mem.peak / 2**20, 1),
-            "driver_peak_growth_mb": round((mem.peak - mem.start) / 2**20, 1), "wall_s": round(wall, 1),
-            "auc": metrics["auc"], "logloss": metrics["logloss"], "n": metrics["n"],
-            "parquet_files": len(files), "example_file": files[0] if files else None}
+    return {
+        "mode": mode,
+        "driver_rss_at_start_mb": round(mem.start / 2**20, 1),
+        "driver_peak_rss_mb": round(mem.peak / 2**20, 1),
+        "driver_peak_growth_mb": round((mem.peak - mem.start) / 2**20, 1),
+        "wall_s": round(wall, 1),
+        "auc": metrics["auc"],
+        "logloss": metrics["logloss"],
+        "n": metrics["n"],
+        "parquet_files": len(files),
+        "example_file": files[0] if files else None,
+    }
 
 
 def main() -> int:
@@ -161,9 +168,12 @@ def main() -> int:
     for mode in args.modes.split(","):
         tree = worktree(args.before_ref) if mode == "before" else ROOT
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--run", str(run), "--before-ref", args.before_ref],
-                                  capture_output=True, text=True,
-                                  env=os.environ | {"PYTHONPATH": str(tree), SOURCE_TREE_ENV: str(tree)})
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--run", str(run), "--before-ref", args.before_ref],
+                capture_output=True,
+                text=True,
+                env=os.environ | {"PYTHONPATH": str(tree), SOURCE_TREE_ENV: str(tree)},
+            )
         finally:
             if tree != ROOT:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
@@ -175,8 +185,14 @@ def main() -> int:
         print(json.dumps(results[-1]), file=sys.stderr)
     import platform
 
-    payload = {"bench": "score_memory", "rows": args.rows, "scorer": "score_crm (the tiny config's SIM CRM, whole split)",
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "before_ref": args.before_ref, "results": results}
+    payload = {
+        "bench": "score_memory",
+        "rows": args.rows,
+        "scorer": "score_crm (the tiny config's SIM CRM, whole split)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "before_ref": args.before_ref,
+        "results": results,
+    }
     print(json.dumps(payload, indent=2))
     if args.out:
         args.out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -64,10 +64,11 @@ def main() -> None:
     times: dict[int, list[float]] = {c: [] for c in args.concurrency}
     p_yes = {}
     for r in range(args.rounds):
-        order = args.concurrency[r % len(args.concurrency):] + args.concurrency[:r % len(args.concurrency)]
+        order = args.concurrency[r % len(args.concurrency) :] + args.concurrency[: r % len(args.concurrency)]
         for c in order:
-            cfg = load_config(args.config, [*args.overrides, f"score.llm_subsample={args.prompts}",
-                                            f"score.concurrency={c}"])
+            cfg = load_config(
+                args.config, [*args.overrides, f"score.llm_subsample={args.prompts}", f"score.concurrency={c}"]
+            )
             t0 = time.perf_counter()
             out = score_variant(cfg, run, args.variant, overwrite=True)
             times[c].append(time.perf_counter() - t0)
@@ -75,8 +76,13 @@ def main() -> None:
     first = args.concurrency[0]
     medians = {c: statistics.median(t) for c, t in times.items()}
     result = {
-        "bench": "score_pool", "variant": args.variant, "prompts": args.prompts, "config": args.config,
-        "overrides": args.overrides, "cpus": os.cpu_count(), "rounds": args.rounds,
+        "bench": "score_pool",
+        "variant": args.variant,
+        "prompts": args.prompts,
+        "config": args.config,
+        "overrides": args.overrides,
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
         "wall_s": {str(c): [round(t, 2) for t in ts] for c, ts in times.items()},
         "prompts_per_s": {str(c): round(args.prompts / m, 3) for c, m in medians.items()},
         "speedup_vs_first": {str(c): round(medians[first] / m, 3) for c, m in medians.items()},

@@ -73,8 +73,9 @@ def build(args, cfg, data, variant, device):
         base, tokenizer = load_base(cfg.llm, device=device)
     else:
         _, tokenizer = load_base(cfg.llm, device="cpu")  # the tiny config: builds the offline tokenizer
-        base = random_llama(args.shape, layers=args.layers, dtype=dtype, device=device,
-                            pad_token_id=tokenizer.pad_token_id)
+        base = random_llama(
+            args.shape, layers=args.layers, dtype=dtype, device=device, pad_token_id=tokenizer.pad_token_id
+        )
     base.requires_grad_(False)
     crm, spec = None, None
     if variant.uses_crm:
@@ -95,9 +96,15 @@ def generate_p_yes(model: RecLoRAModel, batch: dict, yes_id: int, no_id: int, ne
     routing = plora.routing(model.crm_repr(batch.get("crm_features"))) if plora else contextlib.nullcontext()
     with routing:
         out = (plora.base_model if plora else llm).generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
-            pad_token_id=pad_id)
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad_id,
+        )
     return p_yes(out.scores[0][:, [yes_id, no_id]])
 
 
@@ -121,9 +128,17 @@ def main() -> None:
     data = PreparedData.load(args.data)
     variant = get_variant(args.variant)
     retrieved = json.loads((data.run.retrieval / "retrieval.json").read_text())
-    cfg = load_config("tiny", [f"llm.dtype={args.dtype}", "llm.load_in_8bit=false", "lora.n_meta=8",
-                               f"retrieve.k_short={retrieved['k_short']}", f"retrieve.k_long={retrieved['k_long']}",
-                               "llm.max_length=512"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"llm.dtype={args.dtype}",
+            "llm.load_in_8bit=false",
+            "lora.n_meta=8",
+            f"retrieve.k_short={retrieved['k_short']}",
+            f"retrieve.k_long={retrieved['k_long']}",
+            "llm.max_length=512",
+        ],
+    )
     model, tokenizer, spec = build(args, cfg, data, variant, device)
     inputs = InputBuilder(cfg, data, variant, tokenizer, spec)
     scorer = Scorer.from_model(model, inputs, data, device, args.batch_size)
@@ -135,8 +150,13 @@ def main() -> None:
     columns = rows["user_id"].to_numpy(), rows["item_id"].to_numpy(), rows["timestamp"].to_numpy()
     batches = [to_device(batch, device) for _, batch in inputs.scoring_batches(*columns, hist, args.batch_size)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    log.info("%d prompts, %.0f tokens on average, %d batches of up to %d", len(rows), tokens / len(rows),
-             len(batches), args.batch_size)
+    log.info(
+        "%d prompts, %.0f tokens on average, %d batches of up to %d",
+        len(rows),
+        tokens / len(rows),
+        len(batches),
+        args.batch_size,
+    )
 
     def full():
         return scorer(rows)["p_yes"].to_numpy()
@@ -155,11 +175,11 @@ def main() -> None:
         return [generate_p_yes(model, b, yes_id, no_id, args.generate_tokens, tokenizer.pad_token_id) for b in batches]
 
     methods = {"full": full, "forward": forward, "forward_last": forward_last, "generate": generate}
-    scorer(rows.iloc[:args.batch_size])  # warm-up: allocator, kernels, first-call caches
+    scorer(rows.iloc[: args.batch_size])  # warm-up: allocator, kernels, first-call caches
     generate_p_yes(model, batches[-1], yes_id, no_id, args.generate_tokens, tokenizer.pad_token_id)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.rounds):
-        order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
+        order = list(methods)[r % len(methods) :] + list(methods)[: r % len(methods)]
         for name in order:
             start = synced(device)
             methods[name]()
@@ -174,8 +194,13 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model or f"random {args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
-        "dtype": args.dtype, "variant": variant.name, "prompts": len(rows), "batch_size": args.batch_size,
-        "mean_tokens": round(tokens / len(rows), 1), "generate_tokens": args.generate_tokens, "rounds": args.rounds,
+        "dtype": args.dtype,
+        "variant": variant.name,
+        "prompts": len(rows),
+        "batch_size": args.batch_size,
+        "mean_tokens": round(tokens / len(rows), 1),
+        "generate_tokens": args.generate_tokens,
+        "rounds": args.rounds,
         "samples_per_s": round(rate["full"], 2),
         "forward_samples_per_s": round(rate["forward"], 2),
         "last_position_forward_samples_per_s": round(rate["forward_last"], 2),

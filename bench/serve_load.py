@@ -42,8 +42,20 @@ def free_port() -> int:
 
 
 def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "reclora_ray.cli", "serve", "--config", args.config, "--run", args.run,
-               "--set", f"serve.port={port}", "--set", "serve.host=127.0.0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "reclora_ray.cli",
+        "serve",
+        "--config",
+        args.config,
+        "--run",
+        args.run,
+        "--set",
+        f"serve.port={port}",
+        "--set",
+        "serve.host=127.0.0.1",
+    ]
     for override in args.set:
         command += ["--set", override]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
@@ -71,11 +83,14 @@ def make_requests(n: int, users: list, items: list, candidates: int, with_histor
     rng = np.random.default_rng(seed)
     bodies = []
     for _ in range(n):
-        body = {"user_id": users[rng.integers(len(users))],
-                "candidates": [items[i] for i in rng.choice(len(items), size=candidates, replace=False)]}
+        body = {
+            "user_id": users[rng.integers(len(users))],
+            "candidates": [items[i] for i in rng.choice(len(items), size=candidates, replace=False)],
+        }
         if rng.random() < with_history:
-            body["history"] = [{"item_id": items[i], "rating": float(rng.integers(1, 6))}
-                               for i in rng.choice(len(items), 2)]
+            body["history"] = [
+                {"item_id": items[i], "rating": float(rng.integers(1, 6))} for i in rng.choice(len(items), 2)
+            ]
         bodies.append(body)
     return bodies
 
@@ -88,8 +103,10 @@ def catalogue_ids(run: str) -> tuple[list, list]:
     from reclora_ray.rundir import RunDir
 
     data = RunDir(run).data
-    return tuple([python_id(v) for v in pd.read_parquet(data / f"{kind}.parquet", columns=["raw_id"])["raw_id"]]
-                 for kind in ("users", "items"))
+    return tuple(
+        [python_id(v) for v in pd.read_parquet(data / f"{kind}.parquet", columns=["raw_id"])["raw_id"]]
+        for kind in ("users", "items")
+    )
 
 
 async def send_all(url: str, bodies: list[dict], concurrency: int) -> dict:
@@ -134,15 +151,22 @@ async def send_all(url: str, bodies: list[dict], concurrency: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(load(client), probe())
-        return {"latencies": latencies, "errors": errors, "shed": shed, "healthz": health,
-                "wall": time.perf_counter() - started}
+        return {
+            "latencies": latencies,
+            "errors": errors,
+            "shed": shed,
+            "healthz": health,
+            "wall": time.perf_counter() - started,
+        }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--run", required=True, help="a run directory with a tuned adapter")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the server")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the server"
+    )
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -160,13 +184,16 @@ def main() -> int:
     server = start_server(args, port, Path(args.log).resolve())
     try:
         health = wait_healthy(url, server, args.start_timeout)
-        log.info("serving %s (%d users, %d items) on %s", health["model_version"], health["users"], health["items"], url)
-        bodies = make_requests(args.warmup + args.requests, *catalogue_ids(args.run), args.candidates,
-                               args.with_history, args.seed)
-        warm_errors = asyncio.run(send_all(url, bodies[:args.warmup], args.concurrency))["errors"]
+        log.info(
+            "serving %s (%d users, %d items) on %s", health["model_version"], health["users"], health["items"], url
+        )
+        bodies = make_requests(
+            args.warmup + args.requests, *catalogue_ids(args.run), args.candidates, args.with_history, args.seed
+        )
+        warm_errors = asyncio.run(send_all(url, bodies[: args.warmup], args.concurrency))["errors"]
         before = httpx.get(f"{url}/stats", timeout=30).json()
         log.info("sending %d requests x %d candidates, %d at a time", args.requests, args.candidates, args.concurrency)
-        sent = asyncio.run(send_all(url, bodies[args.warmup:], args.concurrency))
+        sent = asyncio.run(send_all(url, bodies[args.warmup :], args.concurrency))
         latencies, errors, wall = sent["latencies"], sent["errors"], sent["wall"]
         after = httpx.get(f"{url}/stats", timeout=30).json()
     finally:
@@ -180,23 +207,34 @@ def main() -> int:
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     batches = after["batches"] - before["batches"]
     result = {
-        "requests": args.requests, "candidates_per_request": args.candidates, "concurrency": args.concurrency,
-        "rps": round(len(latencies) / wall, 3), "candidates_per_s": round(len(latencies) * args.candidates / wall, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "errors": len(errors) + len(warm_errors), "wall_s": round(wall, 1),
-        "shed": len(sent["shed"]), "shed_share": round(len(sent["shed"]) / args.requests, 4),
+        "requests": args.requests,
+        "candidates_per_request": args.candidates,
+        "concurrency": args.concurrency,
+        "rps": round(len(latencies) / wall, 3),
+        "candidates_per_s": round(len(latencies) * args.candidates / wall, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "errors": len(errors) + len(warm_errors),
+        "wall_s": round(wall, 1),
+        "shed": len(sent["shed"]),
+        "shed_share": round(len(sent["shed"]) / args.requests, 4),
         "healthz_p99_ms": round(float(np.percentile(np.array(sent["healthz"] or [np.nan]) * 1000, 99)), 1),
         "mean_batch_requests": round((after["requests"] - before["requests"]) / batches, 2) if batches else 0.0,
-        "batch_requests_histogram": {size: n - before["batch_requests_histogram"].get(size, 0)
-                                     for size, n in after["batch_requests_histogram"].items()
-                                     if n > before["batch_requests_histogram"].get(size, 0)},
+        "batch_requests_histogram": {
+            size: n - before["batch_requests_histogram"].get(size, 0)
+            for size, n in after["batch_requests_histogram"].items()
+            if n > before["batch_requests_histogram"].get(size, 0)
+        },
         "model_version": health["model_version"],
-        "config": args.config, "overrides": args.set,
+        "config": args.config,
+        "overrides": args.set,
     }
-    print(f"{result['rps']:.2f} requests/s, {result['candidates_per_s']:.1f} candidates/s, "
-          f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result['errors']} errors, "
-          f"{result['shed']} shed (503, {100 * result['shed_share']:.1f}%), healthz p99 {result['healthz_p99_ms']:.0f} ms, "
-          f"{result['mean_batch_requests']:.1f} requests per batch on average")
+    print(
+        f"{result['rps']:.2f} requests/s, {result['candidates_per_s']:.1f} candidates/s, "
+        f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result['errors']} errors, "
+        f"{result['shed']} shed (503, {100 * result['shed_share']:.1f}%), healthz p99 {result['healthz_p99_ms']:.0f} ms, "
+        f"{result['mean_batch_requests']:.1f} requests per batch on average"
+    )
     print(json.dumps(result))
     return 0 if result["errors"] == 0 else 1
 

@@ -13,7 +13,8 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    dict.fromkeys(p for p in (ROOT, *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p))
+    dict.fromkeys(p for p in (ROOT, *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p)
+)
 
 
 def run_command(command: str, argv: list[str] | None = None) -> int:

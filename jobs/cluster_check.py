@@ -54,9 +54,7 @@ def check(timeout_s: float) -> dict:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     log.info("%d alive nodes; running one probe on each", len(nodes))
     refs = {
-        n["NodeID"]: probe.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote()
+        n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
         for n in nodes
     }
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
@@ -91,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     storage.write_text(storage.join(args.out, "cluster_check.json"), json.dumps(report, indent=2))
     for node in report["nodes"]:
         p = node["probe"]
-        log.info("%s %s %s", node["node_id"][:12], node["address"],
-                 f"ok: torch {p['torch']}, ray {p['ray']}, GPUs {p['gpus']}" if p else "NO RESPONSE")
+        log.info(
+            "%s %s %s",
+            node["node_id"][:12],
+            node["address"],
+            f"ok: torch {p['torch']}, ray {p['ray']}, GPUs {p['gpus']}" if p else "NO RESPONSE",
+        )
     log.info("report written to %s", storage.join(args.out, "cluster_check.json"))
     return 1 if report["unreachable"] else 0
 

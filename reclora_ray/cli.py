@@ -37,8 +37,7 @@ TOOLS: dict[str, tuple[str, str, list[str] | None]] = {
 
 def commands() -> dict[str, str]:
     """{command: help}: every stage command (table order), then the tools."""
-    out = {name: group[0].help if len(group) == 1 else group[-1].help
-           for name, group in stages.commands().items()}
+    out = {name: group[0].help if len(group) == 1 else group[-1].help for name, group in stages.commands().items()}
     return out | {name: help_text for name, (_, help_text, _) in TOOLS.items()}
 
 
@@ -67,16 +66,23 @@ def add_stage_arguments(parser: argparse.ArgumentParser, group: list[stages.Stag
             if option.flag in seen:
                 continue
             seen.add(option.flag)
-            parser.add_argument(option.flag, help=option.help, choices=option.choices,
-                                action="append" if option.repeat else "store",
-                                dest=option.flag.lstrip("-").replace("-", "_"))
+            parser.add_argument(
+                option.flag,
+                help=option.help,
+                choices=option.choices,
+                action="append" if option.repeat else "store",
+                dest=option.flag.lstrip("-").replace("-", "_"),
+            )
 
 
 def run_stage_command(group: list[stages.Stage], args: argparse.Namespace) -> int:
     """A stage command: the config with the options' keys set, then each stage's instances."""
-    overrides = [f"{o.key}={json.dumps(getattr(args, o.flag.lstrip('-').replace('-', '_')))}"
-                 for s in group for o in s.options
-                 if o.key and getattr(args, o.flag.lstrip("-").replace("-", "_")) is not None]
+    overrides = [
+        f"{o.key}={json.dumps(getattr(args, o.flag.lstrip('-').replace('-', '_')))}"
+        for s in group
+        for o in s.options
+        if o.key and getattr(args, o.flag.lstrip("-").replace("-", "_")) is not None
+    ]
     args.overrides = list(args.overrides) + list(dict.fromkeys(overrides))
     cfg = config_from_args(args)
     scored = {}
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd_parser.description = module.__doc__
         module.add_arguments(cmd_parser)
         run_command = module.main
-    args = cmd_parser.parse_args(argv[split + 1:])
+    args = cmd_parser.parse_args(argv[split + 1 :])
     setup_logging(args.verbose or known.verbose)
     log = logging.getLogger("reclora")
 

@@ -128,10 +128,14 @@ class DataConfig:
     min_history: int = 0  # ReLLa protocol: a user's first N behaviours are history only
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     test_subsample: Optional[int] = None  # test split cut to a fixed random subsample at prepare time (seed run.seed)
-    blocks: Optional[int] = execution(None)  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
+    blocks: Optional[int] = execution(
+        None
+    )  # min. Ray Data read tasks / sequence shards; None: by size (64 MB, 4M rows)
     rating_range: Optional[list[float]] = None  # [min, max] a rating may take; None: the dataset's own
     timestamp_unit: Literal["s", "ms"] = "s"  # ms: the log holds milliseconds (converted); s refuses them
-    duplicates: Literal["drop", "refuse"] = "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
+    duplicates: Literal["drop", "refuse"] = (
+        "drop"  # exact duplicate rows: dropped and counted in meta.json, or an error
+    )
     single_class: Literal["refuse", "warn"] = "refuse"  # a split whose labels are all 0 (or all 1): AUC is undefined
     next_item: NextItemDataConfig = field(default_factory=NextItemDataConfig)
 
@@ -397,9 +401,11 @@ def _result_fields(value: Any, path: str, ignore: set[str]) -> Any:
     """A config value as plain data, without its execution-only and ignored fields."""
     if not dataclasses.is_dataclass(value):
         return value
-    return {f.name: _result_fields(getattr(value, f.name), f"{path}.{f.name}", ignore)
-            for f in dataclasses.fields(value)
-            if not f.metadata.get(EXECUTION) and f"{path}.{f.name}" not in ignore}
+    return {
+        f.name: _result_fields(getattr(value, f.name), f"{path}.{f.name}", ignore)
+        for f in dataclasses.fields(value)
+        if not f.metadata.get(EXECUTION) and f"{path}.{f.name}" not in ignore
+    }
 
 
 # --------------------------------------------------------------------------- loading
@@ -548,8 +554,12 @@ def _validate(obj: Any, path: str) -> None:
             raise ConfigError(f"{_join(path, 'cold_items')}: only for dataset 'interactions'")
     if isinstance(obj, TextConfig):
         check_templates(obj, path)
-    if isinstance(obj, NextItemDataConfig) and (obj.history < 1 or obj.candidates < 2 or obj.min_history < 0
-                                                or (obj.max_per_split is not None and obj.max_per_split < 1)):
+    if isinstance(obj, NextItemDataConfig) and (
+        obj.history < 1
+        or obj.candidates < 2
+        or obj.min_history < 0
+        or (obj.max_per_split is not None and obj.max_per_split < 1)
+    ):
         raise ConfigError(f"{path}: history >= 1, candidates >= 2, min_history >= 0, max_per_split >= 1 (or null)")
     if isinstance(obj, RetrieveConfig) and (obj.k_long < 1 or obj.k_short < 1):
         raise ConfigError(f"{path}: k_long and k_short must be >= 1")
@@ -557,17 +567,31 @@ def _validate(obj: Any, path: str) -> None:
         raise ConfigError(f"{path}: pca_dim must be >= 1 and pca_fit_items >= pca_dim")
     if isinstance(obj, LoRAConfig) and (obj.r < 1 or obj.n_meta < 1 or obj.temperature <= 0):
         raise ConfigError(f"{path}: r and n_meta must be >= 1 and temperature > 0")
-    if isinstance(obj, CRMConfig) and (obj.epochs < 1 or obj.batch_size < 1 or obj.num_workers < 1
-                                       or obj.chunk_rows < 1 or obj.cpus_per_worker <= 0):
+    if isinstance(obj, CRMConfig) and (
+        obj.epochs < 1 or obj.batch_size < 1 or obj.num_workers < 1 or obj.chunk_rows < 1 or obj.cpus_per_worker <= 0
+    ):
         raise ConfigError(f"{path}: epochs, batch_size, num_workers, chunk_rows must be >= 1, cpus_per_worker > 0")
     if isinstance(obj, TuneConfig):
         if obj.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{_join(path, 'zero_stage')}: one of 0, 1, 2, 3")
     if isinstance(obj, ServeConfig):
-        if min(obj.max_batch_size, obj.max_candidates, obj.max_body_bytes, obj.max_ongoing_requests,
-               obj.num_replicas, obj.min_replicas) < 1 or obj.max_history < 0 or obj.batch_wait_timeout_s < 0:
-            raise ConfigError(f"{path}: batch, candidate, body, request and replica limits must be >= 1, "
-                              "max_history and batch_wait_timeout_s >= 0")
+        if (
+            min(
+                obj.max_batch_size,
+                obj.max_candidates,
+                obj.max_body_bytes,
+                obj.max_ongoing_requests,
+                obj.num_replicas,
+                obj.min_replicas,
+            )
+            < 1
+            or obj.max_history < 0
+            or obj.batch_wait_timeout_s < 0
+        ):
+            raise ConfigError(
+                f"{path}: batch, candidate, body, request and replica limits must be >= 1, "
+                "max_history and batch_wait_timeout_s >= 0"
+            )
         if obj.max_replicas < obj.min_replicas:
             raise ConfigError(f"{_join(path, 'max_replicas')}: {obj.max_replicas} < min_replicas {obj.min_replicas}")
         if obj.forward_batch_size is not None and obj.forward_batch_size < 1:
@@ -619,8 +643,12 @@ _RETRIES = (lambda v: v >= -1, ">= 0 (or -1: unlimited)")
 RANGES: dict[type, dict[str, tuple]] = {
     RunConfig: {"num_cpus": _at_least(1)},
     DataConfig: {"test_subsample": _at_least(1), "blocks": _at_least(1)},
-    EmbedConfig: {"max_length": _at_least(1), "batch_size": _at_least(1), "concurrency": _at_least(1),
-                  "num_gpus": _at_least(0)},
+    EmbedConfig: {
+        "max_length": _at_least(1),
+        "batch_size": _at_least(1),
+        "concurrency": _at_least(1),
+        "num_gpus": _at_least(0),
+    },
     RetrieveConfig: {"batch_size": _at_least(1), "concurrency": _at_least(1)},
     SIMConfig: {"attention_layers": _at_least(1), "heads": _at_least(1), "search_k": _at_least(1)},
     DINConfig: {"attention_hidden": _at_least(1)},
@@ -628,23 +656,54 @@ RANGES: dict[type, dict[str, tuple]] = {
     AutoIntConfig: {"attention_layers": _at_least(1), "attention_size": _at_least(1), "heads": _at_least(1)},
     DCNv2Config: {"cross_layers": _at_least(1), "dnn_hidden": _at_least(1)},
     GRU4RecConfig: {"gru_layers": _at_least(1), "gru_hidden": _at_least(1)},
-    CaserConfig: {"vertical_kernels": _at_least(1), "horizontal_kernels": _at_least(1),
-                  "horizontal_heights": _at_least(1)},
+    CaserConfig: {
+        "vertical_kernels": _at_least(1),
+        "horizontal_kernels": _at_least(1),
+        "horizontal_heights": _at_least(1),
+    },
     SASRecConfig: {"heads": _at_least(1), "attention_layers": _at_least(1), "attention_size": _at_least(1)},
-    CRMConfig: {"recent_k": _at_least(0), "embed_dim": _at_least(1), "mlp_hidden": _at_least(1), "dropout": _DROPOUT,
-                "lr": _POSITIVE, "weight_decay": _at_least(0), "patience": _at_least(1),
-                "steps_per_epoch": _at_least(1), "max_failures": _RETRIES},
+    CRMConfig: {
+        "recent_k": _at_least(0),
+        "embed_dim": _at_least(1),
+        "mlp_hidden": _at_least(1),
+        "dropout": _DROPOUT,
+        "lr": _POSITIVE,
+        "weight_decay": _at_least(0),
+        "patience": _at_least(1),
+        "steps_per_epoch": _at_least(1),
+        "max_failures": _RETRIES,
+    },
     LLMConfig: {"max_length": _at_least(1)},
     LoRAConfig: {"alpha": _POSITIVE, "dropout": _DROPOUT, "gate_hidden": _at_least(1), "gate_dropout": _DROPOUT},
-    TuneConfig: {"few_shot": _at_least(1), "epochs": _at_least(1), "lr": _POSITIVE, "weight_decay": _at_least(0),
-                 "warmup_ratio": _FRACTION, "micro_batch": _at_least(1), "grad_accum": _at_least(1),
-                 "num_workers": _at_least(1), "max_failures": _RETRIES, "valid_subsample": _at_least(1)},
-    ScoreConfig: {"llm_subsample": _at_least(1), "batch_size": _at_least(1), "concurrency": _at_least(1),
-                  "num_gpus": _at_least(0)},
-    ServeConfig: {"port": _PORT, "max_replicas": _at_least(1), "target_ongoing_requests": _POSITIVE,
-                  "num_cpus": _at_least(0), "num_gpus": _at_least(0),
-                  "max_queued_requests": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: unbounded)"),
-                  "retry_after_s": _at_least(0), "request_timeout_s": _POSITIVE, "health_check_period_s": _POSITIVE},
+    TuneConfig: {
+        "few_shot": _at_least(1),
+        "epochs": _at_least(1),
+        "lr": _POSITIVE,
+        "weight_decay": _at_least(0),
+        "warmup_ratio": _FRACTION,
+        "micro_batch": _at_least(1),
+        "grad_accum": _at_least(1),
+        "num_workers": _at_least(1),
+        "max_failures": _RETRIES,
+        "valid_subsample": _at_least(1),
+    },
+    ScoreConfig: {
+        "llm_subsample": _at_least(1),
+        "batch_size": _at_least(1),
+        "concurrency": _at_least(1),
+        "num_gpus": _at_least(0),
+    },
+    ServeConfig: {
+        "port": _PORT,
+        "max_replicas": _at_least(1),
+        "target_ongoing_requests": _POSITIVE,
+        "num_cpus": _at_least(0),
+        "num_gpus": _at_least(0),
+        "max_queued_requests": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: unbounded)"),
+        "retry_after_s": _at_least(0),
+        "request_timeout_s": _POSITIVE,
+        "health_check_period_s": _POSITIVE,
+    },
 }
 
 

@@ -70,8 +70,10 @@ def quiet_ray() -> None:
                     handler.addFilter(_NoiseFilter())
     # Ray has no public hook to filter what it forwards from workers to the driver's console.
     with dispatcher._lock:
-        dispatcher.handlers = [(n, h if getattr(h, "quiet", False) or n != "ray_print_logs" else _filtered(h))
-                               for n, h in dispatcher.handlers]
+        dispatcher.handlers = [
+            (n, h if getattr(h, "quiet", False) or n != "ray_print_logs" else _filtered(h))
+            for n, h in dispatcher.handlers
+        ]
 
 
 class _NoiseFilter(logging.Filter):
@@ -138,8 +140,15 @@ class Progress:
     worker's output forwarded to the driver) one log line at most every `every_s` seconds and
     one at the end."""
 
-    def __init__(self, log: logging.Logger, what: str, total: int | None = None, unit: str = "steps",
-                 every_s: float = PROGRESS_EVERY_S, active: bool = True):
+    def __init__(
+        self,
+        log: logging.Logger,
+        what: str,
+        total: int | None = None,
+        unit: str = "steps",
+        every_s: float = PROGRESS_EVERY_S,
+        active: bool = True,
+    ):
         self.log, self.what, self.total, self.unit, self.every_s, self.active = log, what, total, unit, every_s, active
         self.done, self.started = 0, time.perf_counter()
         self.last = self.started

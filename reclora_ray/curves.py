@@ -38,10 +38,16 @@ def curves_config(tracking: str, storage: Path, out: Path, run_name: str) -> dic
         import importlib.util
 
         if importlib.util.find_spec(_PACKAGES[tracking]) is None:
-            raise ValueError(f"tracking: {tracking} needs the {_PACKAGES[tracking]} package "
-                             f"(pip install {_PACKAGES[tracking]}), or set tracking=none")
-    return {"path": str(Path(storage).resolve() / CURVES_FILE), "tracking": tracking,
-            "out": str(Path(out).resolve()), "run_name": run_name}
+            raise ValueError(
+                f"tracking: {tracking} needs the {_PACKAGES[tracking]} package "
+                f"(pip install {_PACKAGES[tracking]}), or set tracking=none"
+            )
+    return {
+        "path": str(Path(storage).resolve() / CURVES_FILE),
+        "tracking": tracking,
+        "out": str(Path(out).resolve()),
+        "run_name": run_name,
+    }
 
 
 def keep_curves(storage: Path, output: Path) -> None:
@@ -132,8 +138,13 @@ class _MLflow(_NoTracker):
         from ray.air.integrations.mlflow import setup_mlflow
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(config["out"]) / "mlruns").as_uri()
-        self.mlflow = setup_mlflow({"run": config["run_name"]}, tracking_uri=uri, experiment_name="reclora",
-                                   run_name=config["run_name"], create_experiment_if_not_exists=True)
+        self.mlflow = setup_mlflow(
+            {"run": config["run_name"]},
+            tracking_uri=uri,
+            experiment_name="reclora",
+            run_name=config["run_name"],
+            create_experiment_if_not_exists=True,
+        )
 
     def log(self, values: dict, step: int) -> None:
         self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
@@ -148,8 +159,9 @@ class _WandB(_NoTracker):
 
         directory = Path(config["out"]) / "tracking"
         directory.mkdir(parents=True, exist_ok=True)
-        self.run = setup_wandb({"run": config["run_name"]}, project="reclora", name=config["run_name"],
-                               dir=str(directory))
+        self.run = setup_wandb(
+            {"run": config["run_name"]}, project="reclora", name=config["run_name"], dir=str(directory)
+        )
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
@@ -159,14 +171,19 @@ class _WandB(_NoTracker):
 
 
 def _open_tracker(config: dict) -> _NoTracker:
-    return {"none": _NoTracker, "tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}[config["tracking"]](config)
+    return {"none": _NoTracker, "tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}[config["tracking"]](
+        config
+    )
 
 
 def plot_curves(root: Path, path: Path) -> bool:
     """Training loss per step and validation AUC/LogLoss per epoch of every run in OUT with
     curves (the CRMs and the tuned variants), one line each; False when there are none."""
-    runs = {f"{kind}/{p.parent.name}": read_curves(p)
-            for kind in ("crm", "adapter") for p in sorted((Path(root) / kind).glob(f"*/{CURVES_FILE}"))}
+    runs = {
+        f"{kind}/{p.parent.name}": read_curves(p)
+        for kind in ("crm", "adapter")
+        for p in sorted((Path(root) / kind).glob(f"*/{CURVES_FILE}"))
+    }
     runs = {name: records for name, records in runs.items() if records}
     if not runs:
         return False
@@ -181,8 +198,10 @@ def plot_curves(root: Path, path: Path) -> bool:
         if steps:
             loss = [r["loss"] for r in steps]
             window = max(1, len(loss) // 50)  # a running mean, so a noisy per-step loss stays readable
-            smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
-                      for i in range(len(loss))]
+            smooth = [
+                sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
+                for i in range(len(loss))
+            ]
             loss_ax.plot([r["step"] for r in steps], smooth, label=name, lw=1.2)
         epochs = [r for r in records if r["kind"] == "epoch"]
         for ax, key in ((auc_ax, "auc"), (ll_ax, "logloss")):

@@ -43,12 +43,15 @@ def user_bootstrap(users, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         picked = rng.integers(0, len(starts), len(starts))
-        yield order[np.repeat(starts[picked] - np.cumsum(np.r_[0, counts[picked][:-1]]), counts[picked])
-                    + np.arange(counts[picked].sum())]
+        yield order[
+            np.repeat(starts[picked] - np.cumsum(np.r_[0, counts[picked][:-1]]), counts[picked])
+            + np.arange(counts[picked].sum())
+        ]
 
 
-def bootstrap_metrics(labels, users, probs: dict[str, np.ndarray], rounds: int = BOOTSTRAP_ROUNDS,
-                      seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_metrics(
+    labels, users, probs: dict[str, np.ndarray], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
+) -> dict[str, np.ndarray]:
     """{model: (rounds, 2) array of (AUC, LogLoss)} over user resamples shared by every model.
     Resamples with a single class (no AUC) are drawn again, so each model sees the same ones."""
     from scipy.stats import rankdata
@@ -81,7 +84,11 @@ def paired_p_value(differences: np.ndarray) -> float:
     d = np.asarray(differences)
     tail = min(np.mean(d <= 0), np.mean(d >= 0))
     return float(max(min(1.0, 2 * tail), 1 / len(d)))
-def bootstrap_mean(values, users, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+
+
+def bootstrap_mean(
+    values, users, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Mean of per-row `values` (a hit, a reciprocal rank) and its bootstrap CI, resampling users
     (all of a user's rows together) with replacement, as `user_bootstrap` does, by weights: a
     mean needs no per-resample index arrays. For a paired comparison pass the per-row differences
@@ -122,13 +129,23 @@ def binary_block_stats(labels, probs) -> dict:
     pos = np.bincount(inverse, weights=labels, minlength=len(values)).astype(np.int64)
     neg = np.bincount(inverse, minlength=len(values)).astype(np.int64) - pos
     neg_below = np.cumsum(neg) - neg
-    stats = {"n": int(len(q)), "pos": int(pos.sum()), "neg": int(neg.sum()),
-             "twice_u": int((2 * pos * neg_below + pos * neg).sum()),
-             "logloss_sum": float(-np.sum(np.where(labels == 1, np.log(q), np.log1p(-q)))),
-             "nonfinite": nonfinite}
+    stats = {
+        "n": int(len(q)),
+        "pos": int(pos.sum()),
+        "neg": int(neg.sum()),
+        "twice_u": int((2 * pos * neg_below + pos * neg).sum()),
+        "logloss_sum": float(-np.sum(np.where(labels == 1, np.log(q), np.log1p(-q)))),
+        "nonfinite": nonfinite,
+    }
     if len(values):
-        stats |= {"lo": float(values[0]), "lo_pos": int(pos[0]), "lo_neg": int(neg[0]),
-                  "hi": float(values[-1]), "hi_pos": int(pos[-1]), "hi_neg": int(neg[-1])}
+        stats |= {
+            "lo": float(values[0]),
+            "lo_pos": int(pos[0]),
+            "lo_neg": int(neg[0]),
+            "hi": float(values[-1]),
+            "hi_pos": int(pos[-1]),
+            "hi_neg": int(neg[-1]),
+        }
     return stats
 
 

@@ -56,10 +56,18 @@ def run_next_item(cfg: Config, out: str, overwrite: bool = False) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--task", choices=TASKS, default="ctr",
-                        help="ctr: the paper's Table 2; next-item: ranking 20 candidates (OUT/next-item/report.md)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="ctr",
+        help="ctr: the paper's Table 2; next-item: ranking 20 candidates (OUT/next-item/report.md)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    print(json.dumps(run_task(config_from_args(args), args.out, args.task, overwrite=args.overwrite), indent=2, default=str))
+    print(
+        json.dumps(
+            run_task(config_from_args(args), args.out, args.task, overwrite=args.overwrite), indent=2, default=str
+        )
+    )
     return 0

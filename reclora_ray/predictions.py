@@ -63,7 +63,9 @@ def read_predictions(score_dir: Path, columns: list[str] | None = None) -> pd.Da
         raise FileNotFoundError(f"{score_dir} holds no predictions ({SHARDS}/ or {LEGACY_FILE})")
     read = columns if columns is None or "sample_id" in columns else [*columns, "sample_id"]
     tables = [pq.read_table(f, columns=read) for f in files]
-    frame = pa.concat_tables(tables, promote_options="default").to_pandas() if len(tables) > 1 else tables[0].to_pandas()
+    frame = (
+        pa.concat_tables(tables, promote_options="default").to_pandas() if len(tables) > 1 else tables[0].to_pandas()
+    )
     frame = frame.sort_values("sample_id", kind="stable", ignore_index=True)
     return frame if columns is None or "sample_id" in columns else frame[columns]
 
@@ -101,10 +103,13 @@ def _binary_block(batch: dict) -> dict:
 def binary_metrics_of(ds) -> dict[str, float]:
     """AUC, LogLoss and n of a Ray Dataset with label and p_yes, equal to `binary_metrics` on all
     its rows: a distributed sort by p_yes, one summary per sorted block, merged on the driver."""
-    summaries = (ds.select_columns(["label", "p_yes"]).sort("p_yes")
-                 .map_batches(_binary_block, batch_size=None, batch_format="numpy").take_all())
-    return combine_binary_stats([{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()}
-                                 for s in summaries])
+    summaries = (
+        ds.select_columns(["label", "p_yes"])
+        .sort("p_yes")
+        .map_batches(_binary_block, batch_size=None, batch_format="numpy")
+        .take_all()
+    )
+    return combine_binary_stats([{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()} for s in summaries])
 
 
 def sums_of(ds, per_row: Callable[[dict], dict[str, np.ndarray]]) -> dict[str, float]:

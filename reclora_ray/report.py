@@ -28,19 +28,34 @@ log = logging.getLogger(__name__)
 OURS = "reclora"
 # Display names and table order: ID-based rows first, then the LLM-based ones, ours last.
 DISPLAY = {
-    "crm-deepfm": "DeepFM", "crm-autoint": "AutoInt", "crm-dcnv2": "DCNv2", "crm-gru4rec": "GRU4Rec",
-    "crm-caser": "Caser", "crm-sasrec": "SASRec", "crm-sasrec-recent": "SASRec (recent history)", "crm-din": "DIN", "crm-sim": "SIM",
-    "zero-shot": "Zero-shot LLM", "tallrec": "TALLRec-style LoRA", "rella": "ReLLa-style LoRA",
-    "wo-meta-lora": "RecLoRA (w/o meta-LoRA)", "wo-meta-lora-same-params": "RecLoRA (w/o meta-LoRA same param)",
-    "wo-long-retriever": "RecLoRA (w/o long retriever)", "wo-short-retriever": "RecLoRA (w/o short retriever)",
-    "wo-both-retrievers": "RecLoRA (w/o long-short retriever)", "ilora": "iLoRA (SASRec gate)", OURS: "RecLoRA",
+    "crm-deepfm": "DeepFM",
+    "crm-autoint": "AutoInt",
+    "crm-dcnv2": "DCNv2",
+    "crm-gru4rec": "GRU4Rec",
+    "crm-caser": "Caser",
+    "crm-sasrec": "SASRec",
+    "crm-sasrec-recent": "SASRec (recent history)",
+    "crm-din": "DIN",
+    "crm-sim": "SIM",
+    "zero-shot": "Zero-shot LLM",
+    "tallrec": "TALLRec-style LoRA",
+    "rella": "ReLLa-style LoRA",
+    "wo-meta-lora": "RecLoRA (w/o meta-LoRA)",
+    "wo-meta-lora-same-params": "RecLoRA (w/o meta-LoRA same param)",
+    "wo-long-retriever": "RecLoRA (w/o long retriever)",
+    "wo-short-retriever": "RecLoRA (w/o short retriever)",
+    "wo-both-retrievers": "RecLoRA (w/o long-short retriever)",
+    "ilora": "iLoRA (SASRec gate)",
+    OURS: "RecLoRA",
 }
 
 
 def collect_scores(run: RunDir) -> dict[str, pd.DataFrame]:
     """Predictions of every finished scoring output (sample_id, user_id, label, p_yes), by name."""
-    return {path.name: read_predictions(path, ["sample_id", "user_id", "label", "p_yes"])
-            for path in scored_outputs(run.root / "scores")}
+    return {
+        path.name: read_predictions(path, ["sample_id", "user_id", "label", "p_yes"])
+        for path in scored_outputs(run.root / "scores")
+    }
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -79,14 +94,19 @@ def evaluate(preds: dict[str, pd.DataFrame], rounds: int = BOOTSTRAP_ROUNDS, see
                 continue
             diff = reps[OURS] - reps[name]
             payload["vs_reclora"][name] = {
-                "delta_auc": point[OURS]["auc"] - point[name]["auc"], "delta_auc_ci": interval(diff[:, 0]),
+                "delta_auc": point[OURS]["auc"] - point[name]["auc"],
+                "delta_auc_ci": interval(diff[:, 0]),
                 "p_value": paired_p_value(diff[:, 0]),
                 "delta_logloss": point[OURS]["logloss"] - point[name]["logloss"],
                 "delta_logloss_ci": interval(diff[:, 1]),
             }
     for name, df in preds.items():
         if len(df) > len(ids):
-            own_labels, own_users, own = df["label"].to_numpy(), df["user_id"].to_numpy(), {name: df["p_yes"].to_numpy()}
+            own_labels, own_users, own = (
+                df["label"].to_numpy(),
+                df["user_id"].to_numpy(),
+                {name: df["p_yes"].to_numpy()},
+            )
             own_reps = bootstrap_metrics(own_labels, own_users, own, rounds, seed)
             payload["own_samples"][name] = _summaries(own_labels, own_users, own, own_reps)[name]
     return payload
@@ -96,8 +116,14 @@ def _summaries(labels, users, probs: dict, reps: dict) -> dict:
     out = {}
     for name, p in probs.items():
         m = binary_metrics(labels, p)
-        out[name] = {"auc": m["auc"], "auc_ci": interval(reps[name][:, 0]), "logloss": m["logloss"],
-                     "logloss_ci": interval(reps[name][:, 1]), "n": m["n"], "users": int(len(np.unique(users)))}
+        out[name] = {
+            "auc": m["auc"],
+            "auc_ci": interval(reps[name][:, 0]),
+            "logloss": m["logloss"],
+            "logloss_ci": interval(reps[name][:, 1]),
+            "n": m["n"],
+            "users": int(len(np.unique(users))),
+        }
     return out
 
 
@@ -113,8 +139,10 @@ def comparison_table(payload: dict, rounds: int = BOOTSTRAP_ROUNDS) -> str:
     """Markdown: Model | Group | AUC [95% CI] | LogLoss [95% CI] | RecLoRA − model: ΔAUC [95% CI] | p | Rel.Impr."""
     models, versus = payload["models"], payload.get("vs_reclora", {})
     ours = models.get(OURS, {}).get("auc")
-    lines = ["| Model | Group | AUC [95% CI] | LogLoss [95% CI] | RecLoRA − model: ΔAUC [95% CI] | p | Rel.Impr |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Model | Group | AUC [95% CI] | LogLoss [95% CI] | RecLoRA − model: ΔAUC [95% CI] | p | Rel.Impr |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in sorted(models, key=_order):
         m = models[name]
         group = "ID-based" if name.startswith("crm-") else "LLM-based"
@@ -125,8 +153,10 @@ def comparison_table(payload: dict, rounds: int = BOOTSTRAP_ROUNDS) -> str:
             p = _p(v["p_value"], rounds)
         if name != OURS and ours is not None and np.isfinite(m["auc"]) and m["auc"] > 0:
             impr = f"{100 * rel_impr(ours, m['auc']):+.2f}%"
-        lines.append(f"| {DISPLAY.get(name, name)} | {group} | {_ci(m['auc'], m['auc_ci'])} | "
-                     f"{_ci(m['logloss'], m['logloss_ci'])} | {delta} | {p} | {impr} |")
+        lines.append(
+            f"| {DISPLAY.get(name, name)} | {group} | {_ci(m['auc'], m['auc_ci'])} | "
+            f"{_ci(m['logloss'], m['logloss_ci'])} | {delta} | {p} | {impr} |"
+        )
     return "\n".join(lines)
 
 
@@ -134,8 +164,10 @@ def own_samples_table(payload: dict) -> str:
     lines = ["| Model | AUC [95% CI] | LogLoss [95% CI] | n | users |", "|---|---|---|---|---|"]
     for name in sorted(payload["own_samples"], key=_order):
         m = payload["own_samples"][name]
-        lines.append(f"| {DISPLAY.get(name, name)} | {_ci(m['auc'], m['auc_ci'])} | {_ci(m['logloss'], m['logloss_ci'])} "
-                     f"| {m['n']} | {m['users']} |")
+        lines.append(
+            f"| {DISPLAY.get(name, name)} | {_ci(m['auc'], m['auc_ci'])} | {_ci(m['logloss'], m['logloss_ci'])} "
+            f"| {m['n']} | {m['users']} |"
+        )
     return "\n".join(lines)
 
 
@@ -183,8 +215,11 @@ def plot_gates(run: RunDir, name: str, path: Path) -> bool:
     per_user = pd.DataFrame(gates).groupby(df["user_id"].to_numpy()).mean().to_numpy()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.boxplot(per_user, showfliers=False)
-    left.set(xlabel="meta-LoRA k", ylabel="gate weight alpha_k (per-user mean)",
-             title=f"Gate weights over {len(per_user)} users")
+    left.set(
+        xlabel="meta-LoRA k",
+        ylabel="gate weight alpha_k (per-user mean)",
+        title=f"Gate weights over {len(per_user)} users",
+    )
     right.hist(per_user.max(axis=1), bins=30, color="tab:orange")
     right.axvline(1 / gates.shape[1], ls="--", c="grey", label="uniform 1/N_m")
     right.set(xlabel="largest gate weight of the user", ylabel="users", title="How personalized each mix is")
@@ -203,15 +238,25 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
     payload["bootstrap"] = {"unit": "user", "rounds": rounds, "level": 0.95}
     write_json_atomic(run.root / "metrics.json", payload)
     first = next(iter(payload["models"].values()))
-    parts = ["# RecLoRA run report", "",
-             f"Every model on the same {first['n']:,} test samples ({first['users']} users):", "",
-             comparison_table(payload, rounds), "",
-             f"95% confidence intervals from {rounds} bootstrap resamples of users (a user's samples are not "
-             "independent); ΔAUC and its p-value are paired: RecLoRA and the row on the same resamples. "
-             "Rel.Impr: relative AUC improvement of RecLoRA over the row, as in the paper's Table 2.", ""]
+    parts = [
+        "# RecLoRA run report",
+        "",
+        f"Every model on the same {first['n']:,} test samples ({first['users']} users):",
+        "",
+        comparison_table(payload, rounds),
+        "",
+        f"95% confidence intervals from {rounds} bootstrap resamples of users (a user's samples are not "
+        "independent); ΔAUC and its p-value are paired: RecLoRA and the row on the same resamples. "
+        "Rel.Impr: relative AUC improvement of RecLoRA over the row, as in the paper's Table 2.",
+        "",
+    ]
     if payload["own_samples"]:
-        parts += ["Models that also scored more samples, on all of theirs (not comparable with the table above):",
-                  "", own_samples_table(payload), ""]
+        parts += [
+            "Models that also scored more samples, on all of theirs (not comparable with the table above):",
+            "",
+            own_samples_table(payload),
+            "",
+        ]
     if plot_roc(run, list(preds), run.root / "roc.png"):
         parts += ["![ROC curves](roc.png)", ""]
     if plot_gates(run, OURS, run.root / "gates.png"):
@@ -220,8 +265,12 @@ def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOT
     if examples is not None and (run.data / "items.parquet").is_file():
         from reclora_ray.data.catalogue import example_rows
 
-        parts += [f"## Examples ({examples.name}, catalogue ids)", "",
-                  example_rows(run.data, read_predictions(examples, ["sample_id", "user_id", "item_id", "label", "p_yes"])), ""]
+        parts += [
+            f"## Examples ({examples.name}, catalogue ids)",
+            "",
+            example_rows(run.data, read_predictions(examples, ["sample_id", "user_id", "item_id", "label", "p_yes"])),
+            "",
+        ]
     if plot_curves(run.root, run.root / "curves.png"):
         parts += ["![Training loss and validation curves](curves.png)", ""]
     if notes:
@@ -246,8 +295,13 @@ def run_notes(cfg, run: RunDir, timings: dict | None = None) -> list[str]:
         f"few-shot set: {cfg.tune.few_shot} training samples drawn uniformly (seed {cfg.run.seed}), "
         f"{cfg.tune.epochs} epoch(s), the best kept by validation AUC on {cfg.tune.valid_subsample or 'all'} "
         "validation samples",
-        "test: " + (f"the LLM rows on a fixed random subsample of {cfg.score.llm_subsample} samples (seed "
-                    f"{cfg.run.seed}), the CRM on the whole split" if cfg.score.llm_subsample else "the whole split")
+        "test: "
+        + (
+            f"the LLM rows on a fixed random subsample of {cfg.score.llm_subsample} samples (seed "
+            f"{cfg.run.seed}), the CRM on the whole split"
+            if cfg.score.llm_subsample
+            else "the whole split"
+        )
         + (f" (itself a fixed subsample of {cfg.data.test_subsample})" if cfg.data.test_subsample else ""),
         f"histories: {cfg.retrieve.k_long} behaviours for the CRM, {cfg.retrieve.k_short} in the prompt",
     ] + (["stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())] if timings else [])
@@ -255,8 +309,9 @@ def run_notes(cfg, run: RunDir, timings: dict | None = None) -> list[str]:
 
 def _computed_dtype(run: RunDir, scored: list[str]) -> str:
     """The dtype the LLM rows computed in, as the scoring actors resolved llm.dtype."""
-    found = {json.loads(path.read_text()).get("dtype") for name in scored
-             if (path := run.scores(name) / "metrics.json").exists()}
+    found = {
+        json.loads(path.read_text()).get("dtype")
+        for name in scored
+        if (path := run.scores(name) / "metrics.json").exists()
+    }
     return ", ".join(sorted(d for d in found if d)) or "dtype unknown"
-
-

@@ -148,7 +148,9 @@ def read_marker(location: str | Path) -> dict | None:
     """The marker of a finished output at a local path or URI; None when nothing finished is there."""
     path = storage.join(location, MARKER) if storage.is_uri(location) else Path(location) / MARKER
     try:
-        text = path.read_text() if isinstance(path, Path) else (storage.read_text(path) if storage.exists(path) else None)
+        text = (
+            path.read_text() if isinstance(path, Path) else (storage.read_text(path) if storage.exists(path) else None)
+        )
     except (FileNotFoundError, NotADirectoryError):
         return None
     if text is None:
@@ -161,8 +163,12 @@ def read_marker(location: str | Path) -> dict | None:
 
 def new_marker(fingerprint: str, extra: dict | None = None) -> dict:
     """The marker of an output finished now: `identity` is unique to this write."""
-    marker = {"fingerprint": fingerprint, "identity": f"{fingerprint}.{uuid.uuid4().hex[:8]}",
-              "recipe": RECIPE, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    marker = {
+        "fingerprint": fingerprint,
+        "identity": f"{fingerprint}.{uuid.uuid4().hex[:8]}",
+        "recipe": RECIPE,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     marker.update(extra or {})
     return marker
 
@@ -198,8 +204,9 @@ def _exists(location: str | Path) -> bool:
     return storage.exists(location) if storage.is_uri(location) else Path(location).exists()
 
 
-def check_can_write(location: str | Path, fingerprint: str, overwrite: bool,
-                    carries_over: Callable[[dict], bool] | None = None) -> bool:
+def check_can_write(
+    location: str | Path, fingerprint: str, overwrite: bool, carries_over: Callable[[dict], bool] | None = None
+) -> bool:
     """True when the stage must run; False when it is already done for this fingerprint.
 
     `carries_over(marker)`: for an output written under an older fingerprint recipe, whether it
@@ -209,21 +216,32 @@ def check_can_write(location: str | Path, fingerprint: str, overwrite: bool,
     if marker is not None and marker.get("fingerprint") == fingerprint and not overwrite:
         log.info("%s is up to date (fingerprint %s); skipping", location, fingerprint)
         return False
-    if marker is not None and not overwrite and marker.get("recipe") is None and carries_over is not None \
-            and carries_over(marker):
+    if (
+        marker is not None
+        and not overwrite
+        and marker.get("recipe") is None
+        and carries_over is not None
+        and carries_over(marker)
+    ):
         restamp(location, marker, fingerprint)
-        log.info("%s: written by an older reclora for this config; carried over (fingerprint %s)", location, fingerprint)
+        log.info(
+            "%s: written by an older reclora for this config; carried over (fingerprint %s)", location, fingerprint
+        )
         return False
     if _exists(location) and not overwrite:
         if marker is None:
             what = "exists but holds no finished stage output"
         elif marker.get("recipe") is None:
-            what = (f"was written by an older reclora (before fingerprint recipe {RECIPE}) for another config or "
-                    "other upstream outputs")
+            what = (
+                f"was written by an older reclora (before fingerprint recipe {RECIPE}) for another config or "
+                "other upstream outputs"
+            )
         else:
             what = f"was written by a different config (fingerprint {marker.get('fingerprint')}, now {fingerprint})"
-        raise StageOutputExists(f"{location} {what}; pass --overwrite to replace it"
-                                + (f" (or delete {location} to rebuild only this output)" if marker else ""))
+        raise StageOutputExists(
+            f"{location} {what}; pass --overwrite to replace it"
+            + (f" (or delete {location} to rebuild only this output)" if marker else "")
+        )
     return True
 
 
@@ -294,12 +312,15 @@ def finished_outputs(location: str) -> dict[str, str]:
     fs, root = storage.filesystem(location)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return {}
-    markers = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-               if f.type == pafs.FileType.File and f.base_name == MARKER]
+    markers = [
+        f
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File and f.base_name == MARKER
+    ]
     out = {}
     for info in markers:
         with fs.open_input_stream(info.path) as f:
-            out[info.path[len(root):].strip("/").removesuffix(MARKER).rstrip("/")] = f.read().decode()
+            out[info.path[len(root) :].strip("/").removesuffix(MARKER).rstrip("/")] = f.read().decode()
     return out
 
 

@@ -19,11 +19,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_required: bool = T
     """Arguments every stage takes: the config, overrides and the run directory."""
     parser.add_argument("--config", default="quickstart", help="packaged config name or YAML path")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set crm.lr=1e-3 (repeatable)",
     )
-    parser.add_argument("--out", required=out_required,
-                        help="the run directory, a path or a URI (docs/architecture.md)")
+    parser.add_argument(
+        "--out", required=out_required, help="the run directory, a path or a URI (docs/architecture.md)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace outputs of another config")
 
 
@@ -50,8 +55,11 @@ def init_ray(cfg: Config) -> None:
     if address:
         log.info("connecting to Ray cluster at %s", address)
         # Our loggers in the workers, as on a local Ray (a job's own runtime env is kept: Ray merges).
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "reclora_ray.console.setup_worker_logging"})
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": "reclora_ray.console.setup_worker_logging"},
+        )
         quiet_ray()
     else:
         log.info("starting a local Ray (num_cpus=%s) on 127.0.0.1", cfg.run.num_cpus or "all")
@@ -59,9 +67,15 @@ def init_ray(cfg: Config) -> None:
         # Workers import the same reclora_ray as this driver, even from an uninstalled checkout.
         source_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, VERBOSE_ENV: "1" if is_verbose() else "0"},
-                              "worker_process_setup_hook": "reclora_ray.console.setup_worker_logging"})
+        ray.init(
+            num_cpus=cfg.run.num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": pythonpath, VERBOSE_ENV: "1" if is_verbose() else "0"},
+                "worker_process_setup_hook": "reclora_ray.console.setup_worker_logging",
+            },
+        )
         quiet_ray()
     # Ray Data's progress bars where a terminal shows them; without one they are multi-line
     # dumps, and the stages log their own one-line progress.

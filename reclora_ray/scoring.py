@@ -55,8 +55,9 @@ def read_slice(path: Path, lo: int, hi: int) -> pa.Table:
     return pf.read_row_groups(groups).slice(lo - int(starts[groups[0]]), hi - lo)
 
 
-def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k_short: int,
-                keep: np.ndarray | None) -> pa.Table:
+def _read_block(
+    batch: dict, samples: str, retrieval: str | None, k_long: int, k_short: int, keep: np.ndarray | None
+) -> pa.Table:
     """One range of a split's rows, its retrieved histories beside them (the retrieval output is
     row-aligned with the samples), cut to the kept sample ids."""
     from reclora_ray.retrieval.history import lists_to_padded
@@ -66,8 +67,10 @@ def _read_block(batch: dict, samples: str, retrieval: str | None, k_long: int, k
     if retrieval is not None:
         hist = read_slice(Path(retrieval), lo, hi)
         if not np.array_equal(hist.column("sample_id").to_numpy(), table.column("sample_id").to_numpy()):
-            raise ValueError(f"the retrieval output {retrieval} does not match {samples} (rows {lo}..{hi}); "
-                             "re-run `reclora retrieve --overwrite`")
+            raise ValueError(
+                f"the retrieval output {retrieval} does not match {samples} (rows {lo}..{hi}); "
+                "re-run `reclora retrieve --overwrite`"
+            )
         for name, k in (("hist_long", k_long), ("hist_short", k_short)):
             padded = lists_to_padded(hist.column(name), k)
             table = table.append_column(name, pa.FixedSizeListArray.from_arrays(pa.array(padded.reshape(-1)), k))
@@ -84,8 +87,9 @@ class SplitRows(NamedTuple):
     n_rows: int
 
 
-def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None,
-               min_ranges: int = 8, readers: int = 2):
+def split_rows(
+    samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None, min_ranges: int = 8, readers: int = 2
+):
     """A Ray Dataset of a split's rows, read by the workers range by range (at least `min_ranges`
     ranges where the split has as many rows: give an actor pool several blocks per actor).
 
@@ -104,17 +108,30 @@ def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | 
         meta = json.loads((Path(retrieval).parent / "retrieval.json").read_text())
         k_long, k_short = meta["k_long"], meta["k_short"]
         if pq.ParquetFile(retrieval).metadata.num_rows != pq.ParquetFile(samples).metadata.num_rows:
-            raise ValueError(f"the retrieval output {retrieval} does not match {samples}; "
-                             "re-run `reclora retrieve --overwrite`")
+            raise ValueError(
+                f"the retrieval output {retrieval} does not match {samples}; re-run `reclora retrieve --overwrite`"
+            )
     ranges = row_ranges(samples, min_ranges)
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
     n_rows = len(keep) if keep is not None else ranges[-1][1]
-    return SplitRows(ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
-        _read_block, batch_size=1, batch_format="numpy", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=readers),
-        fn_kwargs={"samples": str(samples), "retrieval": None if retrieval is None else str(retrieval),
-                   "k_long": k_long, "k_short": k_short, "keep": keep}), n_rows)
+    return SplitRows(
+        ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in ranges], override_num_blocks=len(ranges)).map_batches(
+            _read_block,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=readers),
+            fn_kwargs={
+                "samples": str(samples),
+                "retrieval": None if retrieval is None else str(retrieval),
+                "k_long": k_long,
+                "k_short": k_short,
+                "keep": keep,
+            },
+        ),
+        n_rows,
+    )
 
 
 def subsample_ids(samples: Path, n: int | None, seed: int) -> np.ndarray | None:
@@ -136,13 +153,18 @@ def _plain_block(frame: pd.DataFrame, data_dir: str | None) -> pa.Table:
         from reclora_ray.data.catalogue import add_catalogue_ids
 
         frame = add_catalogue_ids(frame.reset_index(drop=True), data_dir)
-    vectors = [c for c in frame.columns if "Tensor" in str(frame[c].dtype)
-               or (len(frame) > 0 and isinstance(frame[c].iloc[0], (np.ndarray, list)))]
+    vectors = [
+        c
+        for c in frame.columns
+        if "Tensor" in str(frame[c].dtype) or (len(frame) > 0 and isinstance(frame[c].iloc[0], (np.ndarray, list)))
+    ]
     table = pa.Table.from_pandas(frame.drop(columns=vectors), preserve_index=False)
     for name in vectors:
         values = np.stack(frame[name].to_numpy())
         at = list(frame.columns).index(name)
-        table = table.add_column(at, name, pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]))
+        table = table.add_column(
+            at, name, pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        )
     return table
 
 
@@ -153,8 +175,18 @@ def call_rows(n_rows: int, max_rows: int, actors: int) -> int:
     return max(1, min(max_rows, -(-n_rows // (4 * actors))))
 
 
-def score_with(actor, ctor_kwargs: dict, rows: SplitRows, *, stage: StageRun, num_gpus: float, max_call_rows: int,
-               summarize: Callable[[Path], dict], info: dict, data_dir: Path | None = None) -> dict:
+def score_with(
+    actor,
+    ctor_kwargs: dict,
+    rows: SplitRows,
+    *,
+    stage: StageRun,
+    num_gpus: float,
+    max_call_rows: int,
+    summarize: Callable[[Path], dict],
+    info: dict,
+    data_dir: Path | None = None,
+) -> dict:
     """Score `rows` with an actor pool of `actor` (a callable class: pandas rows -> pandas
     predictions; calls of at most `max_call_rows` rows) into the stage's staged output: predictions
     as Parquet shards, then metrics.json = summarize(staged dir) | info (the marker and resolved
@@ -165,10 +197,20 @@ def score_with(actor, ctor_kwargs: dict, rows: SplitRows, *, stage: StageRun, nu
     cfg = stage.cfg
     init_ray(cfg)
     per_call = call_rows(rows.n_rows, max_call_rows, cfg.score.concurrency)
-    scored = rows.dataset.map_batches(actor, fn_constructor_kwargs=ctor_kwargs, batch_size=per_call, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency), num_gpus=num_gpus)
-    scored = scored.map_batches(_plain_block, batch_size=None, batch_format="pandas",
-                                fn_kwargs={"data_dir": None if data_dir is None else str(data_dir)})
+    scored = rows.dataset.map_batches(
+        actor,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_size=per_call,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
+        num_gpus=num_gpus,
+    )
+    scored = scored.map_batches(
+        _plain_block,
+        batch_size=None,
+        batch_format="pandas",
+        fn_kwargs={"data_dir": None if data_dir is None else str(data_dir)},
+    )
     with stage.write() as tmp:
         write_predictions(scored, tmp)
         metrics = summarize(tmp) | info

@@ -193,70 +193,185 @@ def _score_select(cfg: Config, args) -> list[Key]:
 
 VARIANT = Option("--variant", "variant(s) (default: tune.variants; for score also zero-shot and the CRM)", repeat=True)
 
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("prepare", "parse, label, k-core filter and split a raw log", "reclora_ray.data.prepare:run_stage",
-          part="data", sections=("data", "run.seed"), files="reclora_ray.data.prepare:raw_files",
-          tasks=TASKS, shared=True,
-          options=(Option("--dataset", "overrides data.dataset", key="data.dataset", choices=DATASETS),
-                   Option("--raw-dir", "folder of the raw files; overrides data.raw_dir", key="data.raw_dir"))),
-    Stage("embed", "semantic item embeddings (LLM hidden states + PCA)", "reclora_ray.retrieval.embed:run_stage",
-          part="embeddings", inputs=("prepare",), sections=("embed", "llm"),
-          ignore=("llm.max_length", "llm.chat_template"),  # prompt settings: no item text is a prompt
-          instances=_upstream_of_crms, tasks=TASKS, shared=True),
-    Stage("retrieve", "long/short history retrieval per sample", "reclora_ray.retrieval.retrieve:run_stage",
-          part="retrieval", inputs=("prepare", "embed"), sections=("retrieve",),
-          reads=lambda cfg, key: [("prepare", None)] + ([("embed", None)] if cfg.retrieve.uses_embeddings else []),
-          instances=_upstream_of_crms, tasks=TASKS, shared=True),
-    Stage("pretrain-crm", "train a conventional recommender on Ray Train", "reclora_ray.crm.train:run_stage",
-          part="crm", output=lambda run, cfg, key: run.crm(key), layout="OUT/crm/<model>[-recent]", inputs=("prepare", "retrieve"),
-          reads=_crm_reads, sections=("crm", "retrieve", "run.seed"), config=_crm_for,
-          instances=_crm_instances, tasks=TASKS, shared=True,
-          title=lambda key: f"pretrain-crm {key.removesuffix('-recent')} ({'recent' if key.endswith('-recent') else 'long'} history)",
-          options=(Option("--model", "the CRM to train (default: crm.model)", key="crm.model"),),
-          select=lambda cfg, args: [cfg.crm.output_name]),
-    Stage("tune", "Few2Many tuning of the personalized LoRA", "reclora_ray.llm.tune:run_stage",
-          part="adapter", output=lambda run, cfg, key: run.adapter(key), layout="OUT/adapter/<variant>", inputs=("prepare", "retrieve", "pretrain-crm"),
-          reads=_variant_reads, sections=("llm", "lora", "tune", "retrieve", "run.seed"), config=_variant_config,
-          instances=_tuned, title=lambda key: f"tune {key}", options=(VARIANT,), select=_tune_select),
-    Stage("score-crm", "the CRM a gate reads, alone, on the test split", "reclora_ray.llm.score:run_crm_stage",
-          part="scores", output=lambda run, cfg, key: run.scores(f"crm-{crm_name(cfg, get_variant(key))}"),
-          layout="OUT/scores/crm-<model>[-recent]",
-          inputs=("prepare", "retrieve", "pretrain-crm"), reads=_crm_row_reads, sections=("retrieve", "score"),
-          ignore=("score.next_item",),
-          instances=_crm_row, title=lambda key: "score the CRM", command="score",
-          select=lambda cfg, args: [] if args.variant else _crm_row(cfg, "ctr")),
-    Stage("score", "batch scoring with Ray Data", "reclora_ray.llm.score:run_stage",
-          part="scores", output=lambda run, cfg, key: run.scores(key), layout="OUT/scores/<variant>", inputs=("prepare", "retrieve", "pretrain-crm", "tune"),
-          reads=lambda cfg, key: _variant_reads(cfg, key, tuned="tune"), sections=("llm", "retrieve", "score", "run.seed"),
-          ignore=("score.next_item",),
-          instances=_scored, title=lambda key: f"score {key}", options=(VARIANT,), select=_score_select),
-    Stage("report", "tables and plots of every scored model", "reclora_ray.report:run_stage",
-          part="", inputs=("prepare", "pretrain-crm", "tune", "score-crm", "score"), takes_timings=True,
-          layout="OUT/report.md, OUT/metrics.json, OUT/*.png"),
-    # The next-item task (iLoRA's): the same upstream stages, its own outputs under OUT/next-item/.
-    Stage("tune-next-item", "tuning on the next-item task", "reclora_ray.llm.next_item_tune:run_stage",
-          part="next-item", output=lambda run, cfg, key: run.next_item_adapter(key),
-          layout="OUT/next-item/adapter/<variant>",
-          inputs=("prepare", "pretrain-crm"), reads=lambda cfg, key: _variant_reads(cfg, key, retrieval=False),
-          sections=("llm", "lora", "tune", "retrieve", "run.seed"), config=_variant_config,
-          instances=_tuned, tasks=("next-item",), title=lambda key: f"tune {key} (next item)", command=None),
-    Stage("score-next-item-crm", "a CRM alone on the next-item candidates", "reclora_ray.llm.next_item_score:run_crm_stage",
-          part="next-item", output=lambda run, cfg, key: run.next_item_scores(f"crm-{crm_name(cfg, get_variant(key))}"),
-          layout="OUT/next-item/scores/crm-<model>[-recent]",
-          inputs=("prepare", "pretrain-crm"), reads=lambda cfg, key: _variant_reads(cfg, key, retrieval=False),
-          sections=("retrieve", "score"), ignore=("score.next_item",), instances=_crm_rows_next_item, tasks=("next-item",),
-          title=lambda key: f"score the CRM of {key} (next item)", command=None),
-    Stage("score-next-item", "every model ranks the next-item candidates", "reclora_ray.llm.next_item_score:run_stage",
-          part="next-item", output=lambda run, cfg, key: run.next_item_scores(key),
-          layout="OUT/next-item/scores/<variant>",
-          inputs=("prepare", "pretrain-crm", "tune-next-item"),
-          reads=lambda cfg, key: _variant_reads(cfg, key, tuned="tune-next-item", retrieval=False),
-          sections=("llm", "retrieve", "score", "run.seed"), instances=_scored, tasks=("next-item",),
-          title=lambda key: f"score {key} (next item)", command=None),
-    Stage("report-next-item", "the next-item report", "reclora_ray.llm.next_item_report:run_stage",
-          part="", inputs=("score-next-item-crm", "score-next-item"), tasks=("next-item",), command=None,
-          takes_timings=True, layout="OUT/next-item/report.md, OUT/next-item/metrics.json"),
-]}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "prepare",
+            "parse, label, k-core filter and split a raw log",
+            "reclora_ray.data.prepare:run_stage",
+            part="data",
+            sections=("data", "run.seed"),
+            files="reclora_ray.data.prepare:raw_files",
+            tasks=TASKS,
+            shared=True,
+            options=(
+                Option("--dataset", "overrides data.dataset", key="data.dataset", choices=DATASETS),
+                Option("--raw-dir", "folder of the raw files; overrides data.raw_dir", key="data.raw_dir"),
+            ),
+        ),
+        Stage(
+            "embed",
+            "semantic item embeddings (LLM hidden states + PCA)",
+            "reclora_ray.retrieval.embed:run_stage",
+            part="embeddings",
+            inputs=("prepare",),
+            sections=("embed", "llm"),
+            ignore=("llm.max_length", "llm.chat_template"),  # prompt settings: no item text is a prompt
+            instances=_upstream_of_crms,
+            tasks=TASKS,
+            shared=True,
+        ),
+        Stage(
+            "retrieve",
+            "long/short history retrieval per sample",
+            "reclora_ray.retrieval.retrieve:run_stage",
+            part="retrieval",
+            inputs=("prepare", "embed"),
+            sections=("retrieve",),
+            reads=lambda cfg, key: [("prepare", None)] + ([("embed", None)] if cfg.retrieve.uses_embeddings else []),
+            instances=_upstream_of_crms,
+            tasks=TASKS,
+            shared=True,
+        ),
+        Stage(
+            "pretrain-crm",
+            "train a conventional recommender on Ray Train",
+            "reclora_ray.crm.train:run_stage",
+            part="crm",
+            output=lambda run, cfg, key: run.crm(key),
+            layout="OUT/crm/<model>[-recent]",
+            inputs=("prepare", "retrieve"),
+            reads=_crm_reads,
+            sections=("crm", "retrieve", "run.seed"),
+            config=_crm_for,
+            instances=_crm_instances,
+            tasks=TASKS,
+            shared=True,
+            title=lambda key: (
+                f"pretrain-crm {key.removesuffix('-recent')} ({'recent' if key.endswith('-recent') else 'long'} history)"
+            ),
+            options=(Option("--model", "the CRM to train (default: crm.model)", key="crm.model"),),
+            select=lambda cfg, args: [cfg.crm.output_name],
+        ),
+        Stage(
+            "tune",
+            "Few2Many tuning of the personalized LoRA",
+            "reclora_ray.llm.tune:run_stage",
+            part="adapter",
+            output=lambda run, cfg, key: run.adapter(key),
+            layout="OUT/adapter/<variant>",
+            inputs=("prepare", "retrieve", "pretrain-crm"),
+            reads=_variant_reads,
+            sections=("llm", "lora", "tune", "retrieve", "run.seed"),
+            config=_variant_config,
+            instances=_tuned,
+            title=lambda key: f"tune {key}",
+            options=(VARIANT,),
+            select=_tune_select,
+        ),
+        Stage(
+            "score-crm",
+            "the CRM a gate reads, alone, on the test split",
+            "reclora_ray.llm.score:run_crm_stage",
+            part="scores",
+            output=lambda run, cfg, key: run.scores(f"crm-{crm_name(cfg, get_variant(key))}"),
+            layout="OUT/scores/crm-<model>[-recent]",
+            inputs=("prepare", "retrieve", "pretrain-crm"),
+            reads=_crm_row_reads,
+            sections=("retrieve", "score"),
+            ignore=("score.next_item",),
+            instances=_crm_row,
+            title=lambda key: "score the CRM",
+            command="score",
+            select=lambda cfg, args: [] if args.variant else _crm_row(cfg, "ctr"),
+        ),
+        Stage(
+            "score",
+            "batch scoring with Ray Data",
+            "reclora_ray.llm.score:run_stage",
+            part="scores",
+            output=lambda run, cfg, key: run.scores(key),
+            layout="OUT/scores/<variant>",
+            inputs=("prepare", "retrieve", "pretrain-crm", "tune"),
+            reads=lambda cfg, key: _variant_reads(cfg, key, tuned="tune"),
+            sections=("llm", "retrieve", "score", "run.seed"),
+            ignore=("score.next_item",),
+            instances=_scored,
+            title=lambda key: f"score {key}",
+            options=(VARIANT,),
+            select=_score_select,
+        ),
+        Stage(
+            "report",
+            "tables and plots of every scored model",
+            "reclora_ray.report:run_stage",
+            part="",
+            inputs=("prepare", "pretrain-crm", "tune", "score-crm", "score"),
+            takes_timings=True,
+            layout="OUT/report.md, OUT/metrics.json, OUT/*.png",
+        ),
+        # The next-item task (iLoRA's): the same upstream stages, its own outputs under OUT/next-item/.
+        Stage(
+            "tune-next-item",
+            "tuning on the next-item task",
+            "reclora_ray.llm.next_item_tune:run_stage",
+            part="next-item",
+            output=lambda run, cfg, key: run.next_item_adapter(key),
+            layout="OUT/next-item/adapter/<variant>",
+            inputs=("prepare", "pretrain-crm"),
+            reads=lambda cfg, key: _variant_reads(cfg, key, retrieval=False),
+            sections=("llm", "lora", "tune", "retrieve", "run.seed"),
+            config=_variant_config,
+            instances=_tuned,
+            tasks=("next-item",),
+            title=lambda key: f"tune {key} (next item)",
+            command=None,
+        ),
+        Stage(
+            "score-next-item-crm",
+            "a CRM alone on the next-item candidates",
+            "reclora_ray.llm.next_item_score:run_crm_stage",
+            part="next-item",
+            output=lambda run, cfg, key: run.next_item_scores(f"crm-{crm_name(cfg, get_variant(key))}"),
+            layout="OUT/next-item/scores/crm-<model>[-recent]",
+            inputs=("prepare", "pretrain-crm"),
+            reads=lambda cfg, key: _variant_reads(cfg, key, retrieval=False),
+            sections=("retrieve", "score"),
+            ignore=("score.next_item",),
+            instances=_crm_rows_next_item,
+            tasks=("next-item",),
+            title=lambda key: f"score the CRM of {key} (next item)",
+            command=None,
+        ),
+        Stage(
+            "score-next-item",
+            "every model ranks the next-item candidates",
+            "reclora_ray.llm.next_item_score:run_stage",
+            part="next-item",
+            output=lambda run, cfg, key: run.next_item_scores(key),
+            layout="OUT/next-item/scores/<variant>",
+            inputs=("prepare", "pretrain-crm", "tune-next-item"),
+            reads=lambda cfg, key: _variant_reads(cfg, key, tuned="tune-next-item", retrieval=False),
+            sections=("llm", "retrieve", "score", "run.seed"),
+            instances=_scored,
+            tasks=("next-item",),
+            title=lambda key: f"score {key} (next item)",
+            command=None,
+        ),
+        Stage(
+            "report-next-item",
+            "the next-item report",
+            "reclora_ray.llm.next_item_report:run_stage",
+            part="",
+            inputs=("score-next-item-crm", "score-next-item"),
+            tasks=("next-item",),
+            command=None,
+            takes_timings=True,
+            layout="OUT/next-item/report.md, OUT/next-item/metrics.json",
+        ),
+    ]
+}
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -295,15 +410,18 @@ class StageRun:
             ...
     """
 
-    def __init__(self, name: str, cfg: Config, run: RunDir | str | Path, key: Key = None,
-                 out: str | Path | None = None):
+    def __init__(
+        self, name: str, cfg: Config, run: RunDir | str | Path, key: Key = None, out: str | Path | None = None
+    ):
         self.stage = STAGES[name]
         self.run = RunDir.of(run)
         self.run.upgrade()
         self.key = key
         self.cfg = self.stage.config_for(cfg, key)
         self.out = Path(out) if out is not None else self.stage.path(self.run, self.cfg, key)
-        self.inputs = [(STAGES[n], k, STAGES[n].path(self.run, self.cfg, k)) for n, k in self.stage.upstream(self.cfg, key)]
+        self.inputs = [
+            (STAGES[n], k, STAGES[n].path(self.run, self.cfg, k)) for n, k in self.stage.upstream(self.cfg, key)
+        ]
         self.files = self.stage_files(self.cfg)
         self.own = own_fingerprint(self.stage, self.cfg, key)
         self.fingerprint = with_inputs(self.own, [p for _, _, p in self.inputs], self.files)
@@ -358,8 +476,9 @@ def task_stages(task: str) -> list[Stage]:
     return [s for s in STAGES.values() if task in s.tasks]
 
 
-def execute(stage: Stage | str, cfg: Config, run: RunDir | str | Path, key: Key = None, overwrite: bool = False,
-            **kwargs) -> Any:
+def execute(
+    stage: Stage | str, cfg: Config, run: RunDir | str | Path, key: Key = None, overwrite: bool = False, **kwargs
+) -> Any:
     """Run one stage instance through its run function."""
     stage = STAGES[stage] if isinstance(stage, str) else stage
     return stage.function()(cfg, RunDir.of(run), key, overwrite, **kwargs)
@@ -395,6 +514,8 @@ def markdown_table() -> str:
     rows = ["| stage | command | reads | writes | its result depends on | tasks |", "|---|---|---|---|---|---|"]
     for s in STAGES.values():
         depends = ", ".join(s.sections) + (f" (not {', '.join(s.ignore)})" if s.ignore else "")
-        rows.append(f"| {s.name} | {s.cli or '(reclora run --task next-item)'} | {', '.join(s.inputs) or '(raw files)'} "
-                    f"| {s.layout or 'OUT/' + s.part} | {depends or '(what it reads)'} | {', '.join(s.tasks)} |")
+        rows.append(
+            f"| {s.name} | {s.cli or '(reclora run --task next-item)'} | {', '.join(s.inputs) or '(raw files)'} "
+            f"| {s.layout or 'OUT/' + s.part} | {depends or '(what it reads)'} | {', '.join(s.tasks)} |"
+        )
     return "\n".join(rows)

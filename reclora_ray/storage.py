@@ -97,7 +97,7 @@ def download(location: str, local_dir: Path) -> bool:
     local_dir.mkdir(parents=True, exist_ok=True)
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if info.type == pafs.FileType.File:
-            target = confined(local_dir, info.path[len(path):].strip("/"), location)
+            target = confined(local_dir, info.path[len(path) :].strip("/"), location)
             target.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return True
@@ -110,5 +110,3 @@ def confined(local_dir: Path, key: str, location: str) -> Path:
     if target != root and root not in target.parents:
         raise ValueError(f"{location}: remote key {key!r} points outside the scratch folder {root}; refusing it")
     return target
-
-

@@ -60,24 +60,57 @@ VARIANTS: dict[str, Variant] = {
         Variant("tallrec", "lora", "recent", "semantic", "TALLRec: LoRA r, recent history in text"),
         Variant("rella", "lora", "semantic", "semantic", "ReLLa: LoRA r, retrieved history in text"),
         Variant("reclora", "plora", "semantic", "semantic", "RecLoRA: personalized LoRA + CRM gate"),
-        Variant("wo-meta-lora", "lora", "semantic", "semantic",
-                "Table 3: a single LoRA of rank r instead of the meta-LoRA bank"),
-        Variant("wo-meta-lora-same-params", "lora_same_params", "semantic", "semantic",
-                "Table 3: a single LoRA of rank N_m*r (same parameter count)"),
-        Variant("wo-long-retriever", "plora", "semantic", "recent",
-                "Table 3: the CRM reads the recent history instead of the retrieved long list"),
-        Variant("wo-short-retriever", "plora", "recent", "semantic",
-                "Table 3: the prompt holds the recent history instead of the retrieved short list"),
+        Variant(
+            "wo-meta-lora",
+            "lora",
+            "semantic",
+            "semantic",
+            "Table 3: a single LoRA of rank r instead of the meta-LoRA bank",
+        ),
+        Variant(
+            "wo-meta-lora-same-params",
+            "lora_same_params",
+            "semantic",
+            "semantic",
+            "Table 3: a single LoRA of rank N_m*r (same parameter count)",
+        ),
+        Variant(
+            "wo-long-retriever",
+            "plora",
+            "semantic",
+            "recent",
+            "Table 3: the CRM reads the recent history instead of the retrieved long list",
+        ),
+        Variant(
+            "wo-short-retriever",
+            "plora",
+            "recent",
+            "semantic",
+            "Table 3: the prompt holds the recent history instead of the retrieved short list",
+        ),
         Variant("wo-both-retrievers", "plora", "recent", "recent", "Table 3: recent histories only"),
         # iLoRA (Kong et al., 2024): one LoRA of rank 8 on every attention and MLP projection, split
         # into N = 4 experts of rank 2, mixed at the output by one gate fed by the frozen SASRec's
         # representation of the recent sequence. Its scaling alpha / r = 32 / 8 (the whole LoRA's
         # rank) is our alpha / (rank per expert) = 8 / 2.
-        Variant("ilora", "plora", "recent", "recent",
-                "iLoRA: 4 LoRA experts of rank 2 on all projections, gate fed by SASRec's R_c",
-                lora={"r": 2, "n_meta": 4, "alpha": 8, "mixing": "paper", "gate": "shared", "temperature": 1.0,
-                      "target_modules": list(ILORA_TARGETS)},
-                crm_model="sasrec", lr=8e-4),
+        Variant(
+            "ilora",
+            "plora",
+            "recent",
+            "recent",
+            "iLoRA: 4 LoRA experts of rank 2 on all projections, gate fed by SASRec's R_c",
+            lora={
+                "r": 2,
+                "n_meta": 4,
+                "alpha": 8,
+                "mixing": "paper",
+                "gate": "shared",
+                "temperature": 1.0,
+                "target_modules": list(ILORA_TARGETS),
+            },
+            crm_model="sasrec",
+            lr=8e-4,
+        ),
     ]
 }
 

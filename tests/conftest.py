@@ -70,8 +70,11 @@ def kill_one_train_worker(driver_pid: int, marker: Path):
         def after_report(self, run_context, metrics, checkpoint):
             if checkpoint is None or marker.exists():
                 return
-            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            workers = [
+                p
+                for p in psutil.Process(driver_pid).children(recursive=True)
+                if "RayTrainWorker" in " ".join(p.cmdline())
+            ]
             victim = workers[-1]
             marker.write_text(json.dumps({"pid": victim.pid, "epoch": metrics[0]["epoch"]}))
             os.kill(victim.pid, signal.SIGKILL)

@@ -30,8 +30,13 @@ def test_tune_score_and_run_read_and_write_a_uri_run_directory(ray_local, tiny_u
     scratch.mkdir()
     monkeypatch.setenv("RECLORA_SCRATCH", str(scratch))
     # gradient checkpointing on: the ml-1m-1gpu setting, through Ray Train + DeepSpeed here
-    args = ["--config", "tiny", *sets("tune.variants=[reclora]", "score.zero_shot=false",
-                                      "tune.gradient_checkpointing=true"), "--out", uri]
+    args = [
+        "--config",
+        "tiny",
+        *sets("tune.variants=[reclora]", "score.zero_shot=false", "tune.gradient_checkpointing=true"),
+        "--out",
+        uri,
+    ]
 
     assert cli.main(["tune", *args]) == 0
     adapter = run.adapter("reclora")
@@ -49,8 +54,9 @@ def test_tune_score_and_run_read_and_write_a_uri_run_directory(ray_local, tiny_u
     assert set(metrics["models"]) == {"crm-sim", "reclora"}
     reported = json.loads((scores / "metrics.json").read_text())
     # The report (sklearn on the rows read back) and the scoring stage (computed by the workers over the shards).
-    assert {k: metrics["models"]["reclora"][k] for k in ("auc", "logloss", "n")} == \
-        pytest.approx({k: reported[k] for k in ("auc", "logloss", "n")}, rel=1e-12)
+    assert {k: metrics["models"]["reclora"][k] for k in ("auc", "logloss", "n")} == pytest.approx(
+        {k: reported[k] for k in ("auc", "logloss", "n")}, rel=1e-12
+    )
     assert "RecLoRA" in (bucket / "report.md").read_text() and (bucket / "config.yaml").is_file()
     assert (run.scores("crm-sim") / MARKER).is_file()
     assert list(scratch.iterdir()) == []

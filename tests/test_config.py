@@ -65,29 +65,42 @@ def test_round_trip_through_yaml(tmp_path):
     assert load_config(str(path)) == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("crm.lr=-1e-3", r"crm\.lr: must be > 0, got -0\.001"),
-    ("tune.lr=0", r"tune\.lr: must be > 0"),
-    ("tune.micro_batch=0", r"tune\.micro_batch: must be >= 1, got 0"),
-    ("score.batch_size=0", r"score\.batch_size: must be >= 1"),
-    ("embed.batch_size=-4", r"embed\.batch_size: must be >= 1"),
-    ("serve.port=70000", r"serve\.port: must be a port in 1\.\.65535, got 70000"),
-    ("serve.port=0", r"serve\.port: must be a port in 1\.\.65535"),
-    ("tune.warmup_ratio=1.5", r"tune\.warmup_ratio: must be in \[0, 1\]"),
-    ("lora.dropout=1", r"lora\.dropout: must be in \[0, 1\)"),
-    ("crm.mlp_hidden=[64,0]", r"crm\.mlp_hidden\[1\]: must be >= 1, got 0"),
-    ("crm.sim.heads=0", r"crm\.sim\.heads: must be >= 1"),
-    ("data.rating_range=[5,1]", r"data\.rating_range: \[min, max\] with min <= max"),
-    ("serve.max_queued_requests=0", r"serve\.max_queued_requests: must be >= 1 \(or -1: unbounded\)"),
-    ("serve.request_timeout_s=0", r"serve\.request_timeout_s: must be > 0"),
-    ("run.num_cpus=0", r"run\.num_cpus: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("crm.lr=-1e-3", r"crm\.lr: must be > 0, got -0\.001"),
+        ("tune.lr=0", r"tune\.lr: must be > 0"),
+        ("tune.micro_batch=0", r"tune\.micro_batch: must be >= 1, got 0"),
+        ("score.batch_size=0", r"score\.batch_size: must be >= 1"),
+        ("embed.batch_size=-4", r"embed\.batch_size: must be >= 1"),
+        ("serve.port=70000", r"serve\.port: must be a port in 1\.\.65535, got 70000"),
+        ("serve.port=0", r"serve\.port: must be a port in 1\.\.65535"),
+        ("tune.warmup_ratio=1.5", r"tune\.warmup_ratio: must be in \[0, 1\]"),
+        ("lora.dropout=1", r"lora\.dropout: must be in \[0, 1\)"),
+        ("crm.mlp_hidden=[64,0]", r"crm\.mlp_hidden\[1\]: must be >= 1, got 0"),
+        ("crm.sim.heads=0", r"crm\.sim\.heads: must be >= 1"),
+        ("data.rating_range=[5,1]", r"data\.rating_range: \[min, max\] with min <= max"),
+        ("serve.max_queued_requests=0", r"serve\.max_queued_requests: must be >= 1 \(or -1: unbounded\)"),
+        ("serve.request_timeout_s=0", r"serve\.request_timeout_s: must be > 0"),
+        ("run.num_cpus=0", r"run\.num_cpus: must be >= 1"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
 
 
 def test_range_limits_accept_the_edges():
-    cfg = load_config("tiny", ["serve.port=65535", "tune.warmup_ratio=1", "lora.dropout=0", "serve.max_queued_requests=-1",
-                               "crm.max_failures=-1", "serve.request_timeout_s=null", "data.rating_range=[1,1]"])
+    cfg = load_config(
+        "tiny",
+        [
+            "serve.port=65535",
+            "tune.warmup_ratio=1",
+            "lora.dropout=0",
+            "serve.max_queued_requests=-1",
+            "crm.max_failures=-1",
+            "serve.request_timeout_s=null",
+            "data.rating_range=[1,1]",
+        ],
+    )
     assert cfg.serve.port == 65535 and cfg.serve.request_timeout_s is None

@@ -26,8 +26,10 @@ def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
         "return status: Invalid: KillActor RPC failed for actor d7f4: RpcError: RPC error: Socket closed",
     ]
     assert worker_lines_to_show(lines, "RayTrainWorker") == [ours, lines[4], *lines[6:10]]
-    assert worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"],
-                                "PlacementGroupCleaner") == []  # its monitor failing does not fail the run
+    assert (
+        worker_lines_to_show(["Traceback (most recent call last):", "ConnectionError: x"], "PlacementGroupCleaner")
+        == []
+    )  # its monitor failing does not fail the run
 
 
 def test_stage_lines_say_how_long_and_how_it_ended(caplog):

@@ -59,8 +59,10 @@ def test_plot_shows_every_run_with_curves(tmp_path):
     for kind, name in (("crm", "sim"), ("adapter", "reclora")):
         (tmp_path / kind / name).mkdir(parents=True)
         lines = [{"kind": "step", "step": i, "attempt": 0, "loss": 1 / (i + 1), "lr": 1e-3} for i in range(20)]
-        lines += [{"kind": "epoch", "epoch": e, "step": 10 * e, "attempt": 0, "auc": 0.6 + e / 10, "logloss": 0.6}
-                  for e in range(2)]
+        lines += [
+            {"kind": "epoch", "epoch": e, "step": 10 * e, "attempt": 0, "auc": 0.6 + e / 10, "logloss": 0.6}
+            for e in range(2)
+        ]
         (tmp_path / kind / name / CURVES_FILE).write_text("\n".join(map(json.dumps, lines)) + "\n")
     assert plot_curves(tmp_path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,19 +18,25 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arch_list))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
     return install
 
 
-@pytest.mark.parametrize("arch_list, capability, ok", [
-    (CU130, (7, 0), False),  # V100 on the default CUDA 13 wheel: the failure this check exists for
-    (CU126, (7, 0), True),
-    (CU130, (8, 0), True), (CU130, (9, 0), True),
-    (CU130, (8, 9), True),  # L40S: sm_86 cubins run on 8.9
-    (["sm_80"], (9, 0), False),  # cubins do not cross a major version
-    (["sm_80", "compute_80"], (9, 0), True),  # PTX is JIT-compiled for newer GPUs
-    (["sm_90a"], (9, 0), True), (["sm_90a"], (10, 0), False),
-    ([], (8, 0), False),  # a CPU-only torch on a GPU node
-])
+@pytest.mark.parametrize(
+    "arch_list, capability, ok",
+    [
+        (CU130, (7, 0), False),  # V100 on the default CUDA 13 wheel: the failure this check exists for
+        (CU126, (7, 0), True),
+        (CU130, (8, 0), True),
+        (CU130, (9, 0), True),
+        (CU130, (8, 9), True),  # L40S: sm_86 cubins run on 8.9
+        (["sm_80"], (9, 0), False),  # cubins do not cross a major version
+        (["sm_80", "compute_80"], (9, 0), True),  # PTX is JIT-compiled for newer GPUs
+        (["sm_90a"], (9, 0), True),
+        (["sm_90a"], (10, 0), False),
+        ([], (8, 0), False),  # a CPU-only torch on a GPU node
+    ],
+)
 def test_supports(arch_list, capability, ok):
     assert gpu.supports(arch_list, capability) is ok
 

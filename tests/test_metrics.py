@@ -84,6 +84,8 @@ def test_bootstrap_metrics_agree_with_sklearn_on_each_resample():
     expected = [binary_metrics(labels[i], probs[i]) for i in user_bootstrap(users, 20, seed=3)]
     np.testing.assert_allclose(reps[:, 0], [e["auc"] for e in expected], atol=1e-12)
     np.testing.assert_allclose(reps[:, 1], [e["logloss"] for e in expected], atol=1e-9)
+
+
 def test_bootstrap_mean_resamples_users_not_rows():
     from reclora_ray.metrics import bootstrap_mean
 

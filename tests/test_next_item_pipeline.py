@@ -20,8 +20,13 @@ pytestmark = pytest.mark.ray
 
 def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
     # 2 workers x micro-batch 8: 48 sequences are 3 optimizer steps (no warm-up: the first is at tune.lr).
-    cfg = tiny_config("tune.variants=[reclora]", "tune.few_shot=48", "tune.valid_subsample=16", "tune.lr=5e-3",
-                      "score.zero_shot=false")
+    cfg = tiny_config(
+        "tune.variants=[reclora]",
+        "tune.few_shot=48",
+        "tune.valid_subsample=16",
+        "tune.lr=5e-3",
+        "score.zero_shot=false",
+    )
     summary = run_next_item(cfg, str(tiny_run))
     run = RunDir(tiny_run)
 
@@ -41,10 +46,12 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
     assert trained["few_shot"] == 48 and np.isfinite(trained["history"][0]["train_loss"])
     # The tuning loop is the CTR task's (tune.train_loop_per_worker): the same curves are kept.
     curves = read_curves(run.next_item_adapter("reclora") / CURVES_FILE)
-    assert len([c for c in curves if c["kind"] == "step"]) == 3 and all(np.isfinite(c["loss"]) for c in curves
-                                                                        if c["kind"] == "step")
+    assert len([c for c in curves if c["kind"] == "step"]) == 3 and all(
+        np.isfinite(c["loss"]) for c in curves if c["kind"] == "step"
+    )
     assert [(c["epoch"], c["hr1"]) for c in curves if c["kind"] == "epoch"] == [
-        (h["epoch"], h["val_hr1"]) for h in trained["history"]]
+        (h["epoch"], h["val_hr1"]) for h in trained["history"]
+    ]
     adapter = load_adapter(load_base(cfg.llm, device="cpu")[0], run.next_item_adapter("reclora"))
     assert all(layer.lora_B.abs().sum() > 0 for layer in adapter.lora_layers().values())  # it trained
     report = (run.root / "next-item" / "report.md").read_text()

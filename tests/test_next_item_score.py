@@ -56,8 +56,10 @@ def test_generate_and_match_on_a_fixed_subsample(ray_local, tiny_run):
     # Every stored answer matches as the documented rule says, against the row's own candidates.
     titles = PreparedData.load(run.data).items.sort_values("item_id")["title"].to_numpy()
     candidates = test.set_index("sample_id").loc[generated["sample_id"], "candidates"]
-    again = [match_answer(text, titles[np.asarray(c)], cfg.score.next_item.fuzzy_cutoff)
-             for text, c in zip(generated["generated"], candidates)]
+    again = [
+        match_answer(text, titles[np.asarray(c)], cfg.score.next_item.fuzzy_cutoff)
+        for text, c in zip(generated["generated"], candidates)
+    ]
     assert generated["matched"].tolist() == again
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -65,11 +67,15 @@ def test_generate_and_match_on_a_fixed_subsample(ray_local, tiny_run):
     hits = (generated["matched"] == generated["target_index"]).sum()
     assert metrics["gen_n"] == 6 and metrics["valid_ratio"] == pytest.approx(valid.mean())
     assert metrics["gen_hr@1_all"] == pytest.approx(hits / 6)
-    assert (np.isnan(metrics["gen_hr@1"]) if not valid.any() else metrics["gen_hr@1"] == pytest.approx(hits / valid.sum()))
+    assert (
+        np.isnan(metrics["gen_hr@1"]) if not valid.any() else metrics["gen_hr@1"] == pytest.approx(hits / valid.sum())
+    )
 
     summary = write_next_item_report(run)
     assert set(summary["generate"]) == {"zero-shot"}  # the CRM writes no answers
     assert summary["generate"]["zero-shot"]["gen_n"] == 6
     report = (run.root / "next-item" / "report.md").read_text()
     assert "## Generate and match" in report and "| Zero-shot LLM |" in report.split("## Generate and match")[1]
-    assert json.loads((run.root / "next-item" / "metrics.json").read_text())["generate"] == json.loads(json.dumps(summary["generate"]))
+    assert json.loads((run.root / "next-item" / "metrics.json").read_text())["generate"] == json.loads(
+        json.dumps(summary["generate"])
+    )

@@ -39,7 +39,13 @@ def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local,
     assert "![Training loss and validation curves](curves.png)" in report
     assert (tiny_run / "curves.png").stat().st_size > 0
 
-    stamps = {p: p.stat().st_mtime_ns for p in (run.adapter("reclora") / "_SUCCESS.json", run.scores("reclora") / "_SUCCESS.json",
-                                                  *shard_files(run.scores("reclora")))}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in (
+            run.adapter("reclora") / "_SUCCESS.json",
+            run.scores("reclora") / "_SUCCESS.json",
+            *shard_files(run.scores("reclora")),
+        )
+    }
     assert run_pipeline(cfg, str(tiny_run)) == metrics  # everything done: nothing is redone
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -38,7 +38,7 @@ def test_metrics_by_parts_equal_sklearn_on_all_rows(seed):
 
 def test_all_ties_in_every_part_is_half():
     labels = np.array([0, 1, 1, 0, 1, 0])
-    stats = [binary_block_stats(labels[i:i + 2], np.full(2, 0.3)) for i in (0, 2, 4)]
+    stats = [binary_block_stats(labels[i : i + 2], np.full(2, 0.3)) for i in (0, 2, 4)]
     assert combine_binary_stats(stats)["auc"] == 0.5
 
 
@@ -51,8 +51,14 @@ def test_parts_that_are_not_sorted_runs_and_bad_probabilities_are_refused():
 
 
 def _frame(ids):
-    return pd.DataFrame({"sample_id": ids, "user_id": np.asarray(ids) % 7, "label": np.asarray(ids) % 2,
-                         "p_yes": np.linspace(0, 1, len(ids)).astype(np.float32)})
+    return pd.DataFrame(
+        {
+            "sample_id": ids,
+            "user_id": np.asarray(ids) % 7,
+            "label": np.asarray(ids) % 2,
+            "p_yes": np.linspace(0, 1, len(ids)).astype(np.float32),
+        }
+    )
 
 
 def test_read_predictions_reads_shards_and_the_single_file_sorted_by_sample_id(tmp_path):
@@ -61,7 +67,9 @@ def test_read_predictions_reads_shards_and_the_single_file_sorted_by_sample_id(t
     ids = np.random.default_rng(0).permutation(50)
     for k, part in enumerate(np.array_split(ids, 3)):
         table = pa.Table.from_pandas(_frame(part), preserve_index=False)
-        table = table.append_column("gate", pa.FixedSizeListArray.from_arrays(pa.array(np.ones(len(part) * 4, np.float32)), 4))
+        table = table.append_column(
+            "gate", pa.FixedSizeListArray.from_arrays(pa.array(np.ones(len(part) * 4, np.float32)), 4)
+        )
         pq.write_table(table, shards / SHARDS / f"part-{k}.parquet")
     legacy = tmp_path / "scores" / "old"
     legacy.mkdir()

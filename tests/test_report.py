@@ -11,8 +11,9 @@ from reclora_ray.rundir import RunDir
 def _score(run, name, sample_ids, labels, probs, gates=None):
     d = run.scores(name)
     d.mkdir(parents=True)
-    df = pd.DataFrame({"sample_id": sample_ids, "user_id": np.asarray(sample_ids) % 25,
-                       "item_id": 0, "label": labels, "p_yes": probs})
+    df = pd.DataFrame(
+        {"sample_id": sample_ids, "user_id": np.asarray(sample_ids) % 25, "item_id": 0, "label": labels, "p_yes": probs}
+    )
     if gates is not None:
         df["gate"] = list(gates)
     df.to_parquet(d / "predictions.parquet")
@@ -30,8 +31,14 @@ def _run(tmp_path):
     crm = np.clip(labels * 0.2 + rng.random(1000) * 0.8, 0, 1)
     _score(run, "crm-sim", ids, labels, crm)  # the CRM scores the whole split
     _score(run, "zero-shot", sub, labels[sub], rng.random(400))
-    _score(run, "reclora", sub, labels[sub], np.clip(labels[sub] * 0.3 + rng.random(400) * 0.7, 0, 1),
-           gates=rng.dirichlet(np.ones(4), 400))
+    _score(
+        run,
+        "reclora",
+        sub,
+        labels[sub],
+        np.clip(labels[sub] * 0.3 + rng.random(400) * 0.7, 0, 1),
+        gates=rng.dirichlet(np.ones(4), 400),
+    )
     return run, labels, crm, sub
 
 
@@ -56,7 +63,7 @@ def test_models_are_compared_on_the_samples_they_all_scored(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(payload))
     report = (tmp_path / "report.md").read_text()
     assert "same 400 test samples (25 users)" in report
-    table = report[:report.index("Models that also scored")]
+    table = report[: report.index("Models that also scored")]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["SIM", "Zero-shot LLM", "RecLoRA"]
     ours, zs = payload["models"]["reclora"]["auc"], payload["models"]["zero-shot"]["auc"]
@@ -75,10 +82,22 @@ def test_rows_that_share_no_sample_are_refused(tmp_path):
 
 
 def test_table_without_ours_has_no_comparison():
-    payload = {"models": {"crm-din": {"auc": 0.7, "auc_ci": [0.68, 0.72], "logloss": 0.6,
-                                      "logloss_ci": [0.58, 0.62], "n": 10, "users": 3}}}
-    assert comparison_table(payload).splitlines()[-1] == \
-        "| DIN | ID-based | 0.7000 [0.6800, 0.7200] | 0.6000 [0.5800, 0.6200] | - | - | - |"
+    payload = {
+        "models": {
+            "crm-din": {
+                "auc": 0.7,
+                "auc_ci": [0.68, 0.72],
+                "logloss": 0.6,
+                "logloss_ci": [0.58, 0.62],
+                "n": 10,
+                "users": 3,
+            }
+        }
+    }
+    assert (
+        comparison_table(payload).splitlines()[-1]
+        == "| DIN | ID-based | 0.7000 [0.6800, 0.7200] | 0.6000 [0.5800, 0.6200] | - | - | - |"
+    )
 
 
 def test_the_report_stage_alone_writes_what_the_run_was_under_its_config(tmp_path):

@@ -62,6 +62,7 @@ def test_fingerprint_with_inputs_follows_upstream_writes_and_raw_files(tmp_path)
 
     raw.write_text("1::2::4::978300760\n")  # edited in place: same size, new mtime
     import os
+
     os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 1_000_000))
     assert with_inputs("own", [upstream], [raw]) != second
 

@@ -49,6 +49,7 @@ def test_a_loose_token_file_is_rewritten_private(tmp_path, monkeypatch):
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         monkeypatch.delenv(name, raising=False)
     import ray._private.ray_constants as ray_constants
+
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
     secure_local_ray()
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() != "old"

@@ -52,8 +52,12 @@ def test_a_split_is_scored_into_shards_and_its_metrics_equal_sklearns(ray_local,
     # The same rows and values as the CRM scorer on the whole frame in this process.
     from reclora_ray.llm.score import CRMScorer
 
-    direct = CRMScorer(cfg, str(run.root), str(run.crm("sim")), "semantic")(load_samples(run.data, "test", get_variant("reclora")))
-    np.testing.assert_allclose(preds["p_yes"].to_numpy(), direct.sort_values("sample_id")["p_yes"].to_numpy(), atol=1e-6)
+    direct = CRMScorer(cfg, str(run.root), str(run.crm("sim")), "semantic")(
+        load_samples(run.data, "test", get_variant("reclora"))
+    )
+    np.testing.assert_allclose(
+        preds["p_yes"].to_numpy(), direct.sort_values("sample_id")["p_yes"].to_numpy(), atol=1e-6
+    )
 
 
 def test_llm_rows_score_the_fixed_subsample_and_the_report_reads_the_shards(ray_local, tiny_run, monkeypatch):

@@ -12,18 +12,22 @@ from reclora_ray.scoring import call_rows, read_slice, row_ranges, split_rows
 
 
 def _split(path, n: int, row_group_size: int):
-    pq.write_table(pa.table({"sample_id": np.arange(n), "label": np.arange(n) % 2}), path,
-                   row_group_size=row_group_size)
+    pq.write_table(
+        pa.table({"sample_id": np.arange(n), "label": np.arange(n) % 2}), path, row_group_size=row_group_size
+    )
     return path
 
 
-@pytest.mark.parametrize(("n", "group", "min_ranges", "expected"), [
-    (2000, 2000, 8, 8),   # the quickstart's test split: one row group, cut into 8 pieces
-    (2500, 1000, 8, 9),   # three groups, each cut into ceil(8 / 3) = 3 pieces
-    (2500, 100, 8, 25),   # enough groups already: one range each
-    (5, 5, 8, 5),         # fewer rows than ranges asked for: one row each
-    (2000, 2000, 1, 1),
-])
+@pytest.mark.parametrize(
+    ("n", "group", "min_ranges", "expected"),
+    [
+        (2000, 2000, 8, 8),  # the quickstart's test split: one row group, cut into 8 pieces
+        (2500, 1000, 8, 9),  # three groups, each cut into ceil(8 / 3) = 3 pieces
+        (2500, 100, 8, 25),  # enough groups already: one range each
+        (5, 5, 8, 5),  # fewer rows than ranges asked for: one row each
+        (2000, 2000, 1, 1),
+    ],
+)
 def test_row_ranges_cover_the_file_once_in_order(tmp_path, n, group, min_ranges, expected):
     path = _split(tmp_path / "split.parquet", n, group)
     ranges = row_ranges(path, min_ranges)
@@ -56,7 +60,11 @@ def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, t
     keep = np.arange(0, 640, 2)
     rows = split_rows(path, keep=keep, min_ranges=8)
     assert rows.n_rows == len(keep) and rows.dataset.materialize().num_blocks() == 8
-    scored = rows.dataset.map_batches(Pid, batch_size=call_rows(rows.n_rows, 128, actors=2), batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=2)).to_pandas()
+    scored = rows.dataset.map_batches(
+        Pid,
+        batch_size=call_rows(rows.n_rows, 128, actors=2),
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=2),
+    ).to_pandas()
     assert sorted(scored["sample_id"]) == keep.tolist()
     assert scored["pid"].nunique() == 2

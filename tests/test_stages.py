@@ -40,10 +40,22 @@ def sum_stage(cfg, run, key, overwrite):
 
 
 TOYS = [
-    Stage("toy-count", "count to a number the seed picks", f"{__name__}:count_stage", part="toy-count",
-          sections=("run.seed",), shared=True),
-    Stage("toy-sum", "sum what toy-count counted", f"{__name__}:sum_stage", part="toy-sum",
-          inputs=("toy-count",), shared=True),
+    Stage(
+        "toy-count",
+        "count to a number the seed picks",
+        f"{__name__}:count_stage",
+        part="toy-count",
+        sections=("run.seed",),
+        shared=True,
+    ),
+    Stage(
+        "toy-sum",
+        "sum what toy-count counted",
+        f"{__name__}:sum_stage",
+        part="toy-sum",
+        inputs=("toy-count",),
+        shared=True,
+    ),
 ]
 
 
@@ -108,8 +120,10 @@ def test_the_job_script_runs_any_stage_of_the_table(with_toys, tmp_path, monkeyp
 
 def test_the_sweep_shares_a_shared_toy_stage_by_its_key(with_toys, tmp_path):
     assert {"toy-count", "toy-sum"} <= set(shared_stages())
-    a, b, c = (Experiment(n, {}, load_config("tiny", o)) for n, o in
-               (("a", ["lora.n_meta=1"]), ("b", ["lora.n_meta=2"]), ("c", ["run.seed=1"])))
+    a, b, c = (
+        Experiment(n, {}, load_config("tiny", o))
+        for n, o in (("a", ["lora.n_meta=1"]), ("b", ["lora.n_meta=2"]), ("c", ["run.seed=1"]))
+    )
     assert a.stage_key("toy-sum") == b.stage_key("toy-sum") != c.stage_key("toy-sum")
     assert [[e.name for e in wave] for wave in plan_waves([a, b, c])] == [["a", "c"], ["b"]]
 
@@ -134,8 +148,11 @@ def test_outputs_written_before_the_recipe_carry_over_when_their_config_still_ma
     stages.execute("toy-sum", cfg, out)
     for name in ("toy-count", "toy-sum"):  # as an older reclora wrote them
         marker = read_marker(out.root / name)
-        old = {"fingerprint": "0ld0ld0ld0ld0ld0." + marker["fingerprint"].rsplit(".", 1)[1],
-               "identity": marker["identity"], "finished_at": marker["finished_at"]}
+        old = {
+            "fingerprint": "0ld0ld0ld0ld0ld0." + marker["fingerprint"].rsplit(".", 1)[1],
+            "identity": marker["identity"],
+            "finished_at": marker["finished_at"],
+        }
         (out.root / name / MARKER).write_text(json.dumps(old))
     identity = read_marker(out.root / "toy-sum")["identity"]
     stages.execute("toy-sum", cfg, out)  # carried over, not rewritten

@@ -48,12 +48,23 @@ class JobClient:
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_file)
         return env
 
-    def submit(self, entrypoint: list[str], working_dir: str | Path = ".",
-               runtime_env_json: str | None = None, submission_id: str | None = None) -> str:
+    def submit(
+        self,
+        entrypoint: list[str],
+        working_dir: str | Path = ".",
+        runtime_env_json: str | None = None,
+        submission_id: str | None = None,
+    ) -> str:
         """`ray job submit --no-wait --working-dir DIR -- ENTRYPOINT`; returns the submission id."""
         submission_id = submission_id or f"reclora-{uuid.uuid4().hex[:10]}"
-        cmd = [self.ray_bin, "job", "submit", "--no-wait", f"--submission-id={submission_id}",
-               f"--working-dir={working_dir}"]
+        cmd = [
+            self.ray_bin,
+            "job",
+            "submit",
+            "--no-wait",
+            f"--submission-id={submission_id}",
+            f"--working-dir={working_dir}",
+        ]
         if runtime_env_json:
             cmd.append(f"--runtime-env-json={runtime_env_json}")
         cmd += ["--", *entrypoint]
@@ -69,18 +80,18 @@ class JobClient:
     def logs(self, submission_id: str) -> str:
         return self.sdk.get_job_logs(submission_id)
 
-    def wait(self, submission_id: str, timeout_s: float, expect: str = "SUCCEEDED",
-             poll_s: float = 1.0) -> str:
+    def wait(self, submission_id: str, timeout_s: float, expect: str = "SUCCEEDED", poll_s: float = 1.0) -> str:
         """Block until the job ends; raise JobFailed (with its logs) unless it ends in `expect`."""
         deadline = time.monotonic() + timeout_s
         while (status := self.status(submission_id)) not in TERMINAL:
             if time.monotonic() > deadline:
                 self.sdk.stop_job(submission_id)
-                raise JobFailed(f"job {submission_id} still {status} after {timeout_s:.0f}s; "
-                                f"stopped it. Logs:\n{self.logs(submission_id)}")
+                raise JobFailed(
+                    f"job {submission_id} still {status} after {timeout_s:.0f}s; "
+                    f"stopped it. Logs:\n{self.logs(submission_id)}"
+                )
             time.sleep(poll_s)
         if status != expect:
             info = self.sdk.get_job_info(submission_id)
-            raise JobFailed(f"job {submission_id} ended {status} ({info.message}). "
-                            f"Logs:\n{self.logs(submission_id)}")
+            raise JobFailed(f"job {submission_id} ended {status} ({info.message}). Logs:\n{self.logs(submission_id)}")
         return status

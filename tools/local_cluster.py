@@ -120,16 +120,30 @@ class LocalCluster:
         head_args, head_env = [], {}
         if self.autoscale:
             config = self.root / "autoscaler.json"
-            config.write_text(json.dumps(fake_autoscaler_config(
-                self.info.gcs_address, self.head_cpus, self.autoscale, self.idle_timeout_s), indent=2))
+            config.write_text(
+                json.dumps(
+                    fake_autoscaler_config(self.info.gcs_address, self.head_cpus, self.autoscale, self.idle_timeout_s),
+                    indent=2,
+                )
+            )
             head_args = [f"--autoscaling-config={config}"]
             head_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         try:
-            self._start_node(HEAD, ["--head", f"--port={gcs_port}",
-                                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                    f"--dashboard-port={dash_port}",
-                                    f"--ray-client-server-port={free_ports(1)[0]}", *head_args], deadline,
-                             self.head_cpus, head_env)
+            self._start_node(
+                HEAD,
+                [
+                    "--head",
+                    f"--port={gcs_port}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash_port}",
+                    f"--ray-client-server-port={free_ports(1)[0]}",
+                    *head_args,
+                ],
+                deadline,
+                self.head_cpus,
+                head_env,
+            )
             self._wait_dashboard(deadline)
             for i in range(1, self.n_workers + 1):
                 self.add_worker(f"worker{i}", deadline=deadline)
@@ -218,18 +232,14 @@ class LocalCluster:
         return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
     def get_json(self, path: str, auth: bool = True) -> dict:
-        request = urllib.request.Request(
-            self.info.dashboard_url + path, headers=self.auth_header() if auth else {}
-        )
+        request = urllib.request.Request(self.info.dashboard_url + path, headers=self.auth_header() if auth else {})
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
     def describe(self) -> str:
         """What a user needs to use the cluster, printed by start.sh."""
         info = self.info
-        nodes = "\n".join(
-            f"  {n.name:<8} pid {n.pid:<8} {n.num_cpus} CPU  log {n.log_file}" for n in info.nodes
-        )
+        nodes = "\n".join(f"  {n.name:<8} pid {n.pid:<8} {n.num_cpus} CPU  log {n.log_file}" for n in info.nodes)
         return (
             f"Ray cluster under {info.root}\n{nodes}\n"
             f"GCS address (ray.init / ray start --address): {info.gcs_address}\n"
@@ -248,19 +258,29 @@ class LocalCluster:
 
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.info.token_file,
-                   # State-API calls inside Ray (e.g. Ray Train's placement-group cleaner) find this
-                   # cluster's dashboard, not some other Ray running on the same machine.
-                   RAY_API_SERVER_ADDRESS=self.info.dashboard_url)
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=self.info.token_file,
+            # State-API calls inside Ray (e.g. Ray Train's placement-group cleaner) find this
+            # cluster's dashboard, not some other Ray running on the same machine.
+            RAY_API_SERVER_ADDRESS=self.info.dashboard_url,
+        )
         if self.failure_detection_s:  # the GCS declares a node dead after this many missed 1 s checks
-            env.update(RAY_health_check_period_ms="1000",
-                       RAY_health_check_failure_threshold=str(self.failure_detection_s))
+            env.update(
+                RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold=str(self.failure_detection_s)
+            )
         # `python` in job entrypoints must be this interpreter (the one with the project installed).
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def _start_node(self, name: str, role_args: list[str], deadline: float,
-                    num_cpus: int | None = None, extra_env: dict[str, str] | None = None) -> NodeInfo:
+    def _start_node(
+        self,
+        name: str,
+        role_args: list[str],
+        deadline: float,
+        num_cpus: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> NodeInfo:
         num_cpus = self.cpus_per_node if num_cpus is None else num_cpus
         node_dir = self.root / name
         node_dir.mkdir(exist_ok=True)
@@ -270,19 +290,35 @@ class LocalCluster:
         resources = {f"node_tag:{name}": 1.0}
         agent_listen, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(6)
         cmd = [
-            self.ray_bin, "start", "--block", *role_args,
-            f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
-            f"--temp-dir={temp_dir}", f"--object-store-memory={self.object_store_mb * 2**20}",
+            self.ray_bin,
+            "start",
+            "--block",
+            *role_args,
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={temp_dir}",
+            f"--object-store-memory={self.object_store_mb * 2**20}",
             f"--dashboard-agent-listen-port={agent_listen}",
             f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
         ]
         log.info("starting %s node: %s", name, " ".join(cmd))
         with open(log_file, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self._node_env(), **(extra_env or {})},
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self._node_env(), **(extra_env or {})},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         node = NodeInfo(name, proc.pid, num_cpus, resources, str(temp_dir), str(log_file))
         self.info.nodes.append(node)
         self._save()
@@ -339,27 +375,42 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def fake_autoscaler_config(gcs_address: str, head_cpus: int, worker_types: dict[str, dict],
-                           idle_timeout_s: float) -> dict:
+def fake_autoscaler_config(
+    gcs_address: str, head_cpus: int, worker_types: dict[str, dict], idle_timeout_s: float
+) -> dict:
     """An autoscaling config for Ray's fake_multinode provider: the head's autoscaler starts and
     stops worker nodes (raylets) on this machine, inside the head's session, as a cloud provider
     would start and stop instances."""
     return {
         "cluster_name": "reclora-local",
         "max_workers": sum(t["max_workers"] for t in worker_types.values()),
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
             **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in worker_types.items()},
         },
         "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "upscaling_speed": 1.0,
+        "auth": {},
+        "docker": {},
+        "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
     }
 
 
@@ -412,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--cpus-per-node", type=int, default=1)
     start.add_argument("--head-cpus", type=int, help="CPUs of the head (default --cpus-per-node; 0 keeps work off it)")
     start.add_argument("--object-store-mb", type=int, default=256)
-    start.add_argument("--failure-detection-s", type=int,
-                       help="declare a silent node dead after this many seconds (default: Ray's)")
+    start.add_argument(
+        "--failure-detection-s", type=int, help="declare a silent node dead after this many seconds (default: Ray's)"
+    )
     start.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every node")
     for name, text in (("stop", "stop the cluster under --dir"), ("status", "print the cluster under --dir")):
         cmd = sub.add_parser(name, help=text)
@@ -425,8 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.action == "start":
-            cluster = LocalCluster(args.dir, args.workers, args.cpus_per_node, args.object_store_mb,
-                                   args.failure_detection_s, head_cpus=args.head_cpus)
+            cluster = LocalCluster(
+                args.dir,
+                args.workers,
+                args.cpus_per_node,
+                args.object_store_mb,
+                args.failure_detection_s,
+                head_cpus=args.head_cpus,
+            )
             cluster.start(args.timeout)
         else:
             cluster = LocalCluster.attach(args.dir)

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "reclora_ray.pipeline:run_pipeline"
 
+
 def shared_stages() -> dict[str, stages.Stage]:
     """The stages experiments may take from one another: the `shared` entries of the stage table."""
     return {name: stage for name, stage in stages.STAGES.items() if stage.shared}
@@ -165,8 +166,9 @@ def search_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
 
     domains = {k: _domain(k, v, tune) for k, v in spec.grid.items()}
     rng = np.random.RandomState(spec.seed)
-    return [(f"s{i}", {k: _plain(d.sample(random_state=rng)) for k, d in domains.items()})
-            for i in range(spec.num_samples)]
+    return [
+        (f"s{i}", {k: _plain(d.sample(random_state=rng)) for k, d in domains.items()}) for i in range(spec.num_samples)
+    ]
 
 
 def _domain(key: str, values: Any, tune):
@@ -207,9 +209,15 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
         out = str(Path(out).resolve())  # trials run elsewhere; their paths must not depend on a cwd
     rows: dict[str, dict] = {}
     waves = plan_waves(experiments) if spec.share_upstream else [experiments]
-    log.info("sweep: %d experiments as Ray Tune trials (%s search) in %s wave(s) of %s, up to %s at once, each asking %s",
-             len(experiments), spec.search, len([w for w in waves if w]), "+".join(str(len(w)) for w in waves if w),
-             spec.max_concurrent or "all", spec.resources)
+    log.info(
+        "sweep: %d experiments as Ray Tune trials (%s search) in %s wave(s) of %s, up to %s at once, each asking %s",
+        len(experiments),
+        spec.search,
+        len([w for w in waves if w]),
+        "+".join(str(len(w)) for w in waves if w),
+        spec.max_concurrent or "all",
+        spec.resources,
+    )
     for index, wave in enumerate(waves):
         if wave:
             _run_wave(spec, index, wave, out, rows, experiments)
@@ -225,7 +233,9 @@ def plan_waves(experiments: list[Experiment]) -> list[list[Experiment]]:
     the first experiment with the same stage key computes it (the "leader" of that stage)."""
     wave: dict[str, int] = {}
     for exp in experiments:
-        leaders = [next(o for o in experiments if o.stage_key(stage) == exp.stage_key(stage)) for stage in shared_stages()]
+        leaders = [
+            next(o for o in experiments if o.stage_key(stage) == exp.stage_key(stage)) for stage in shared_stages()
+        ]
         wave[exp.name] = 1 + max((wave[o.name] for o in leaders if o is not exp), default=-1)
     return [[e for e in experiments if wave[e.name] == i] for i in range(max(wave.values(), default=-1) + 1)]
 
@@ -233,6 +243,7 @@ def plan_waves(experiments: list[Experiment]) -> list[list[Experiment]]:
 @dataclass
 class _Plan:
     """What one trial runs: everything but the Tune config, which only names the experiment."""
+
     experiment: str
     cfg: Config
     out: str
@@ -242,15 +253,25 @@ class _Plan:
     finished: dict | None  # its row, when finished earlier with the same config
 
 
-def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, rows: dict[str, dict],
-              experiments: list[Experiment]) -> None:
+def _run_wave(
+    spec: SweepSpec, index: int, wave: list[Experiment], out: str, rows: dict[str, dict], experiments: list[Experiment]
+) -> None:
     """One Tune experiment over `wave`; rows go into `rows`. Each experiment takes the upstream
     outputs of the experiments finished in earlier waves."""
     from ray import tune
 
-    plan = {e.name: _Plan(spec.experiment, e.cfg, storage.join(out, e.dirname), e.overrides,
-                          _donors(e, experiments, rows, out) if spec.share_upstream else {},
-                          spec.resources, _finished(e, out)) for e in wave}
+    plan = {
+        e.name: _Plan(
+            spec.experiment,
+            e.cfg,
+            storage.join(out, e.dirname),
+            e.overrides,
+            _donors(e, experiments, rows, out) if spec.share_upstream else {},
+            spec.resources,
+            _finished(e, out),
+        )
+        for e in wave
+    }
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement())
     digest = hashlib.sha256(json.dumps([[e.name, _fingerprint(e.cfg)] for e in wave]).encode()).hexdigest()[:12]
     location = storage.join(out, ".tune", f"wave{index}-{digest}")
@@ -261,12 +282,18 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
         tuner = tune.Tuner(
             trainable,
             param_space={"experiment": tune.grid_search([e.name for e in wave])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
-                                        trial_name_creator=lambda trial: trial.config["experiment"],
-                                        trial_dirname_creator=lambda trial: f"{trial.trial_id}"),
-            run_config=tune.RunConfig(name=location.rsplit("/", 1)[-1], storage_path=storage.join(out, ".tune"),
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      verbose=0, callbacks=[_trial_log()]),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.max_concurrent,
+                trial_name_creator=lambda trial: trial.config["experiment"],
+                trial_dirname_creator=lambda trial: f"{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=location.rsplit("/", 1)[-1],
+                storage_path=storage.join(out, ".tune"),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                verbose=0,
+                callbacks=[_trial_log()],
+            ),
         )
     # Tune lists its experiment folder relative to the working directory at the end of fit; under
     # a Ray job that directory is the job's unpacked package, which the node may clean up meanwhile.
@@ -275,8 +302,16 @@ def _run_wave(spec: SweepSpec, index: int, wave: list[Experiment], out: str, row
         name = result.config["experiment"]
         row = json.loads(result.metrics["row"]) if result.metrics and "row" in result.metrics else None
         if row is None:  # the trial died before reporting (a crashed worker, a lost node)
-            row = {"name": name, "overrides": plan[name].overrides, "fingerprint": _fingerprint(plan[name].cfg),
-                   "shared": {}, "status": "failed", "metrics": {}, "error": _error_text(result.error), "seconds": 0.0}
+            row = {
+                "name": name,
+                "overrides": plan[name].overrides,
+                "fingerprint": _fingerprint(plan[name].cfg),
+                "shared": {},
+                "status": "failed",
+                "metrics": {},
+                "error": _error_text(result.error),
+                "seconds": 0.0,
+            }
         rows[name] = row
 
 
@@ -339,8 +374,11 @@ def _donors(exp: Experiment, experiments: list[Experiment], rows: dict[str, dict
     donors = {}
     for stage in shared_stages():
         for other in experiments:
-            if (other is not exp and rows.get(other.name, {}).get("status") == "succeeded"
-                    and other.stage_key(stage) == exp.stage_key(stage)):
+            if (
+                other is not exp
+                and rows.get(other.name, {}).get("status") == "succeeded"
+                and other.stage_key(stage) == exp.stage_key(stage)
+            ):
                 donors[stage] = storage.join(out, other.dirname)
                 break
     return donors
@@ -351,9 +389,14 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict,
     import ray
 
     started = time.time()
-    row = {"name": name, "overrides": overrides, "fingerprint": _fingerprint(cfg),
-           "node_id": ray.get_runtime_context().get_node_id(), "started_at": started,
-           "shared": {stage: donor.rsplit("/", 1)[-1] for stage, donor in donors.items()}}
+    row = {
+        "name": name,
+        "overrides": overrides,
+        "fingerprint": _fingerprint(cfg),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "started_at": started,
+        "shared": {stage: donor.rsplit("/", 1)[-1] for stage, donor in donors.items()},
+    }
     try:
         with local_run_dir(out, inputs=[""]) as run_dir:
             for stage, donor in donors.items():

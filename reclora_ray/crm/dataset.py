@@ -51,8 +51,9 @@ def retrieval_path(run: RunDir, split: str) -> Path:
     return run.retrieval / f"{split}.parquet"
 
 
-def retrieved_history(run: RunDir, split: str, k: int, start: int, stop: int,
-                      expect_sample_ids: np.ndarray) -> np.ndarray:
+def retrieved_history(
+    run: RunDir, split: str, k: int, start: int, stop: int, expect_sample_ids: np.ndarray
+) -> np.ndarray:
     """hist_long of rows [start, stop) (retrieval contract: same row order as the samples file),
     as an (n, k) index array, -1 left padded, most recent last.
 
@@ -63,37 +64,48 @@ def retrieved_history(run: RunDir, split: str, k: int, start: int, stop: int,
     if not path.is_file():
         raise PreparedDataError(
             f"{path} is missing: crm.history is 'long', which needs the retrieved histories; "
-            f"run `reclora retrieve` first (or set crm.history=recent)")
+            f"run `reclora retrieve` first (or set crm.history=recent)"
+        )
     table = read_rows(path, start, stop, ["sample_id", "hist_long"])
     sample_ids = table.column("sample_id").to_numpy()
     if not np.array_equal(sample_ids, expect_sample_ids):
-        bad = int(np.flatnonzero(sample_ids != expect_sample_ids)[0]) if len(sample_ids) == len(expect_sample_ids) else 0
+        bad = (
+            int(np.flatnonzero(sample_ids != expect_sample_ids)[0]) if len(sample_ids) == len(expect_sample_ids) else 0
+        )
         raise PreparedDataError(
             f"{path}: row {start + bad} has sample_id {sample_ids[bad] if len(sample_ids) else None}, "
-            f"the samples file has {expect_sample_ids[bad]}; the retrieval output is stale, re-run `reclora retrieve`")
+            f"the samples file has {expect_sample_ids[bad]}; the retrieval output is stale, re-run `reclora retrieve`"
+        )
     return lists_to_padded(table.column("hist_long"), k, truncate=True)
 
 
-def crm_history_indices(run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences,
-                        rows: pa.Table, start: int) -> np.ndarray:
+def crm_history_indices(
+    run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences, rows: pa.Table, start: int
+) -> np.ndarray:
     """(n, K) indices into each sample's user sequence: retrieved (long) or the most recent K."""
     user_ids = rows.column("user_id").to_numpy()
     if spec.history == "recent":
         return sequences.recent(user_ids, rows.column("pos").to_numpy(), spec.history_len)
-    return retrieved_history(run, split, spec.history_len, start, start + rows.num_rows,
-                             rows.column("sample_id").to_numpy())
+    return retrieved_history(
+        run, split, spec.history_len, start, start + rows.num_rows, rows.column("sample_id").to_numpy()
+    )
 
 
-def encode_rows(run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences,
-                start: int, stop: int) -> dict[str, np.ndarray]:
+def encode_rows(
+    run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences, start: int, stop: int
+) -> dict[str, np.ndarray]:
     """The encoded batch (plus label and sample_id) of rows [start, stop) of a split."""
     path = run.data / "samples" / f"{split}.parquet"
     rows = read_rows(path, start, stop, SAMPLE_READ_COLUMNS)
     indices = crm_history_indices(run, split, spec, sequences, rows, start)
     user_ids = rows.column("user_id").to_numpy()
     batch = FeatureEncoder(spec).encode(
-        user_ids, rows.column("item_id").to_numpy(), rows.column("timestamp").to_numpy(),
-        sequences.gather(user_ids, indices, "item_ids"), sequences.gather(user_ids, indices, "ratings"))
+        user_ids,
+        rows.column("item_id").to_numpy(),
+        rows.column("timestamp").to_numpy(),
+        sequences.gather(user_ids, indices, "item_ids"),
+        sequences.gather(user_ids, indices, "ratings"),
+    )
     batch["label"] = rows.column("label").to_numpy().astype(np.float32)
     batch["sample_id"] = rows.column("sample_id").to_numpy().astype(np.int64)
     return batch
@@ -103,25 +115,37 @@ def chunk_ranges(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)]
 
 
-def iter_split(prepared: PreparedData, split: str, spec: FeatureSpec, chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+def iter_split(
+    prepared: PreparedData, split: str, spec: FeatureSpec, chunk_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Encoded chunks of a split in row order, in this process (no Ray)."""
     n = num_rows(prepared.split_path(split))
     for start, stop in chunk_ranges(n, chunk_rows):
         yield encode_rows(prepared.run, split, spec, prepared.sequences, start, stop)
 
 
-def _encode_chunks(chunks: dict[str, np.ndarray], run: RunDir, split: str, spec: dict,
-                   sequences_ref) -> dict[str, np.ndarray]:
+def _encode_chunks(
+    chunks: dict[str, np.ndarray], run: RunDir, split: str, spec: dict, sequences_ref
+) -> dict[str, np.ndarray]:
     import ray
 
     sequences = ray.get(sequences_ref)  # zero-copy views of the object store
-    parts = [encode_rows(run, split, FeatureSpec.from_dict(spec), sequences, int(a), int(b))
-             for a, b in zip(chunks["start"], chunks["stop"])]
+    parts = [
+        encode_rows(run, split, FeatureSpec.from_dict(spec), sequences, int(a), int(b))
+        for a, b in zip(chunks["start"], chunks["stop"])
+    ]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def ray_dataset(prepared: PreparedData, split: str, spec: FeatureSpec, chunk_rows: int,
-                sequences_ref, shuffle_chunks: bool, num_cpus: float = 1.0):
+def ray_dataset(
+    prepared: PreparedData,
+    split: str,
+    spec: FeatureSpec,
+    chunk_rows: int,
+    sequences_ref,
+    shuffle_chunks: bool,
+    num_cpus: float = 1.0,
+):
     """A Ray Data stream of encoded rows of a split; one read task per chunk of rows."""
     import ray
 
@@ -133,7 +157,13 @@ def ray_dataset(prepared: PreparedData, split: str, spec: FeatureSpec, chunk_row
     if shuffle_chunks:
         ds = ds.randomize_block_order()
     return ds.map_batches(
-        _encode_chunks, batch_size=1, num_cpus=num_cpus,
-        fn_kwargs={"run": prepared.run.resolved(), "split": split, "spec": spec.to_dict(),
-                   "sequences_ref": sequences_ref},
+        _encode_chunks,
+        batch_size=1,
+        num_cpus=num_cpus,
+        fn_kwargs={
+            "run": prepared.run.resolved(),
+            "split": split,
+            "spec": spec.to_dict(),
+            "sequences_ref": sequences_ref,
+        },
     )

@@ -51,7 +51,9 @@ class FeatureSpec:
         return cls(**payload)
 
 
-def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> tuple[FeatureSpec, dict[str, np.ndarray]]:
+def build_features(
+    prepared: PreparedData, crm: CRMConfig, history_len: int
+) -> tuple[FeatureSpec, dict[str, np.ndarray]]:
     """The field vocabularies of a prepared dataset and the lookup tables the model embeds.
 
     Tables (row 0 = unknown / padding):
@@ -61,11 +63,19 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
     """
     users, items = prepared.users, prepared.items
     user_names = _choose_fields(
-        crm.user_fields, [c for c in users.columns if c not in NON_FEATURE_USER_COLUMNS],
-        users.columns, "crm.user_fields", prepared.root / "users.parquet")
+        crm.user_fields,
+        [c for c in users.columns if c not in NON_FEATURE_USER_COLUMNS],
+        users.columns,
+        "crm.user_fields",
+        prepared.root / "users.parquet",
+    )
     item_names = _choose_fields(
-        crm.item_fields, prepared.meta.get("item_features") or [c for c in DEFAULT_ITEM_FIELDS if c in items.columns],
-        items.columns, "crm.item_fields", prepared.root / "items.parquet")
+        crm.item_fields,
+        prepared.meta.get("item_features") or [c for c in DEFAULT_ITEM_FIELDS if c in items.columns],
+        items.columns,
+        "crm.item_fields",
+        prepared.root / "items.parquet",
+    )
 
     user_fields: dict[str, int] = {}
     user_columns = []
@@ -73,8 +83,10 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
         user_fields["user_id"] = prepared.n_users + 1
         user_columns.append(np.arange(prepared.n_users, dtype=np.int64) + 1)
     elif not user_names:
-        raise ConfigError(f"crm.user_id is false and no profile field is chosen (crm.user_fields, "
-                          f"{prepared.root / 'users.parquet'}): the model would know nothing of the user")
+        raise ConfigError(
+            f"crm.user_id is false and no profile field is chosen (crm.user_fields, "
+            f"{prepared.root / 'users.parquet'}): the model would know nothing of the user"
+        )
     for name in user_names:
         codes, size = _categorical_codes(users[name])
         user_fields[name] = size
@@ -97,9 +109,14 @@ def build_features(prepared: PreparedData, crm: CRMConfig, history_len: int) -> 
     tables["user_table"] = _with_unknown_row(np.stack(user_columns, axis=1))
     tables["item_table"] = _with_unknown_row(np.stack(item_columns, axis=1))
     spec = FeatureSpec(
-        dataset=prepared.dataset, n_users=prepared.n_users, n_items=prepared.n_items,
-        user_fields=user_fields, item_fields=item_fields, item_bags=item_bags,
-        history=crm.history, history_len=history_len,
+        dataset=prepared.dataset,
+        n_users=prepared.n_users,
+        n_items=prepared.n_items,
+        user_fields=user_fields,
+        item_fields=item_fields,
+        item_bags=item_bags,
+        history=crm.history,
+        history_len=history_len,
     )
     return spec, tables
 
@@ -135,7 +152,8 @@ def _choose_fields(requested, default, available, key: str, path) -> list[str]:
     unknown = [name for name in requested if name not in available or name in ("user_id", "item_id")]
     if unknown:
         raise ConfigError(
-            f"{key}: {unknown} not usable fields of {path} (columns: {sorted(available)}; ids are set by crm.user_id / always used)")
+            f"{key}: {unknown} not usable fields of {path} (columns: {sorted(available)}; ids are set by crm.user_id / always used)"
+        )
     return list(requested)
 
 
@@ -181,6 +199,6 @@ def _fit_history(values: np.ndarray, k: int, fill) -> np.ndarray:
     if values.ndim != 2:
         raise ValueError(f"histories must be 2-D (batch, length), got shape {values.shape}")
     if values.shape[1] >= k:
-        return values[:, values.shape[1] - k:]
+        return values[:, values.shape[1] - k :]
     pad = np.full((values.shape[0], k - values.shape[1]), fill, dtype=values.dtype)
     return np.concatenate([pad, values], axis=1)

@@ -31,7 +31,7 @@ def _run(model: CRM, batches: Iterable[dict[str, np.ndarray]], fn: Callable, bat
     for batch in batches:
         n = len(batch["user"])
         for start in range(0, n, batch_size):
-            part = {key: value[start:start + batch_size] for key, value in batch.items()}
+            part = {key: value[start : start + batch_size] for key, value in batch.items()}
             outputs.append(fn(model, _as_tensors(part, device)).float().cpu())
     if not outputs:
         return torch.empty(0)
@@ -42,8 +42,9 @@ def _probability(model: CRM, batch) -> torch.Tensor:
     return torch.sigmoid(model(batch))
 
 
-def predict_split(model: CRM, prepared: PreparedData, split: str, batch_size: int = DEFAULT_BATCH,
-                  chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(
+    model: CRM, prepared: PreparedData, split: str, batch_size: int = DEFAULT_BATCH, chunk_rows: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, P(label = 1)) of every sample of a split, in row order."""
     labels: list[np.ndarray] = []
 

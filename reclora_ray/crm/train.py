@@ -53,8 +53,13 @@ def run_stage(cfg: Config, run: RunDir, key: str | None = None, overwrite: bool 
     return pretrain_crm(cfg, run, overwrite, key=key)
 
 
-def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False, callbacks: list | None = None,
-                 key: str | None = None) -> Path:
+def pretrain_crm(
+    cfg: Config,
+    out: str | Path | RunDir,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    key: str | None = None,
+) -> Path:
     """Train cfg.crm.model on OUT/data and write OUT/crm/<model>/; a no-op when already done.
 
     `key`: the checkpoint name (`sim`, `sasrec-recent`), whose model and history win over cfg.crm's.
@@ -70,12 +75,19 @@ def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False,
             if not retrieval_path(run, split).is_file():
                 raise PreparedDataError(
                     f"{retrieval_path(run, split)} is missing: crm.history is 'long', which needs "
-                    f"the retrieved histories; run `reclora retrieve --out {run.root}` first (or set crm.history=recent)")
+                    f"the retrieved histories; run `reclora retrieve --out {run.root}` first (or set crm.history=recent)"
+                )
     spec, tables = build_features(prepared, cfg.crm, cfg.retrieve.k_long)
     model = build_model(spec, cfg.crm, tables)  # fails early on a bad model config
-    log.info("CRM %s: %d parameters, d_c = %d, history %s (K = %d), %s fields",
-             cfg.crm.model, sum(p.numel() for p in model.parameters()), model.d_c, spec.history,
-             spec.history_len, {**spec.user_fields, **spec.item_fields, **{k: v[0] for k, v in spec.item_bags.items()}})
+    log.info(
+        "CRM %s: %d parameters, d_c = %d, history %s (K = %d), %s fields",
+        cfg.crm.model,
+        sum(p.numel() for p in model.parameters()),
+        model.d_c,
+        spec.history,
+        spec.history_len,
+        {**spec.user_fields, **spec.item_fields, **{k: v[0] for k, v in spec.item_bags.items()}},
+    )
 
     storage = run.train_storage(out_dir)
     try:
@@ -89,10 +101,17 @@ def pretrain_crm(cfg: Config, out: str | Path | RunDir, overwrite: bool = False,
         test = binary_metrics(labels, probs)
         auc, loss = test["auc"], test["logloss"]
         metrics = {
-            "model": cfg.crm.model, "auc": auc, "logloss": loss, "n_test": int(len(labels)),
-            "d_c": model.d_c, "best_epoch": best_epoch, "valid_auc": best["state"]["best_auc"],
+            "model": cfg.crm.model,
+            "auc": auc,
+            "logloss": loss,
+            "n_test": int(len(labels)),
+            "d_c": model.d_c,
+            "best_epoch": best_epoch,
+            "valid_auc": best["state"]["best_auc"],
             # From the last report: the best checkpoint may predate later epochs and restarts.
-            "epochs_run": result.metrics["epoch"] + 1, "restarts": result.metrics["attempt"], "history": history,
+            "epochs_run": result.metrics["epoch"] + 1,
+            "restarts": result.metrics["attempt"],
+            "history": history,
         }
         with stage.write({"model": cfg.crm.model}) as tmp:
             save_crm(model, tmp)
@@ -120,22 +139,33 @@ def fit(cfg: Config, prepared: PreparedData, spec: FeatureSpec, tables: dict, st
     resources = {"CPU": crm.cpus_per_worker, **({"GPU": 1} if crm.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"crm": crm, "spec": spec, "tables": tables, "seed": cfg.run.seed,
-                           "train_rows": pq.ParquetFile(prepared.split_path("train")).metadata.num_rows,
-                           "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}")},
+        train_loop_config={
+            "crm": crm,
+            "spec": spec,
+            "tables": tables,
+            "seed": cfg.run.seed,
+            "train_rows": pq.ParquetFile(prepared.split_path("train")).metadata.num_rows,
+            "curves": curves_config(cfg.tracking, storage, storage.parents[1], f"crm-{crm.model}"),
+        },
         scaling_config=ScalingConfig(num_workers=crm.num_workers, use_gpu=crm.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"crm-{crm.model}",
             storage_path=str(storage.resolve()),
             failure_config=FailureConfig(max_failures=crm.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="valid_auc", checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute="valid_auc", checkpoint_score_order="max"
+            ),
             callbacks=callbacks,
         ),
         datasets=datasets,
     )
-    log.info("training %s on %d %s worker(s); Ray Train storage %s", crm.model, crm.num_workers,
-             "GPU" if crm.use_gpu else "CPU", storage)
+    log.info(
+        "training %s on %d %s worker(s); Ray Train storage %s",
+        crm.model,
+        crm.num_workers,
+        "GPU" if crm.use_gpu else "CPU",
+        storage,
+    )
     return trainer.fit()
 
 
@@ -226,8 +256,9 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         steps = math.ceil(config["train_rows"] / world / crm.batch_size)
         progress = Progress(log, f"epoch {epoch}", min(steps, crm.steps_per_epoch or steps), active=rank == 0)
-        loss_sum, rows, steady_rows, steady_seconds = train_epoch(model, optimizer, train_shard, crm, device,
-                                                                  curves, progress)
+        loss_sum, rows, steady_rows, steady_seconds = train_epoch(
+            model, optimizer, train_shard, crm, device, curves, progress
+        )
         train_seconds = time.perf_counter() - started
         loss_sum, rows, steady_rows = all_reduce_sum([loss_sum, rows, steady_rows], world)
         labels, probs = predict_shard(model, valid_shard, crm.batch_size, device, world)
@@ -235,20 +266,36 @@ def train_loop_per_worker(config: dict) -> None:
         auc, loss = valid["auc"], valid["logloss"]
         improved = state.update(epoch, auc)
         record = {
-            "epoch": epoch, "train_loss": loss_sum / max(rows, 1), "valid_auc": auc, "valid_logloss": loss,
-            "train_samples_per_s": steady_rows / max(steady_seconds, 1e-9), "train_seconds": train_seconds,
+            "epoch": epoch,
+            "train_loss": loss_sum / max(rows, 1),
+            "valid_auc": auc,
+            "valid_logloss": loss,
+            "train_samples_per_s": steady_rows / max(steady_seconds, 1e-9),
+            "train_seconds": train_seconds,
             "attempt": state.attempt,
         }
         state.history.append(record)
         curves.epoch(epoch, auc=auc, logloss=loss, train_loss=record["train_loss"])
         if rank == 0:
-            log.info("epoch %d: train loss %.4f, valid AUC %.4f%s, %.0f samples/s", epoch,
-                     record["train_loss"], auc, " (best)" if improved else "", record["train_samples_per_s"])
+            log.info(
+                "epoch %d: train loss %.4f, valid AUC %.4f%s, %.0f samples/s",
+                epoch,
+                record["train_loss"],
+                auc,
+                " (best)" if improved else "",
+                record["train_samples_per_s"],
+            )
         with tempfile.TemporaryDirectory() as directory:
             saved_checkpoint = None
             if rank == 0:
-                torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
-                            "state": dataclasses.asdict(state)}, Path(directory) / TRAIN_STATE)
+                torch.save(
+                    {
+                        "model": plain.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "state": dataclasses.asdict(state),
+                    },
+                    Path(directory) / TRAIN_STATE,
+                )
                 saved_checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(record, checkpoint=saved_checkpoint)
         if state.bad_epochs >= crm.patience:
@@ -264,8 +311,9 @@ def train_epoch(model, optimizer, shard, crm: CRMConfig, device, curves: Curves,
     of the data pipeline)."""
     model.train()
     loss_sum, rows, first_rows, first_at = 0.0, 0, 0, None
-    batches = shard.iter_torch_batches(batch_size=crm.batch_size, device=device,
-                                       local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * crm.batch_size)
+    batches = shard.iter_torch_batches(
+        batch_size=crm.batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * crm.batch_size
+    )
     for step, batch in enumerate(batches):
         if crm.steps_per_epoch is not None and step >= crm.steps_per_epoch:
             break

@@ -73,8 +73,11 @@ def add_catalogue_ids(frame: pd.DataFrame, data_dir) -> pd.DataFrame:
     for kind in ("user", "item"):
         path = Path(data_dir) / f"{kind}s.parquet"
         lookup = _raw_id_lookup(str(path.resolve()), path.stat().st_mtime_ns, kind)
-        frame.insert(frame.columns.get_loc(f"{kind}_id") + 1, f"{kind}_raw_id",
-                     lookup.reindex(frame[f"{kind}_id"].to_numpy()).to_numpy())
+        frame.insert(
+            frame.columns.get_loc(f"{kind}_id") + 1,
+            f"{kind}_raw_id",
+            lookup.reindex(frame[f"{kind}_id"].to_numpy()).to_numpy(),
+        )
     return frame
 
 
@@ -86,7 +89,9 @@ def example_rows(data_dir, predictions: pd.DataFrame, n: int = 6) -> str:
     ranked = predictions.sort_values("p_yes", ascending=False, kind="stable")
     picked = pd.concat([ranked.head(n - n // 2), ranked.tail(n // 2)]).drop_duplicates("sample_id")
     picked = add_catalogue_ids(picked[["sample_id", "user_id", "item_id", "label", "p_yes"]].copy(), data_dir)
-    titles = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_id", "title"]).set_index("item_id")["title"]
+    titles = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_id", "title"]).set_index("item_id")[
+        "title"
+    ]
     lines = ["| user | item | title | label | P(yes) |", "|---|---|---|---|---|"]
     for row in picked.itertuples():
         title = str(titles[row.item_id]).replace("|", "\\|")

@@ -40,8 +40,9 @@ class LogRules:
     duplicates: Literal["drop", "refuse"] = "drop"
 
 
-def check_log_block(table: pa.Table, path: str, where: Callable[[int], str], rules: LogRules,
-                    fields: dict[str, str] | None = None) -> pa.Table:
+def check_log_block(
+    table: pa.Table, path: str, where: Callable[[int], str], rules: LogRules, fields: dict[str, str] | None = None
+) -> pa.Table:
     """The block (user, item, rating, timestamp) with timestamps in seconds, after refusing
     missing values, ratings out of range and implausible timestamps. `where(row)` names a
     block row's place in the file ("line 12", "row 3"); `fields` maps a column to the file's
@@ -62,8 +63,12 @@ def check_log_block(table: pa.Table, path: str, where: Callable[[int], str], rul
     bad = pc.or_(pc.less(rating, rules.rating_min), pc.greater(rating, rules.rating_max))
     if pc.any(bad).as_py():
         row = pc.index(bad, True).as_py()
-        raise fail(row, "rating", f"is outside {rules.rating_min:g}..{rules.rating_max:g}: {rating[row].as_py():g} "
-                                  "(data.rating_range sets the range)")
+        raise fail(
+            row,
+            "rating",
+            f"is outside {rules.rating_min:g}..{rules.rating_max:g}: {rating[row].as_py():g} "
+            "(data.rating_range sets the range)",
+        )
     stamps = table["timestamp"]
     if rules.timestamp_unit == "ms":
         stamps = pc.divide(stamps, 1000)
@@ -73,14 +78,18 @@ def check_log_block(table: pa.Table, path: str, where: Callable[[int], str], rul
         row = pc.index(bad, True).as_py()
         value = stamps[row].as_py()
         if rules.timestamp_unit == "s" and MIN_TIMESTAMP <= value // 1000 <= MAX_TIMESTAMP:
-            raise fail(row, "timestamp", f"looks like milliseconds, not seconds: {value} "
-                                         "(set data.timestamp_unit=ms to convert them)")
+            raise fail(
+                row,
+                "timestamp",
+                f"looks like milliseconds, not seconds: {value} (set data.timestamp_unit=ms to convert them)",
+            )
         raise fail(row, "timestamp", f"is not a time between 1970 and 2100 in seconds: {value}")
     return table
 
 
-def drop_duplicates(columns: dict[str, np.ndarray], rules: LogRules, where: str,
-                    describe: Callable[[int], str]) -> tuple[np.ndarray | None, int]:
+def drop_duplicates(
+    columns: dict[str, np.ndarray], rules: LogRules, where: str, describe: Callable[[int], str]
+) -> tuple[np.ndarray | None, int]:
     """(mask of the rows to keep, or None when there is nothing to drop; how many rows repeat
     an earlier row exactly). With rules.duplicates == "refuse", the first repeat is an error;
     `describe(row)` names that row for it."""
@@ -94,8 +103,10 @@ def drop_duplicates(columns: dict[str, np.ndarray], rules: LogRules, where: str,
     if len(repeats) == 0:
         return None, 0
     if rules.duplicates == "refuse":
-        raise RawDataError(f"{where}: {len(repeats)} rows repeat an earlier row exactly, e.g. {describe(int(repeats[0]))} "
-                           "(data.duplicates=drop drops and counts them)")
+        raise RawDataError(
+            f"{where}: {len(repeats)} rows repeat an earlier row exactly, e.g. {describe(int(repeats[0]))} "
+            "(data.duplicates=drop drops and counts them)"
+        )
     keep = np.ones(len(order), dtype=bool)
     keep[repeats] = False
     return keep, len(repeats)
@@ -105,8 +116,10 @@ def check_two_classes(labels: np.ndarray, what: str, rule: str, policy: Literal[
     """Refuse (or log) a label column, a split's, with one class: AUC is undefined on it."""
     positives = int(np.count_nonzero(labels))
     if positives in (0, len(labels)):
-        message = (f"{what}: every label is {int(positives > 0)} ({positives} positive of {len(labels)} samples, "
-                   f"label rule {rule}); AUC is undefined: check the ratings or data.label_threshold")
+        message = (
+            f"{what}: every label is {int(positives > 0)} ({positives} positive of {len(labels)} samples, "
+            f"label rule {rule}); AUC is undefined: check the ratings or data.label_threshold"
+        )
         if policy == "refuse":
             raise RawDataError(message + " (data.single_class=warn accepts it)")
         log.warning("%s", message)

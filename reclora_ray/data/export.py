@@ -65,8 +65,9 @@ def write_files(source, data, tmp: Path, files: int) -> list[str] | None:
     """The log, items and users as CSV; the users' profile fields (None without a user file)."""
     log_ds = source.read_log(data.blocks).materialize()
     names = {"user": "user_id", "item": "item_id", "rating": "rating", "timestamp": "timestamp"}
-    log_ds.repartition(files).map_batches(lambda t: t.rename_columns([names[c] for c in t.column_names]),
-                                          batch_format="pyarrow").write_csv(str(tmp / "interactions"))
+    log_ds.repartition(files).map_batches(
+        lambda t: t.rename_columns([names[c] for c in t.column_names]), batch_format="pyarrow"
+    ).write_csv(str(tmp / "interactions"))
     raw_items = np.sort(np.asarray(log_ds.unique("item")))
     items = source.read_items(raw_items).drop_duplicates("raw_id").rename(columns={"raw_id": "item_id"})
     for name in ("genres", "authors"):
@@ -91,8 +92,13 @@ def exported_config(config: str, source, data, out: Path, user_fields: list[str]
         threshold = source.default_label_threshold + (0.5 if source.label_strict else 0.0)
     items = pd.read_csv(out.with_name(f".{out.name}.tmp") / "items.csv", nrows=0)
     files = {
-        "interactions": {"paths": ["interactions"], "user": "user_id", "item": "item_id",
-                         "timestamp": "timestamp", "rating": "rating"},
+        "interactions": {
+            "paths": ["interactions"],
+            "user": "user_id",
+            "item": "item_id",
+            "timestamp": "timestamp",
+            "rating": "rating",
+        },
         "items": {"paths": ["items.csv"], "item": "item_id", "title": "title", "fields": item_fields(items)},
     }
     if user_fields is not None:
@@ -100,10 +106,15 @@ def exported_config(config: str, source, data, out: Path, user_fields: list[str]
     exported = {
         "extends": config,
         "data": {
-            "dataset": "interactions", "raw_dir": str(out.resolve()), "label_threshold": threshold,
+            "dataset": "interactions",
+            "raw_dir": str(out.resolve()),
+            "label_threshold": threshold,
             "files": files,
-            "text": {"description": list(source.description_parts()), "prompt": list(wording.lines),
-                     "history_item": wording.history_item},
+            "text": {
+                "description": list(source.description_parts()),
+                "prompt": list(wording.lines),
+                "history_item": wording.history_item,
+            },
         },
     }
     header = f"# `reclora export-data --config {config}`: {source.describe()} in the generic layout\n"

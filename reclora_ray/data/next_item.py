@@ -38,7 +38,11 @@ def interaction_keys(user: np.ndarray, item: np.ndarray, n_items: int) -> np.nda
 
 
 def candidate_sets(
-    users: np.ndarray, targets: np.ndarray, keys: np.ndarray, n_items: int, n_candidates: int,
+    users: np.ndarray,
+    targets: np.ndarray,
+    keys: np.ndarray,
+    n_items: int,
+    n_candidates: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(candidates (n, n_candidates) int64, target_index (n,) int8): the target once, the rest
@@ -84,8 +88,16 @@ def _repeats(values: np.ndarray) -> np.ndarray:
 
 
 def next_item_table(
-    *, sample_id: np.ndarray, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, pos: np.ndarray,
-    keys: np.ndarray, n_items: int, cfg: NextItemDataConfig, rng: np.random.Generator,
+    *,
+    sample_id: np.ndarray,
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    pos: np.ndarray,
+    keys: np.ndarray,
+    n_items: int,
+    cfg: NextItemDataConfig,
+    rng: np.random.Generator,
 ) -> pa.Table:
     """One split's next-item rows from its behaviours (global order), subsampled per `cfg`."""
     rows = np.flatnonzero(pos >= max(cfg.min_history, 1))
@@ -95,21 +107,27 @@ def next_item_table(
     interacted = np.searchsorted(keys, (users + 1) * n_items) - np.searchsorted(keys, users * n_items)
     drawable = n_items - interacted >= cfg.candidates - 1
     if not drawable.all():
-        log.warning("next-item task: %d of %d targets left out, their users have fewer than %d never-seen items",
-                    int((~drawable).sum()), len(rows), cfg.candidates - 1)
+        log.warning(
+            "next-item task: %d of %d targets left out, their users have fewer than %d never-seen items",
+            int((~drawable).sum()),
+            len(rows),
+            cfg.candidates - 1,
+        )
         rows = rows[drawable]
     if cfg.max_per_split is not None and len(rows) > cfg.max_per_split:
         rows = np.sort(rng.choice(rows, size=cfg.max_per_split, replace=False))
     candidates, target_index = candidate_sets(user[rows], item[rows], keys, n_items, cfg.candidates, rng)
-    return pa.table({
-        "sample_id": np.asarray(sample_id[rows], dtype=np.int64),
-        "user_id": user[rows].astype(np.int64),
-        "item_id": item[rows].astype(np.int64),
-        "timestamp": timestamp[rows],
-        "pos": pos[rows].astype(np.int32),
-        "candidates": pa.FixedSizeListArray.from_arrays(candidates.ravel(), cfg.candidates),
-        "target_index": target_index,
-    })
+    return pa.table(
+        {
+            "sample_id": np.asarray(sample_id[rows], dtype=np.int64),
+            "user_id": user[rows].astype(np.int64),
+            "item_id": item[rows].astype(np.int64),
+            "timestamp": timestamp[rows],
+            "pos": pos[rows].astype(np.int32),
+            "candidates": pa.FixedSizeListArray.from_arrays(candidates.ravel(), cfg.candidates),
+            "target_index": target_index,
+        }
+    )
 
 
 def write_next_item(directory: Path, tables: dict[str, pa.Table]) -> None:

@@ -83,12 +83,21 @@ def prepare_dataset(cfg: Config, out_dir: str | Path, overwrite: bool = False) -
         tasks = next_item_tables(split, cfg, len(items))
         next_item.write_next_item(tmp / next_item.NEXT_ITEM_DIR, tasks)
         meta = build_meta(cfg, stage.fingerprint, source, split, items, users)
-        meta["next_item"] = {**dataclasses.asdict(cfg.data.next_item), "seed": cfg.run.seed,
-                             "rows": {s: t.num_rows for s, t in tasks.items()}}
+        meta["next_item"] = {
+            **dataclasses.asdict(cfg.data.next_item),
+            "seed": cfg.run.seed,
+            "rows": {s: t.num_rows for s, t in tasks.items()},
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("prepared %s in %.1f s: %d behaviours, %d users, %d items; samples %s",
-             source.name, time.perf_counter() - started, meta["n_rows"], meta["n_users"], meta["n_items"],
-             " / ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS))
+    log.info(
+        "prepared %s in %.1f s: %d behaviours, %d users, %d items; samples %s",
+        source.name,
+        time.perf_counter() - started,
+        meta["n_rows"],
+        meta["n_users"],
+        meta["n_items"],
+        " / ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS),
+    )
     return out_dir
 
 
@@ -171,14 +180,22 @@ def read_behaviours(source: Source, blocks: int | None) -> Behaviours:
     if "label" in table.column_names:  # an explicit 0/1 label column (generic logs)
         b["label"] = table["label"].to_numpy()
     keep, n_duplicates = drop_duplicates(
-        b, source.rules, f"{source.describe()}: the {source.name} log",
-        lambda row: (f"user {user_raw[int(b['user'][row])]} item {item_raw[int(b['item'][row])]} "
-                     f"rating {b['rating'][row]:g} timestamp {b['timestamp'][row]}"))
+        b,
+        source.rules,
+        f"{source.describe()}: the {source.name} log",
+        lambda row: (
+            f"user {user_raw[int(b['user'][row])]} item {item_raw[int(b['item'][row])]} "
+            f"rating {b['rating'][row]:g} timestamp {b['timestamp'][row]}"
+        ),
+    )
     if keep is not None:
-        log.warning("dropped %d exact duplicate rows of %d (data.duplicates=refuse makes them an error)", n_duplicates, rows)
+        log.warning(
+            "dropped %d exact duplicate rows of %d (data.duplicates=refuse makes them an error)", n_duplicates, rows
+        )
         b = {name: values[keep] for name, values in b.items()}
-    return Behaviours(**{c: b.get(c) for c in COLUMNS}, user_raw=user_raw, item_raw=item_raw, n_parsed=rows,
-                      n_duplicates=n_duplicates)
+    return Behaviours(
+        **{c: b.get(c) for c in COLUMNS}, user_raw=user_raw, item_raw=item_raw, n_parsed=rows, n_duplicates=n_duplicates
+    )
 
 
 def dense_codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -275,15 +292,29 @@ def split_behaviours(b: Behaviours, data: DataConfig, source: Source, seed: int)
     if data.test_subsample is not None and data.test_subsample < len(test.rows):
         chosen = np.random.default_rng(seed).choice(len(test.rows), size=data.test_subsample, replace=False)
         test.sample_offsets = np.sort(chosen)
-    return SplitLog(**cols, user_raw=user_raw, item_raw=item_raw, pos=pos, by_user=by_user, offsets=offsets,
-                    splits=splits, n_parsed=b.n_parsed, n_duplicates=b.n_duplicates, n_read=n_read)
+    return SplitLog(
+        **cols,
+        user_raw=user_raw,
+        item_raw=item_raw,
+        pos=pos,
+        by_user=by_user,
+        offsets=offsets,
+        splits=splits,
+        n_parsed=b.n_parsed,
+        n_duplicates=b.n_duplicates,
+        n_read=n_read,
+    )
 
 
 def check_split_classes(b: SplitLog, data: DataConfig, source: Source) -> None:
     op, threshold = label_rule(data, source)
     for name, split in b.splits.items():
-        check_two_classes(b.label[split.sample_rows()], f"{source.name}: the {name} split", f"rating {op} {threshold:g}",
-                          data.single_class)
+        check_two_classes(
+            b.label[split.sample_rows()],
+            f"{source.name}: the {name} split",
+            f"rating {op} {threshold:g}",
+            data.single_class,
+        )
 
 
 # --------------------------------------------------------------------------- items and users
@@ -331,15 +362,17 @@ def split_samples(b: SplitLog, name: str) -> pa.Table:
     sample_id = np.arange(len(rows), dtype=np.int64) + split.first_sample_id
     if split.sample_offsets is not None:
         rows, sample_id = rows[split.sample_offsets], sample_id[split.sample_offsets]
-    return pa.table({
-        "sample_id": sample_id,
-        "user_id": b.user[rows].astype(np.int64),
-        "item_id": b.item[rows].astype(np.int64),
-        "label": b.label[rows],
-        "rating": b.rating[rows],
-        "timestamp": b.timestamp[rows],
-        "pos": b.pos[rows],
-    })
+    return pa.table(
+        {
+            "sample_id": sample_id,
+            "user_id": b.user[rows].astype(np.int64),
+            "item_id": b.item[rows].astype(np.int64),
+            "label": b.label[rows],
+            "rating": b.rating[rows],
+            "timestamp": b.timestamp[rows],
+            "pos": b.pos[rows],
+        }
+    )
 
 
 def next_item_tables(b: SplitLog, cfg: Config, n_items: int) -> dict[str, pa.Table]:
@@ -351,8 +384,14 @@ def next_item_tables(b: SplitLog, cfg: Config, n_items: int) -> dict[str, pa.Tab
         rows = split.rows
         tables[name] = next_item.next_item_table(
             sample_id=np.arange(len(rows), dtype=np.int64) + split.first_sample_id,
-            user=b.user[rows], item=b.item[rows], timestamp=b.timestamp[rows], pos=b.pos[rows],
-            keys=keys, n_items=n_items, cfg=cfg.data.next_item, rng=np.random.default_rng([cfg.run.seed, i]),
+            user=b.user[rows],
+            item=b.item[rows],
+            timestamp=b.timestamp[rows],
+            pos=b.pos[rows],
+            keys=keys,
+            n_items=n_items,
+            cfg=cfg.data.next_item,
+            rng=np.random.default_rng([cfg.run.seed, i]),
         )
     return tables
 
@@ -372,11 +411,15 @@ def group_user_rows(block: pa.Table) -> pa.Table:
     def lists(column: str) -> pa.ListArray:
         return pa.ListArray.from_arrays(offsets, block[column].combine_chunks())
 
-    return pa.table({
-        "user_id": users[starts],
-        "item_ids": lists("item_id"), "ratings": lists("rating"),
-        "labels": lists("label"), "timestamps": lists("timestamp"),
-    })
+    return pa.table(
+        {
+            "user_id": users[starts],
+            "item_ids": lists("item_id"),
+            "ratings": lists("rating"),
+            "labels": lists("label"),
+            "timestamps": lists("timestamp"),
+        }
+    )
 
 
 def write_sequences(path: Path, b: SplitLog, blocks: int | None) -> None:
@@ -393,14 +436,23 @@ def write_sequences(path: Path, b: SplitLog, blocks: int | None) -> None:
     edges[-1] = len(offsets) - 1
     shards = []
     for first_user, stop_user in zip(edges[:-1], edges[1:]):
-        rows = by_user[offsets[first_user]:offsets[stop_user]]
+        rows = by_user[offsets[first_user] : offsets[stop_user]]
         if len(rows):
-            shards.append(pa.table({
-                "user_id": b.user[rows].astype(np.int64), "item_id": b.item[rows],
-                "rating": b.rating[rows], "label": b.label[rows], "timestamp": b.timestamp[rows],
-            }))
+            shards.append(
+                pa.table(
+                    {
+                        "user_id": b.user[rows].astype(np.int64),
+                        "item_id": b.item[rows],
+                        "rating": b.rating[rows],
+                        "label": b.label[rows],
+                        "timestamp": b.timestamp[rows],
+                    }
+                )
+            )
     del by_user
-    ray.data.from_arrow(shards).map_batches(group_user_rows, batch_size=None, batch_format="pyarrow").write_parquet(str(path))
+    ray.data.from_arrow(shards).map_batches(group_user_rows, batch_size=None, batch_format="pyarrow").write_parquet(
+        str(path)
+    )
 
 
 # --------------------------------------------------------------------------- meta
@@ -432,7 +484,7 @@ def build_meta(cfg: Config, fp: str, source: Source, b: SplitLog, items: pd.Data
         values = items[c].dropna()
         listed = len(values) and isinstance(values.iloc[0], (list, tuple, np.ndarray))
         vocab[c] = len({v for vs in values for v in vs}) if listed else int(values.nunique())
-    label = (f"column {source.label_column!r}" if source.label_column else f"rating {op} {threshold:g}")
+    label = f"column {source.label_column!r}" if source.label_column else f"rating {op} {threshold:g}"
     return {
         "dataset": source.name,
         "source": source.describe(),
@@ -457,9 +509,13 @@ def build_meta(cfg: Config, fp: str, source: Source, b: SplitLog, items: pd.Data
         "n_cold_items": n_items - len(b.item_raw),
         "splits": {s: split_counts(b, s, n_users, n_items) for s in SPLITS},
         "test_subsample": (
-            {"size": len(b.splits["test"].sample_offsets), "seed": cfg.run.seed,
-             "applied": "samples/test.parquet holds only the subsample; sequences keep every behaviour"}
-            if b.splits["test"].sample_offsets is not None else None
+            {
+                "size": len(b.splits["test"].sample_offsets),
+                "seed": cfg.run.seed,
+                "applied": "samples/test.parquet holds only the subsample; sequences keep every behaviour",
+            }
+            if b.splits["test"].sample_offsets is not None
+            else None
         ),
         "user_fields": user_fields,
         "item_fields": item_fields,

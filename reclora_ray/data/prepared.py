@@ -144,8 +144,13 @@ class PreparedData:
         _check_dense(items["item_id"].to_numpy(), root / "items.parquet", "item_id")
         _check_dense(users["user_id"].to_numpy(), root / "users.parquet", "user_id")
         sequences = _load_sequences(root / "sequences.parquet", n_users=len(users))
-        return cls(root, meta, items.sort_values("item_id", ignore_index=True),
-                   users.sort_values("user_id", ignore_index=True), sequences)
+        return cls(
+            root,
+            meta,
+            items.sort_values("item_id", ignore_index=True),
+            users.sort_values("user_id", ignore_index=True),
+            sequences,
+        )
 
 
 def _check_dense(ids: np.ndarray, path: Path, column: str) -> None:

@@ -27,9 +27,27 @@ MIN_RATINGS_PER_USER = 20
 FIRST_TIMESTAMP, LAST_TIMESTAMP = 789_652_009, 1_574_327_703  # ML-25M's first and last rating
 HALF_STARS = tuple(f"{k / 2:.1f}" for k in range(1, 11))  # written as ML-25M does: "0.5" .. "5.0"
 HALF_STAR_SHARE = np.array([0.016, 0.031, 0.016, 0.063, 0.050, 0.195, 0.131, 0.266, 0.088, 0.144])
-GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi",
-          "Thriller", "War", "Western")
+GENRES = (
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "IMAX",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 MAX_MOVIE_ID = 209_171  # ML-25M's ids are sparse up to this
 
 
@@ -110,14 +128,28 @@ def write_synthetic_ml25m(out: Path, n_users: int, n_items: int, n_rows: int, se
     with open(out / "ratings.csv", "wb") as f:
         f.write(b"userId,movieId,rating,timestamp\n")
         for lo in range(0, n_rows, 2_000_000):
-            rows = order[lo:lo + 2_000_000]
-            pcsv.write_csv(pa.table({
-                "userId": user[rows] + 1, "movieId": movie_ids[item[rows]],
-                "rating": star_text.take(stars[rows]), "timestamp": timestamp[rows],
-            }), f, write_options=pcsv.WriteOptions(include_header=False, quoting_style="none"))
+            rows = order[lo : lo + 2_000_000]
+            pcsv.write_csv(
+                pa.table(
+                    {
+                        "userId": user[rows] + 1,
+                        "movieId": movie_ids[item[rows]],
+                        "rating": star_text.take(stars[rows]),
+                        "timestamp": timestamp[rows],
+                    }
+                ),
+                f,
+                write_options=pcsv.WriteOptions(include_header=False, quoting_style="none"),
+            )
     write_movies(out / "movies.csv", rng, movie_ids)
-    log.info("wrote %d ratings of %d users on %d movies to %s in %.1f s",
-             n_rows, n_users, n_items, out, time.perf_counter() - started)
+    log.info(
+        "wrote %d ratings of %d users on %d movies to %s in %.1f s",
+        n_rows,
+        n_users,
+        n_items,
+        out,
+        time.perf_counter() - started,
+    )
     return out
 
 

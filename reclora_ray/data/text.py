@@ -67,7 +67,7 @@ def default_description(kind: str) -> tuple[str, ...]:
 
 
 def profile_text(gender: str | None, age: str | None, occupation: str | None) -> str:
-    """"The user is a male. His job is writer. His age is 35-45." Unknown parts are left out;
+    """ "The user is a male. His job is writer. His age is 35-45." Unknown parts are left out;
     a dataset without profiles (ML-25M, GoodReads) gets the empty string."""
     if gender == "male":
         parts, pronoun = ["The user is a male."], "His"
@@ -115,24 +115,30 @@ class PromptTemplates:
 
 
 def figure2(noun: str, plural: str, past: str, perfect: str) -> PromptTemplates:
-    return PromptTemplates((
-        "{profile}",
-        f"{{Subject}} {past} the following {plural} in order in the past, and rated them:",
-        "{history}",
-        f"Based on the {plural} {{subject}} {perfect}, deduce if {{subject}} will like the {noun} ***{{title}}***.",
-        f"Note that more stars the user rated the {noun}, the user liked the {noun} more.",
-        "You should ONLY tell me yes or no.",
-    ), "{index}. {title} ({stars})")
+    return PromptTemplates(
+        (
+            "{profile}",
+            f"{{Subject}} {past} the following {plural} in order in the past, and rated them:",
+            "{history}",
+            f"Based on the {plural} {{subject}} {perfect}, deduce if {{subject}} will like the {noun} ***{{title}}***.",
+            f"Note that more stars the user rated the {noun}, the user liked the {noun} more.",
+            "You should ONLY tell me yes or no.",
+        ),
+        "{index}. {title} ({stars})",
+    )
 
 
 MOVIES = figure2("movie", "movies", "watched", "has watched")
 BOOKS = figure2("book", "books", "read", "has read")
 RATED_ITEMS = figure2("item", "items", "interacted with", "has interacted with")
-CLICKED_ITEMS = PromptTemplates((
-    "{profile}",
-    "{Subject} clicked the following items in order in the past:",
-    "{history}",
-    "Based on the items {subject} has clicked, deduce if {subject} will like the item ***{title}***.",
-    "You should ONLY tell me yes or no.",
-), "{index}. {title}")
+CLICKED_ITEMS = PromptTemplates(
+    (
+        "{profile}",
+        "{Subject} clicked the following items in order in the past:",
+        "{history}",
+        "Based on the items {subject} has clicked, deduce if {subject} will like the item ***{title}***.",
+        "You should ONLY tell me yes or no.",
+    ),
+    "{index}. {title}",
+)
 WORDING = {"ml-100k": MOVIES, "ml-1m": MOVIES, "ml-25m": MOVIES, "goodreads": BOOKS}

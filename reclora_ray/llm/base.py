@@ -28,7 +28,7 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
     for word in ("Yes", "No"):
         full = tokenizer.encode("\n" + word, add_special_tokens=False)
         if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
-            pieces = tokenizer.convert_ids_to_tokens(full[len(prefix):])
+            pieces = tokenizer.convert_ids_to_tokens(full[len(prefix) :])
             raise ValueError(f"the tokenizer splits the answer {word!r} into {pieces}; it must be one token")
         ids.append(full[-1])
     if ids[0] == ids[1]:

@@ -32,9 +32,11 @@ class PromptCollator:
         self.yes_no = answer_token_ids(tokenizer)  # what scoring reads at the answer slot
         self.yes_id, self.no_id = self.yes_no
         if (self.answer_ids[1][0], self.answer_ids[0][0]) != self.yes_no:
-            raise ValueError(f"the tokenizer starts the answers {ANSWERS[1]!r}/{ANSWERS[0]!r} with tokens "
-                             f"{self.answer_ids[1][0]}/{self.answer_ids[0][0]}, not the answer-slot tokens "
-                             f"{self.yes_no}: training and scoring would read different tokens")
+            raise ValueError(
+                f"the tokenizer starts the answers {ANSWERS[1]!r}/{ANSWERS[0]!r} with tokens "
+                f"{self.answer_ids[1][0]}/{self.answer_ids[0][0]}, not the answer-slot tokens "
+                f"{self.yes_no}: training and scoring would read different tokens"
+            )
         self.truncated = 0
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
@@ -46,8 +48,12 @@ class PromptCollator:
             if len(seq) > budget:
                 self.truncated += 1
                 if self.truncated in (1, 100, 10_000):
-                    log.warning("%d prompt(s) longer than %d tokens were cut from the left; "
-                                "raise llm.max_length or lower retrieve.k_short", self.truncated, budget)
+                    log.warning(
+                        "%d prompt(s) longer than %d tokens were cut from the left; "
+                        "raise llm.max_length or lower retrieve.k_short",
+                        self.truncated,
+                        budget,
+                    )
                 seq = seq[-budget:]
             out.append(seq)
         return out
@@ -57,8 +63,8 @@ class PromptCollator:
         input_ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for i, seq in enumerate(sequences):
-            input_ids[i, width - len(seq):] = seq
-            mask[i, width - len(seq):] = 1
+            input_ids[i, width - len(seq) :] = seq
+            mask[i, width - len(seq) :] = 1
         position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
@@ -68,7 +74,7 @@ class PromptCollator:
         if labels is not None:
             target = np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)
             for i, lab in enumerate(labels):
-                target[i, width - len(lab):] = lab
+                target[i, width - len(lab) :] = lab
             batch["labels"] = torch.from_numpy(target)
         return batch
 
@@ -88,7 +94,7 @@ class PromptCollator:
 def length_buckets(lengths, batch_size: int) -> list[np.ndarray]:
     """Index groups of similar length (longest first), so each padded batch wastes little."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def p_yes(scores: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ class Histories:
 
     def take(self, index: np.ndarray) -> "Histories":
         pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return Histories(pick(self.short_items), pick(self.short_ratings), pick(self.long_items), pick(self.long_ratings))
+        return Histories(
+            pick(self.short_items), pick(self.short_ratings), pick(self.long_items), pick(self.long_ratings)
+        )
 
 
 def history_indices(sequences: Sequences, rows: pd.DataFrame, mode: str, k: int, column: str) -> np.ndarray:
@@ -40,24 +42,36 @@ def history_indices(sequences: Sequences, rows: pd.DataFrame, mode: str, k: int,
     if mode != "semantic":
         raise ValueError(f"unknown history mode {mode!r}; expected 'semantic' or 'recent'")
     if column not in rows:
-        raise ValueError(f"semantic histories need the retrieval output column {column!r}; run `reclora retrieve` first")
+        raise ValueError(
+            f"semantic histories need the retrieval output column {column!r}; run `reclora retrieve` first"
+        )
     indices = np.stack(rows[column].to_numpy()).astype(np.int64)
     if indices.shape[1] != k:
-        raise ValueError(f"{column} holds {indices.shape[1]} behaviours per sample but the config asks for {k}; "
-                         "re-run `reclora retrieve --overwrite` with this config")
+        raise ValueError(
+            f"{column} holds {indices.shape[1]} behaviours per sample but the config asks for {k}; "
+            "re-run `reclora retrieve --overwrite` with this config"
+        )
     return indices
 
 
-def sample_histories(sequences: Sequences, rows: pd.DataFrame, variant: Variant, k_short: int, k_long: int) -> Histories:
+def sample_histories(
+    sequences: Sequences, rows: pd.DataFrame, variant: Variant, k_short: int, k_long: int
+) -> Histories:
     """The histories `variant` reads for prepared samples (columns user_id, pos[, hist_short, hist_long])."""
     users = rows["user_id"].to_numpy()
 
     def gather(indices):
-        return (sequences.gather(users, indices, "item_ids").astype(np.int64),
-                sequences.gather(users, indices, "ratings").astype(np.float32))
+        return (
+            sequences.gather(users, indices, "item_ids").astype(np.int64),
+            sequences.gather(users, indices, "ratings").astype(np.float32),
+        )
 
     short = gather(history_indices(sequences, rows, variant.short_mode, k_short, "hist_short"))
-    long = gather(history_indices(sequences, rows, variant.long_mode, k_long, "hist_long")) if variant.uses_crm else (None, None)
+    long = (
+        gather(history_indices(sequences, rows, variant.long_mode, k_long, "hist_long"))
+        if variant.uses_crm
+        else (None, None)
+    )
     return Histories(*short, *long)
 
 
@@ -72,8 +86,10 @@ def load_samples(run: RunDir | Path, split: str, variant: Variant) -> pd.DataFra
 
     retrieval = load_retrieval(run, split)
     if not np.array_equal(retrieval.sample_id, samples["sample_id"].to_numpy()):
-        raise ValueError(f"the retrieval output for {split} does not match {run.data}/samples/{split}.parquet; "
-                         "re-run `reclora retrieve --overwrite`")
+        raise ValueError(
+            f"the retrieval output for {split} does not match {run.data}/samples/{split}.parquet; "
+            "re-run `reclora retrieve --overwrite`"
+        )
     return samples.assign(hist_long=list(retrieval.hist_long), hist_short=list(retrieval.hist_short))
 
 

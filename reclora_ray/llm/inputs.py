@@ -57,19 +57,27 @@ class InputBuilder:
         batch["crm_features"] = self.crm_features(users, items, rows["timestamp"].to_numpy(), hist)
         return batch
 
-    def scoring_batches(self, user_ids, item_ids, timestamps, hist: Histories,
-                        batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+    def scoring_batches(
+        self, user_ids, item_ids, timestamps, hist: Histories, batch_size: int
+    ) -> Iterator[tuple[np.ndarray, dict]]:
         """(row indices, batch) over length-bucketed groups: each padded batch wastes little."""
         user_ids, item_ids, timestamps = map(np.asarray, (user_ids, item_ids, timestamps))
         prompt_ids = self.prompt_ids(user_ids, item_ids, hist)
         for index in length_buckets([len(p) for p in prompt_ids], batch_size):
             batch = self.collator.scoring_batch([prompt_ids[i] for i in index])
-            batch["crm_features"] = self.crm_features(user_ids[index], item_ids[index], timestamps[index], hist.take(index))
+            batch["crm_features"] = self.crm_features(
+                user_ids[index], item_ids[index], timestamps[index], hist.take(index)
+            )
             yield index, batch
 
 
 def to_device(batch: dict, device) -> dict:
     """Tensors (also inside nested dicts, e.g. crm_features) moved to `device`; None stays None."""
-    return {key: to_device(value, device) if isinstance(value, dict)
-            else value.to(device) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}
+    return {
+        key: to_device(value, device)
+        if isinstance(value, dict)
+        else value.to(device)
+        if isinstance(value, torch.Tensor)
+        else value
+        for key, value in batch.items()
+    }

@@ -55,8 +55,9 @@ def answer_scores(llm: nn.Module, hidden: torch.Tensor, answer_ids: tuple[int, i
     return scores
 
 
-def training_loss(llm: nn.Module, batch: dict, crm_repr: torch.Tensor | None, kind: str,
-                  answer_ids: tuple[int, int]) -> torch.Tensor:
+def training_loss(
+    llm: nn.Module, batch: dict, crm_repr: torch.Tensor | None, kind: str, answer_ids: tuple[int, int]
+) -> torch.Tensor:
     """The tuning loss of a left-padded prompt + answer batch (labels only on the answer tokens).
 
     "lm": the language-model cross-entropy on the answer tokens, as the paper trains; the
@@ -69,8 +70,13 @@ def training_loss(llm: nn.Module, batch: dict, crm_repr: torch.Tensor | None, ki
 
     labels = batch["labels"]
     kwargs = {"crm_repr": crm_repr} if crm_repr is not None else {}
-    out = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch.get("position_ids"), **kwargs, **HIDDEN_ONLY)
+    out = llm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        **kwargs,
+        **HIDDEN_ONLY,
+    )
     hidden = out.hidden_states[-1]
     answer = labels != IGNORE_INDEX
     span = int(answer.sum(dim=1).max())
@@ -80,7 +86,7 @@ def training_loss(llm: nn.Module, batch: dict, crm_repr: torch.Tensor | None, ki
         # The answer positions as one contiguous (batch * span, d) matrix (a strided 3-d slice
         # would copy the head per row, see HIDDEN_ONLY), through the head in fp32 like the scores.
         head = causal_lm(llm).get_output_embeddings()
-        slots = hidden[:, -span - 1:-1].reshape(-1, hidden.shape[-1]).float()
+        slots = hidden[:, -span - 1 : -1].reshape(-1, hidden.shape[-1]).float()
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         logits = F.linear(slots, head.weight.float(), bias)
         return F.cross_entropy(logits, labels[:, -span:].flatten(), ignore_index=IGNORE_INDEX)
@@ -122,12 +128,14 @@ class RecLoRAModel(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None, labels=None, crm_features=None, **kwargs):
         if self.crm is not None:
             kwargs["crm_repr"] = self.crm_repr(crm_features)
-        return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, **kwargs)
+        return self.llm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs
+        )
 
     @torch.no_grad()
-    def answer_scores(self, input_ids, attention_mask, answer_ids: tuple[int, int], position_ids=None,
-                      crm_features=None) -> torch.Tensor:
+    def answer_scores(
+        self, input_ids, attention_mask, answer_ids: tuple[int, int], position_ids=None, crm_features=None
+    ) -> torch.Tensor:
         """(s_yes, s_no) at the last position (the answer slot of a left-padded batch), fp32."""
         hidden = self._final_hidden(input_ids, attention_mask, position_ids, crm_features)
         return answer_scores(self.llm, hidden[:, -1], answer_ids)
@@ -144,8 +152,9 @@ class RecLoRAModel(nn.Module):
         return unwrap(self.llm).gate_weights(self.crm_repr(crm_features))
 
 
-def build_model(cfg: Config, run: RunDir, variant: Variant, adapter_dir: Path | None = None,
-                device: torch.device | str = "cpu"):
+def build_model(
+    cfg: Config, run: RunDir, variant: Variant, adapter_dir: Path | None = None, device: torch.device | str = "cpu"
+):
     """(RecLoRAModel, tokenizer, CRM feature spec or None): the base LLM, with a fresh adapter or
     the one in adapter_dir, and the frozen CRM when the variant's gate reads R_c."""
     from reclora_ray.base_model import load_base
@@ -165,6 +174,11 @@ def build_model(cfg: Config, run: RunDir, variant: Variant, adapter_dir: Path | 
         llm = PersonalizedLoRAModel(base, variant.lora_config(cfg.lora), crm_dim=crm.d_c if crm else 0)
     model = RecLoRAModel(llm, crm)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("%s: %s + %s, %d trainable parameters", variant.name, cfg.llm.model,
-             f"CRM {crm_name(cfg, variant)}" if crm else "no CRM", n_train)
+    log.info(
+        "%s: %s + %s, %d trainable parameters",
+        variant.name,
+        cfg.llm.model,
+        f"CRM {crm_name(cfg, variant)}" if crm else "no CRM",
+        n_train,
+    )
     return model, tokenizer, (crm.spec if crm else None)

@@ -32,19 +32,25 @@ from reclora_ray.llm.model import last_positions
 from reclora_ray.llm.prompt import PromptBuilder, render
 
 # iLoRA's prompt words per dataset: (past participle, noun, verb).
-NEXT_ITEM_WORDS = {"ml-100k": ("watched", "movie", "watch"), "ml-1m": ("watched", "movie", "watch"),
-                   "ml-25m": ("watched", "movie", "watch"), "goodreads": ("read", "book", "read"),
-                   "interactions": ("interacted with", "item", "interact with")}
+NEXT_ITEM_WORDS = {
+    "ml-100k": ("watched", "movie", "watch"),
+    "ml-1m": ("watched", "movie", "watch"),
+    "ml-25m": ("watched", "movie", "watch"),
+    "goodreads": ("read", "book", "read"),
+    "interactions": ("interacted with", "item", "interact with"),
+}
 
 
 def next_item_text(dataset: str, history_titles, candidate_titles) -> str:
     if dataset not in NEXT_ITEM_WORDS:
         raise ValueError(f"no next-item wording for dataset {dataset!r}; expected one of {sorted(NEXT_ITEM_WORDS)}")
     past, noun, verb = NEXT_ITEM_WORDS[dataset]
-    return (f"This user has {past} {', '.join(history_titles)} in the previous. "
-            f"Please predict the next {noun} this user will {verb}. "
-            f"Choose the answer from the following {len(candidate_titles)} {noun} titles: "
-            f"{', '.join(candidate_titles)}. Answer:")
+    return (
+        f"This user has {past} {', '.join(history_titles)} in the previous. "
+        f"Please predict the next {noun} this user will {verb}. "
+        f"Choose the answer from the following {len(candidate_titles)} {noun} titles: "
+        f"{', '.join(candidate_titles)}. Answer:"
+    )
 
 
 class NextItemInputs:
@@ -97,8 +103,13 @@ def _mean_token_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch
 
 
 @torch.inference_mode()
-def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]],
-                      candidate_ids: list[list[list[int]]], crm_repr: torch.Tensor | None = None) -> torch.Tensor:
+def candidate_logliks(
+    llm,
+    collator: PromptCollator,
+    prompt_ids: list[list[int]],
+    candidate_ids: list[list[list[int]]],
+    crm_repr: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, C) length-normalised log-likelihoods of each prompt's C candidates, one prefix pass.
 
     `llm`: a HF causal LM or a PersonalizedLoRAModel (then `crm_repr` (B, d_c) routes its gate;
@@ -121,8 +132,8 @@ def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]]
     cont = torch.full((len(flat), width), collator.pad_id, dtype=torch.long)
     cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
     for i, tokens in enumerate(flat):
-        cont[i, :len(tokens)] = torch.tensor(tokens)
-        cont_mask[i, :len(tokens)] = 1
+        cont[i, : len(tokens)] = torch.tensor(tokens)
+        cont_mask[i, : len(tokens)] = 1
     cont, cont_mask = cont.to(device), cont_mask.to(device)
     prompt_len = prefix["attention_mask"].sum(-1).repeat_interleave(n_cand)
     position_ids = prompt_len[:, None] + torch.arange(width, device=device)[None, :]
@@ -130,29 +141,42 @@ def candidate_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]]
     repr_rows = None if crm_repr is None else crm_repr.repeat_interleave(n_cand, dim=0)
     logits = first_logits[:, None, :]
     if width > 1:  # the continuation's last token predicts nothing that is scored
-        rest = llm(input_ids=cont[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-                   cache=cache, use_cache=True, **_llm_kwargs(repr_rows))
+        rest = llm(
+            input_ids=cont[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            cache=cache,
+            use_cache=True,
+            **_llm_kwargs(repr_rows),
+        )
         logits = torch.cat([logits, rest.logits], dim=1)
     return _mean_token_logprob(logits, cont, cont_mask).view(len(prompt_ids), n_cand)
 
 
 @torch.inference_mode()
-def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int]],
-                        candidate_ids: list[list[list[int]]], crm_repr: torch.Tensor | None = None) -> torch.Tensor:
+def full_prompt_logliks(
+    llm,
+    collator: PromptCollator,
+    prompt_ids: list[list[int]],
+    candidate_ids: list[list[list[int]]],
+    crm_repr: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The same scores with every prompt + candidate as its own sequence (one batch per prompt)."""
     device = next(llm.parameters()).device
     rows = []
     for b, (prompt, cands) in enumerate(zip(prompt_ids, candidate_ids)):
         batch = collator.pad([list(prompt) + list(t) for t in cands])
         batch = {k: v.to(device) for k, v in batch.items()}
-        kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b:b + 1].expand(len(cands), -1)}
+        kwargs = {} if crm_repr is None else {"crm_repr": crm_repr[b : b + 1].expand(len(cands), -1)}
         keep = max(len(t) for t in cands)  # left-padded: the titles are the last tokens
-        logits = llm(**batch, logits_to_keep=last_positions(keep + 1), **kwargs).logits[:, :-1]  # position j predicts j + 1
+        logits = llm(**batch, logits_to_keep=last_positions(keep + 1), **kwargs).logits[
+            :, :-1
+        ]  # position j predicts j + 1
         targets = torch.zeros((len(cands), keep), dtype=torch.long, device=device)
         mask = torch.zeros_like(targets)
         for i, t in enumerate(cands):
-            targets[i, keep - len(t):] = torch.tensor(t, device=device)
-            mask[i, keep - len(t):] = 1
+            targets[i, keep - len(t) :] = torch.tensor(t, device=device)
+            mask[i, keep - len(t) :] = 1
         rows.append(_mean_token_logprob(logits, targets, mask))
     return torch.stack(rows)
 
@@ -164,8 +188,14 @@ def full_prompt_logliks(llm, collator: PromptCollator, prompt_ids: list[list[int
 
 
 @torch.inference_mode()
-def greedy_answers(llm, collator: PromptCollator, prompt_ids: list[list[int]], max_new_tokens: int,
-                   stop_ids=(), crm_repr: torch.Tensor | None = None) -> list[list[int]]:
+def greedy_answers(
+    llm,
+    collator: PromptCollator,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    stop_ids=(),
+    crm_repr: torch.Tensor | None = None,
+) -> list[list[int]]:
     """Greedy continuations (token ids, the stop token excluded) of left-padded prompts, the
     prompts' key/value cache extended one token per step; `crm_repr` routes a gated model."""
     device = next(llm.parameters()).device
@@ -183,8 +213,14 @@ def greedy_answers(llm, collator: PromptCollator, prompt_ids: list[list[int]], m
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
-                  use_cache=True, **_llm_kwargs(crm_repr))
+        out = llm(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            cache=cache,
+            use_cache=True,
+            **_llm_kwargs(crm_repr),
+        )
         position = position + 1
     answers = []
     for row in torch.stack(steps, dim=1).tolist():

@@ -34,7 +34,8 @@ def per_row(run: RunDir) -> dict[str, pd.DataFrame]:
         preds = read_predictions(path, ["sample_id", "user_id", "target_index", "scores"])
         ranks = target_ranks(np.stack(preds["scores"].to_numpy()), preds["target_index"].to_numpy())
         found[path.name] = pd.DataFrame(per_row_metrics(ranks), index=preds["sample_id"]).assign(
-            user_id=preds["user_id"].to_numpy())
+            user_id=preds["user_id"].to_numpy()
+        )
     if not found:
         raise FileNotFoundError(f"no next-item scores under {run.next_item / 'scores'}")
     common = sorted(set.intersection(*(set(f.index) for f in found.values())))
@@ -57,8 +58,12 @@ def summarize(rows: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) 
                 continue
             diff = frame["hr@1"].to_numpy() - rows[base]["hr@1"].to_numpy()
             ci = bootstrap_mean(diff, frame["user_id"].to_numpy(), n_boot, seed)
-            paired[f"{name} - {base}"] = {"metric": "hr@1", "diff": ci["mean"], "ci": [ci["lo"], ci["hi"]],
-                                          "p_value": ci["p_value"]}
+            paired[f"{name} - {base}"] = {
+                "metric": "hr@1",
+                "diff": ci["mean"],
+                "ci": [ci["lo"], ci["hi"]],
+                "p_value": ci["p_value"],
+            }
     return {"models": models, "paired": paired}
 
 
@@ -77,18 +82,27 @@ def generation(run: RunDir) -> dict:
 
 
 def generation_table(found: dict) -> list[str]:
-    lines = ["## Generate and match (iLoRA's evaluation)", "",
-             "| Model | HR@1 (valid answers) | ValidRatio | HR@1 (all answers) | sequences |", "|---|---|---|---|---|"]
+    lines = [
+        "## Generate and match (iLoRA's evaluation)",
+        "",
+        "| Model | HR@1 (valid answers) | ValidRatio | HR@1 (all answers) | sequences |",
+        "|---|---|---|---|---|",
+    ]
     for name in sorted(found, key=_order):
         m = found[name]
-        lines.append(f"| {DISPLAY.get(name, name)} | {m['gen_hr@1']:.4f} | {m['valid_ratio']:.4f} | "
-                     f"{m['gen_hr@1_all']:.4f} | {m['gen_n']} |")
-    return lines + ["", "Each LLM answers by greedy generation on the same fixed subsample of the test sequences; "
-                    "the answer's first line names a candidate when, normalized (case, Unicode, quotes, outer "
-                    "punctuation), it equals a title, equals one less its year, contains exactly one title, or is "
-                    "within a difflib ratio of score.next_item.fuzzy_cutoff of exactly one best title; otherwise it "
-                    "is invalid. HR@1 (valid answers) is iLoRA's; HR@1 (all answers) counts an invalid answer as a miss.",
-                    ""]
+        lines.append(
+            f"| {DISPLAY.get(name, name)} | {m['gen_hr@1']:.4f} | {m['valid_ratio']:.4f} | "
+            f"{m['gen_hr@1_all']:.4f} | {m['gen_n']} |"
+        )
+    return lines + [
+        "",
+        "Each LLM answers by greedy generation on the same fixed subsample of the test sequences; "
+        "the answer's first line names a candidate when, normalized (case, Unicode, quotes, outer "
+        "punctuation), it equals a title, equals one less its year, contains exactly one title, or is "
+        "within a difflib ratio of score.next_item.fuzzy_cutoff of exactly one best title; otherwise it "
+        "is invalid. HR@1 (valid answers) is iLoRA's; HR@1 (all answers) counts an invalid answer as a miss.",
+        "",
+    ]
 
 
 def _fmt(m: dict, c: str) -> str:
@@ -101,17 +115,28 @@ def _fmt(m: dict, c: str) -> str:
 def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
     summary = summarize(per_row(run))
     summary["generate"] = generation(run)
-    lines = ["# Next-item ranking report", "",
-             "| Model | " + " | ".join(c.upper() for c in COLUMNS) + " | n |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    lines = [
+        "# Next-item ranking report",
+        "",
+        "| Model | " + " | ".join(c.upper() for c in COLUMNS) + " | n |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
     for name in sorted(summary["models"], key=_order):
         m = summary["models"][name]
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(_fmt(m, c) for c in COLUMNS) + f" | {m['n']} |")
-    lines += ["", "20 candidates per test sequence (the next item and 19 never-seen items, fixed by the seed); "
-              "95% CIs by bootstrap over users.", ""]
+    lines += [
+        "",
+        "20 candidates per test sequence (the next item and 19 never-seen items, fixed by the seed); "
+        "95% CIs by bootstrap over users.",
+        "",
+    ]
     if summary["paired"]:
-        lines += ["## Paired comparisons (HR@1, same sequences)", "", "| Comparison | Diff | 95% CI | p |",
-                  "|---|---|---|---|"]
+        lines += [
+            "## Paired comparisons (HR@1, same sequences)",
+            "",
+            "| Comparison | Diff | 95% CI | p |",
+            "|---|---|---|---|",
+        ]
         for key, p in summary["paired"].items():
             lines.append(f"| {key} | {p['diff']:+.4f} | [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}] | {p['p_value']:.3f} |")
         lines.append("")

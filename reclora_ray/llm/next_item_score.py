@@ -36,6 +36,7 @@ from reclora_ray.variants import Variant, crm_name, get_variant
 
 log = logging.getLogger(__name__)
 
+
 def split_path(run: RunDir, split: str) -> Path:
     from reclora_ray.data.next_item import NEXT_ITEM_DIR
 
@@ -82,16 +83,22 @@ def _as_candidates(rows: pd.DataFrame) -> np.ndarray:
     return np.stack(rows["candidates"].to_numpy()).astype(np.int64)
 
 
-def model_inputs(cfg: Config, data: PreparedData, tokenizer, variant: Variant,
-                 crm_spec) -> tuple[NextItemInputs, NextItemFeatures | None]:
+def model_inputs(
+    cfg: Config, data: PreparedData, tokenizer, variant: Variant, crm_spec
+) -> tuple[NextItemInputs, NextItemFeatures | None]:
     """The prompt side and, for a gated variant, the CRM side of next-item rows."""
-    inputs = NextItemInputs(PromptBuilder.from_prepared(data, tokenizer, cfg.llm.chat_template),
-                            PromptCollator(tokenizer, cfg.llm.max_length), data.sequences, cfg.data.next_item.history)
+    inputs = NextItemInputs(
+        PromptBuilder.from_prepared(data, tokenizer, cfg.llm.chat_template),
+        PromptCollator(tokenizer, cfg.llm.max_length),
+        data.sequences,
+        cfg.data.next_item.history,
+    )
     return inputs, (NextItemFeatures(data, crm_spec, cfg.retrieve.k_long) if variant.uses_crm else None)
 
 
-def candidate_scores(model, inputs: NextItemInputs, features: NextItemFeatures | None, rows: pd.DataFrame,
-                     batch_size: int, device) -> np.ndarray:
+def candidate_scores(
+    model, inputs: NextItemInputs, features: NextItemFeatures | None, rows: pd.DataFrame, batch_size: int, device
+) -> np.ndarray:
     """(n, C) candidate log-likelihoods of a RecLoRAModel for next-item rows, length-bucketed."""
     users, pos, cands = rows["user_id"].to_numpy(), rows["pos"].to_numpy(), _as_candidates(rows)
     prompts = inputs.prompt_ids(users, pos, cands)
@@ -105,17 +112,34 @@ def candidate_scores(model, inputs: NextItemInputs, features: NextItemFeatures |
     # pass holds about 2 x batch_size continuation rows, not batch_size x C.
     per_pass = max(1, 2 * batch_size // cands.shape[1])
     for index in length_buckets([len(p) for p in prompts], per_pass):
-        out[index] = candidate_logliks(model.llm, inputs.collator, [prompts[i] for i in index],
-                                       [cand_ids[i] for i in index],
-                                       None if crm_repr is None else crm_repr[index]).float().cpu().numpy()
+        out[index] = (
+            candidate_logliks(
+                model.llm,
+                inputs.collator,
+                [prompts[i] for i in index],
+                [cand_ids[i] for i in index],
+                None if crm_repr is None else crm_repr[index],
+            )
+            .float()
+            .cpu()
+            .numpy()
+        )
     return out
 
 
 NOT_GENERATED, INVALID = -2, -1  # `matched` of a row not generated for, and of an answer naming no candidate
 
 
-def generate_and_match(model, inputs: NextItemInputs, features: NextItemFeatures | None, rows: pd.DataFrame,
-                       batch_size: int, device, max_new_tokens: int, fuzzy_cutoff: float) -> tuple[list[str], np.ndarray]:
+def generate_and_match(
+    model,
+    inputs: NextItemInputs,
+    features: NextItemFeatures | None,
+    rows: pd.DataFrame,
+    batch_size: int,
+    device,
+    max_new_tokens: int,
+    fuzzy_cutoff: float,
+) -> tuple[list[str], np.ndarray]:
     """Greedy answers of a RecLoRAModel to next-item prompts, and the candidate each names (-1: none)."""
     users, pos, cands = rows["user_id"].to_numpy(), rows["pos"].to_numpy(), _as_candidates(rows)
     prompts = inputs.prompt_ids(users, pos, cands)
@@ -127,12 +151,20 @@ def generate_and_match(model, inputs: NextItemInputs, features: NextItemFeatures
     stop = {t for t in (tokenizer.eos_token_id, inputs.collator.pad_id) if t is not None}
     texts = [""] * len(rows)
     for index in length_buckets([len(p) for p in prompts], batch_size):
-        answers = greedy_answers(model.llm, inputs.collator, [prompts[i] for i in index], max_new_tokens, stop,
-                                 None if crm_repr is None else crm_repr[index])
+        answers = greedy_answers(
+            model.llm,
+            inputs.collator,
+            [prompts[i] for i in index],
+            max_new_tokens,
+            stop,
+            None if crm_repr is None else crm_repr[index],
+        )
         for i, ids in zip(index, answers):
             texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
     titles = inputs.prompts.titles
-    matched = np.array([match_answer(text, titles[row], fuzzy_cutoff) for text, row in zip(texts, cands)], dtype=np.int16)
+    matched = np.array(
+        [match_answer(text, titles[row], fuzzy_cutoff) for text, row in zip(texts, cands)], dtype=np.int16
+    )
     return texts, matched
 
 
@@ -140,16 +172,21 @@ class NextItemScorer:
     """Ray Data actor: an LLM variant's candidate log-likelihoods for next-item rows, and its
     generated answers on the rows whose sample id is in `generate_ids`."""
 
-    def __init__(self, cfg: Config, run: RunDir, variant_name: str, adapter: Path | None,
-                 generate_ids: np.ndarray | bool | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run: RunDir,
+        variant_name: str,
+        adapter: Path | None,
+        generate_ids: np.ndarray | bool | None = None,
+    ):
         from reclora_ray.llm.model import build_model
         from reclora_ray.llm.score import scoring_device
 
         self.variant = get_variant(variant_name)
         self.device = scoring_device(cfg.score.num_gpus)
         data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-        self.model, tokenizer, spec = build_model(cfg, run, self.variant, adapter,
-                                                  device=self.device)
+        self.model, tokenizer, spec = build_model(cfg, run, self.variant, adapter, device=self.device)
         self.model.eval()
         self.inputs, self.features = model_inputs(cfg, data, tokenizer, self.variant, spec)
         self.batch_size = cfg.score.batch_size
@@ -164,13 +201,24 @@ class NextItemScorer:
         out = rows[["sample_id", "user_id", "target_index"]].assign(scores=list(self.scores(rows)))
         if self.generate_ids is None:
             return out
-        picked = (np.arange(len(rows)) if self.generate_ids is True
-                  else np.flatnonzero(np.isin(rows["sample_id"].to_numpy(), self.generate_ids)))
+        picked = (
+            np.arange(len(rows))
+            if self.generate_ids is True
+            else np.flatnonzero(np.isin(rows["sample_id"].to_numpy(), self.generate_ids))
+        )
         generated = np.full(len(rows), None, dtype=object)
         matched = np.full(len(rows), NOT_GENERATED, dtype=np.int16)
         if len(picked):
-            texts, hits = generate_and_match(self.model, self.inputs, self.features, rows.iloc[picked], self.batch_size,
-                                             self.device, self.generation.max_new_tokens, self.generation.fuzzy_cutoff)
+            texts, hits = generate_and_match(
+                self.model,
+                self.inputs,
+                self.features,
+                rows.iloc[picked],
+                self.batch_size,
+                self.device,
+                self.generation.max_new_tokens,
+                self.generation.fuzzy_cutoff,
+            )
             generated[picked], matched[picked] = texts, hits
         # A string column even where a block has no answer (an all-None object column would be null-typed).
         return out.assign(generated=pd.array(generated, dtype="string"), matched=matched)
@@ -190,8 +238,9 @@ class NextItemCRMScorer:
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         rows = rows.reset_index(drop=True)
         cands = _as_candidates(rows)
-        feats = self.features.per_candidate(rows["user_id"].to_numpy(), rows["pos"].to_numpy(),
-                                            rows["timestamp"].to_numpy(), cands)
+        feats = self.features.per_candidate(
+            rows["user_id"].to_numpy(), rows["pos"].to_numpy(), rows["timestamp"].to_numpy(), cands
+        )
         logits = self.model(feats).float().numpy().reshape(cands.shape)
         return rows[["sample_id", "user_id", "target_index"]].assign(scores=list(logits))
 
@@ -210,8 +259,12 @@ def generation_metrics(counts: dict) -> dict:
     """iLoRA's generate-and-match figures from counts: HR@1 over valid answers, ValidRatio, and
     HR@1 over every generated answer (an invalid answer a miss)."""
     gen, valid, hit = (int(round(counts[k])) for k in ("generated", "valid", "hit"))
-    return {"gen_n": gen, "valid_ratio": valid / gen if gen else float("nan"),
-            "gen_hr@1": hit / valid if valid else float("nan"), "gen_hr@1_all": hit / gen if gen else float("nan")}
+    return {
+        "gen_n": gen,
+        "valid_ratio": valid / gen if gen else float("nan"),
+        "gen_hr@1": hit / valid if valid else float("nan"),
+        "gen_hr@1_all": hit / gen if gen else float("nan"),
+    }
 
 
 def next_item_summary(staged: Path) -> dict:
@@ -227,15 +280,36 @@ def next_item_summary(staged: Path) -> dict:
 
 def _score_next(actor, ctor_kwargs: dict, stage: StageRun, num_gpus: float, info: dict) -> dict:
     cfg, out = stage.cfg, stage.out
-    rows = split_rows(split_path(stage.run, "test"), min_ranges=4 * cfg.score.concurrency,
-                      readers=cfg.score.concurrency)
-    metrics = score_with(actor, ctor_kwargs, rows, stage=stage,
-                         num_gpus=num_gpus, max_call_rows=max(cfg.score.batch_size * 4, 32), summarize=next_item_summary,
-                         info=info)
-    generated = (f"; generated {metrics['gen_n']}: HR@1 {metrics['gen_hr@1']:.4f} over valid answers, "
-                 f"ValidRatio {metrics['valid_ratio']:.4f}") if "gen_n" in metrics else ""
-    log.info("%s (next item): HR@1 %.4f, NDCG@10 %.4f on %d test sequences%s -> %s",
-             info["model"], metrics["hr@1"], metrics["ndcg@10"], metrics["n"], generated, out)
+    rows = split_rows(
+        split_path(stage.run, "test"), min_ranges=4 * cfg.score.concurrency, readers=cfg.score.concurrency
+    )
+    metrics = score_with(
+        actor,
+        ctor_kwargs,
+        rows,
+        stage=stage,
+        num_gpus=num_gpus,
+        max_call_rows=max(cfg.score.batch_size * 4, 32),
+        summarize=next_item_summary,
+        info=info,
+    )
+    generated = (
+        (
+            f"; generated {metrics['gen_n']}: HR@1 {metrics['gen_hr@1']:.4f} over valid answers, "
+            f"ValidRatio {metrics['valid_ratio']:.4f}"
+        )
+        if "gen_n" in metrics
+        else ""
+    )
+    log.info(
+        "%s (next item): HR@1 %.4f, NDCG@10 %.4f on %d test sequences%s -> %s",
+        info["model"],
+        metrics["hr@1"],
+        metrics["ndcg@10"],
+        metrics["n"],
+        generated,
+        out,
+    )
     return metrics
 
 
@@ -258,10 +332,19 @@ def score_next_item(cfg: Config, run: RunDir, name: str, overwrite: bool = False
     if stage.up_to_date(overwrite):
         return stage.out
     log.info("scoring %s on the next-item test sequences", variant.name)
-    _score_next(NextItemScorer, {"cfg": cfg, "run": run, "variant_name": variant.name,
-                                 "adapter": run.next_item_adapter(variant.name) if variant.adapter else None,
-                                 "generate_ids": generate_ids(cfg, run)},
-                stage, cfg.score.num_gpus, {"model": variant.name, "variant": variant.description})
+    _score_next(
+        NextItemScorer,
+        {
+            "cfg": cfg,
+            "run": run,
+            "variant_name": variant.name,
+            "adapter": run.next_item_adapter(variant.name) if variant.adapter else None,
+            "generate_ids": generate_ids(cfg, run),
+        },
+        stage,
+        cfg.score.num_gpus,
+        {"model": variant.name, "variant": variant.description},
+    )
     return stage.out
 
 
@@ -272,8 +355,13 @@ def score_next_item_crm(cfg: Config, run: RunDir, variant_name: str, overwrite: 
     run = stage.run.resolved()
     if stage.up_to_date(overwrite):
         return stage.out
-    _score_next(NextItemCRMScorer, {"cfg": cfg, "run": run, "crm_dir": run.crm(name)},
-                stage, 0, {"model": f"crm-{name}", "variant": f"the CRM {name} alone"})
+    _score_next(
+        NextItemCRMScorer,
+        {"cfg": cfg, "run": run, "crm_dir": run.crm(name)},
+        stage,
+        0,
+        {"model": f"crm-{name}", "variant": f"the CRM {name} alone"},
+    )
     return stage.out
 
 

@@ -76,8 +76,10 @@ class NextItemTask:
         return {"hr1": metrics[SCORE_KEY], "ndcg10": metrics["val_ndcg10"], "train_loss": metrics["train_loss"]}
 
     def summary(self, metrics: dict) -> str:
-        return (f"next-item epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, "
-                f"valid HR@1 {metrics[SCORE_KEY]:.4f}, NDCG@10 {metrics['val_ndcg10']:.4f}")
+        return (
+            f"next-item epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, "
+            f"valid HR@1 {metrics[SCORE_KEY]:.4f}, NDCG@10 {metrics['val_ndcg10']:.4f}"
+        )
 
 
 def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
@@ -97,30 +99,50 @@ def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool 
     valid = fixed_subsample(load_rows(run, "valid"), cfg.tune.valid_subsample, cfg.run.seed)
     world = cfg.tune.num_workers
     total_steps = max(1, (len(train) // world) // cfg.tune.micro_batch // cfg.tune.grad_accum) * cfg.tune.epochs
-    log.info("tuning %s on the next-item task: %d few-shot sequences, %d validation sequences, %d optimizer steps",
-             variant.name, len(train), len(valid), total_steps)
+    log.info(
+        "tuning %s on the next-item task: %d few-shot sequences, %d validation sequences, %d optimizer steps",
+        variant.name,
+        len(train),
+        len(valid),
+        total_steps,
+    )
 
     init_ray(cfg)
     storage = run.train_storage(out)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # As tune.py: each worker takes its share of a new permutation of the fixed set every epoch.
-        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(), "task": NextItemTask,
-                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid),
-                           "curves": curves_config(cfg.tracking, storage, run.root, f"tune-next-item-{variant.name}")},
+        train_loop_config={
+            "cfg": cfg,
+            "variant": variant.name,
+            "run": run.resolved(),
+            "task": NextItemTask,
+            "total_steps": total_steps,
+            "train": ray.put(train),
+            "valid": ray.put(valid),
+            "curves": curves_config(cfg.tracking, storage, run.root, f"tune-next-item-{variant.name}"),
+        },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
-        run_config=RunConfig(name=f"tune-{fp}", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE_KEY,
-                                                                checkpoint_score_order="max")),
+        run_config=RunConfig(
+            name=f"tune-{fp}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
+            ),
+        ),
     )
     result = trainer.fit()
     best_checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         history = read_state(Path(ckpt_dir))["history"]
-        summary = {"best_epoch": best["epoch"], f"best_{SCORE_KEY}": best[SCORE_KEY], "few_shot": len(train),
-                   "history": history}
+        summary = {
+            "best_epoch": best["epoch"],
+            f"best_{SCORE_KEY}": best[SCORE_KEY],
+            "few_shot": len(train),
+            "history": history,
+        }
         write_json_atomic(tmp / "train_metrics.json", summary)
         keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)

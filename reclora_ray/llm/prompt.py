@@ -43,24 +43,42 @@ def templates_for(dataset: str, rated: bool = True, lines=None, history_item=Non
     elif dataset == "interactions":
         preset = RATED_ITEMS if rated else CLICKED_ITEMS
     else:
-        raise ValueError(f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)} or interactions")
+        raise ValueError(
+            f"no prompt wording for dataset {dataset!r}; expected one of {sorted(WORDING)} or interactions"
+        )
     chosen = PromptTemplates(tuple(lines) if lines else preset.lines, history_item or preset.history_item)
-    for key, parts, allowed in (("prompt", chosen.lines, PROMPT_FIELDS), ("history_item", [chosen.history_item], HISTORY_FIELDS)):
+    for key, parts, allowed in (
+        ("prompt", chosen.lines, PROMPT_FIELDS),
+        ("history_item", [chosen.history_item], HISTORY_FIELDS),
+    ):
         unknown = sorted({n for part in parts for n in template_fields(part)} - set(allowed))
         if unknown:
             raise ValueError(f"data.text.{key}: unknown fields {unknown}; available: {', '.join(allowed)}")
     return chosen
 
 
-def build_prompt(dataset: str | PromptTemplates, target_title: str, history_titles, history_ratings,
-                 profile_text: str | None = None, gender: str | None = None) -> str:
+def build_prompt(
+    dataset: str | PromptTemplates,
+    target_title: str,
+    history_titles,
+    history_ratings,
+    profile_text: str | None = None,
+    gender: str | None = None,
+) -> str:
     """The instruction for one sample (history oldest first): Figure 2 for a benchmark name."""
     words = dataset if isinstance(dataset, PromptTemplates) else templates_for(dataset)
     who = _subject(gender)
-    history = [words.history_item.format(index=i, title=title, rating=f"{float(rating):g}", stars=stars(rating))
-               for i, (title, rating) in enumerate(zip(history_titles, history_ratings))]
-    values = {"profile": (profile_text or "").strip(), "Subject": f"{who[0].upper()}{who[1:]}", "subject": who,
-              "history": str(history), "title": target_title}
+    history = [
+        words.history_item.format(index=i, title=title, rating=f"{float(rating):g}", stars=stars(rating))
+        for i, (title, rating) in enumerate(zip(history_titles, history_ratings))
+    ]
+    values = {
+        "profile": (profile_text or "").strip(),
+        "Subject": f"{who[0].upper()}{who[1:]}",
+        "subject": who,
+        "history": str(history),
+        "title": target_title,
+    }
     lines = [line.format(**values) for line in words.lines]
     return "\n".join(line for line in lines if line.strip())
 
@@ -85,21 +103,32 @@ def render(text: str, tokenizer=None, chat_template: bool = False) -> str:
     if not chat_template:
         return f"Input:\n{text}\nOutput:\n"
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("llm.chat_template is true but the tokenizer has no chat template; "
-                         "set --set llm.chat_template=false")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
+        raise ValueError(
+            "llm.chat_template is true but the tokenizer has no chat template; set --set llm.chat_template=false"
+        )
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     if not prompt.endswith("\n"):
-        raise ValueError("the tokenizer's chat template does not end its generation prompt with a newline; "
-                         "the answer-token lookup assumes it does (set llm.chat_template=false)")
+        raise ValueError(
+            "the tokenizer's chat template does not end its generation prompt with a newline; "
+            "the answer-token lookup assumes it does (set llm.chat_template=false)"
+        )
     return prompt
 
 
 class PromptBuilder:
     """Prompts for samples of one prepared dataset: titles and profiles looked up by id."""
 
-    def __init__(self, dataset: str, items: pd.DataFrame, users: pd.DataFrame, tokenizer=None,
-                 chat_template: bool = False, templates: PromptTemplates | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        items: pd.DataFrame,
+        users: pd.DataFrame,
+        tokenizer=None,
+        chat_template: bool = False,
+        templates: PromptTemplates | None = None,
+    ):
         self.dataset = dataset
         self.templates = templates or templates_for(dataset)
         self.titles = items.sort_values("item_id")["title"].to_numpy(dtype=object)
@@ -112,7 +141,9 @@ class PromptBuilder:
     @classmethod
     def from_prepared(cls, data, tokenizer=None, chat_template: bool = False) -> "PromptBuilder":
         text = data.meta.get("text") or {}  # prepared before templates existed: the dataset's wording
-        templates = templates_for(data.dataset, data.meta.get("rated", True), text.get("prompt"), text.get("history_item"))
+        templates = templates_for(
+            data.dataset, data.meta.get("rated", True), text.get("prompt"), text.get("history_item")
+        )
         return cls(data.dataset, data.items, data.users, tokenizer, chat_template, templates)
 
     def prompt(self, user_id: int, item_id: int, hist_item_ids, hist_ratings) -> str:
@@ -122,8 +153,12 @@ class PromptBuilder:
         keep = hist_item_ids >= 0
         known = 0 <= user_id < len(self.profiles)
         text = build_prompt(
-            self.templates, self.titles[item_id], self.titles[hist_item_ids[keep]], np.asarray(hist_ratings)[keep],
-            self.profiles[user_id] if known else None, self.genders[user_id] if known else None,
+            self.templates,
+            self.titles[item_id],
+            self.titles[hist_item_ids[keep]],
+            np.asarray(hist_ratings)[keep],
+            self.profiles[user_id] if known else None,
+            self.genders[user_id] if known else None,
         )
         return render(text, self.tokenizer, self.chat_template)
 
@@ -152,8 +187,20 @@ def log_length_stats(tokenizer, prompts: list[str], what: str = "prompts") -> di
     if not prompts:
         return {"n": 0}
     lengths = np.array([len(ids) for ids in tokenizer(list(prompts))["input_ids"]])
-    stats = {"n": len(lengths), "mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
-             "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}
-    log.info("%s: %d, tokens mean %.0f, p50 %.0f, p95 %.0f, max %d", what, stats["n"], stats["mean"],
-             stats["p50"], stats["p95"], stats["max"])
+    stats = {
+        "n": len(lengths),
+        "mean": float(lengths.mean()),
+        "p50": float(np.percentile(lengths, 50)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+    }
+    log.info(
+        "%s: %d, tokens mean %.0f, p50 %.0f, p95 %.0f, max %d",
+        what,
+        stats["n"],
+        stats["mean"],
+        stats["p50"],
+        stats["p95"],
+        stats["max"],
+    )
     return stats

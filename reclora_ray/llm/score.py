@@ -59,8 +59,9 @@ class Scorer:
         self._attach(model, InputBuilder(cfg, data, variant, tokenizer, crm_spec), data, device, cfg.score.batch_size)
 
     @classmethod
-    def from_model(cls, model, inputs: InputBuilder, data: PreparedData, device: torch.device,
-                   batch_size: int) -> "Scorer":
+    def from_model(
+        cls, model, inputs: InputBuilder, data: PreparedData, device: torch.device, batch_size: int
+    ) -> "Scorer":
         """A scorer around a model already built (benchmarks, notebooks)."""
         scorer = cls.__new__(cls)
         scorer._attach(model, inputs, data, device, batch_size)
@@ -94,8 +95,12 @@ class Scorer:
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         rows = rows.reset_index(drop=True)
-        probs, gates = self.score(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
-                                  rows["timestamp"].to_numpy(), self.inputs.histories(rows))
+        probs, gates = self.score(
+            rows["user_id"].to_numpy(),
+            rows["item_id"].to_numpy(),
+            rows["timestamp"].to_numpy(),
+            self.inputs.histories(rows),
+        )
         out = rows[KEEP].assign(p_yes=probs, dtype=self.dtype)
         if gates is not None:
             out["gate"] = list(gates)
@@ -120,8 +125,13 @@ class CRMScorer:
         rows = rows.reset_index(drop=True)
         users, seqs = rows["user_id"].to_numpy(), self.data.sequences
         indices = history_indices(seqs, rows, self.long_mode, self.k_long, "hist_long")
-        batch = self.encoder.encode(users, rows["item_id"].to_numpy(), rows["timestamp"].to_numpy(),
-                                    seqs.gather(users, indices, "item_ids"), seqs.gather(users, indices, "ratings"))
+        batch = self.encoder.encode(
+            users,
+            rows["item_id"].to_numpy(),
+            rows["timestamp"].to_numpy(),
+            seqs.gather(users, indices, "item_ids"),
+            seqs.gather(users, indices, "ratings"),
+        )
         logits = self.model({key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in batch.items()})
         return rows[KEEP].assign(p_yes=torch.sigmoid(logits).float().numpy())
 
@@ -138,11 +148,25 @@ def ctr_summary(staged: Path) -> dict:
 
 
 def _score_ctr(actor, ctor_kwargs: dict, rows, stage: StageRun, num_gpus: float, info: dict) -> dict:
-    metrics = score_with(actor, ctor_kwargs, rows, stage=stage, num_gpus=num_gpus,
-                         max_call_rows=max(stage.cfg.score.batch_size * 8, 128), summarize=ctr_summary, info=info,
-                         data_dir=stage.run.data)
-    log.info("%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
-             info["model"], metrics["auc"], metrics["logloss"], metrics["n"], stage.out)
+    metrics = score_with(
+        actor,
+        ctor_kwargs,
+        rows,
+        stage=stage,
+        num_gpus=num_gpus,
+        max_call_rows=max(stage.cfg.score.batch_size * 8, 128),
+        summarize=ctr_summary,
+        info=info,
+        data_dir=stage.run.data,
+    )
+    log.info(
+        "%s: AUC %.4f, LogLoss %.4f on %d test samples -> %s",
+        info["model"],
+        metrics["auc"],
+        metrics["logloss"],
+        metrics["n"],
+        stage.out,
+    )
     return metrics
 
 
@@ -154,8 +178,7 @@ def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
     samples = run.data / "samples" / "test.parquet"
     retrieval = retrieval_dir(run) / "test.parquet" if variant.needs_retrieval else None
     keep = subsample_ids(samples, cfg.score.llm_subsample, cfg.run.seed) if subsample else None
-    return split_rows(samples, retrieval, keep, min_ranges=4 * cfg.score.concurrency,
-                      readers=cfg.score.concurrency)
+    return split_rows(samples, retrieval, keep, min_ranges=4 * cfg.score.concurrency, readers=cfg.score.concurrency)
 
 
 def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
@@ -165,11 +188,19 @@ def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) 
     run, out = stage.run, stage.out
     if stage.up_to_date(overwrite):
         return out
-    log.info("scoring %s on the test samples%s", variant.name,
-             f" (a fixed subsample of {cfg.score.llm_subsample})" if cfg.score.llm_subsample else "")
-    _score_ctr(Scorer, {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
-               ctr_test_rows(cfg, run, variant, subsample=True), stage, cfg.score.num_gpus,
-               {"model": variant.name, "variant": variant.description})
+    log.info(
+        "scoring %s on the test samples%s",
+        variant.name,
+        f" (a fixed subsample of {cfg.score.llm_subsample})" if cfg.score.llm_subsample else "",
+    )
+    _score_ctr(
+        Scorer,
+        {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
+        ctr_test_rows(cfg, run, variant, subsample=True),
+        stage,
+        cfg.score.num_gpus,
+        {"model": variant.name, "variant": variant.description},
+    )
     return out
 
 
@@ -187,10 +218,14 @@ def score_crm(cfg: Config, run: RunDir, variant_name: str = "reclora", overwrite
     run, out = stage.run, stage.out
     if stage.up_to_date(overwrite):
         return out
-    _score_ctr(CRMScorer, {"cfg": cfg, "run": run.resolved(), "crm_dir": run.resolved().crm(name),
-                           "long_mode": variant.long_mode},
-               ctr_test_rows(cfg, run, variant, subsample=False), stage, 0,
-               {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"})
+    _score_ctr(
+        CRMScorer,
+        {"cfg": cfg, "run": run.resolved(), "crm_dir": run.resolved().crm(name), "long_mode": variant.long_mode},
+        ctr_test_rows(cfg, run, variant, subsample=False),
+        stage,
+        0,
+        {"model": f"crm-{name}", "variant": f"the CRM ({cfg.crm.model}) alone"},
+    )
     return out
 
 

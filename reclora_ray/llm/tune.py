@@ -121,8 +121,13 @@ class CTRTask:
         from reclora_ray.llm.inputs import to_device
 
         hist = self.inputs.histories(rows)
-        batches = self.inputs.scoring_batches(rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
-                                              rows["timestamp"].to_numpy(), hist, self.cfg.score.batch_size)
+        batches = self.inputs.scoring_batches(
+            rows["user_id"].to_numpy(),
+            rows["item_id"].to_numpy(),
+            rows["timestamp"].to_numpy(),
+            hist,
+            self.cfg.score.batch_size,
+        )
         labels, probs = [], []
         for index, batch in batches:
             # model.llm is engine.module
@@ -141,8 +146,10 @@ class CTRTask:
         return {"auc": metrics["val_auc"], "logloss": metrics["val_logloss"], "train_loss": metrics["train_loss"]}
 
     def summary(self, metrics: dict) -> str:
-        return (f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, valid AUC {metrics['val_auc']:.4f}, "
-                f"logloss {metrics['val_logloss']:.4f} ({metrics['dtype']})")
+        return (
+            f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, valid AUC {metrics['val_auc']:.4f}, "
+            f"logloss {metrics['val_logloss']:.4f} ({metrics['dtype']})"
+        )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -179,7 +186,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # The engine owns the LLM only: the frozen CRM stays outside, in its own precision, and
     # out of the optimizer and the checkpoints.
     engine, *_ = deepspeed.initialize(
-        model=model.llm, model_parameters=trainable, dist_init_required=False,
+        model=model.llm,
+        model_parameters=trainable,
+        dist_init_required=False,
         config=deepspeed_config(cfg, world, loop_config["total_steps"], engine_precision(cfg, base_dtype)),
         lr_scheduler=lr_schedule(cfg, loop_config["total_steps"]),
     )
@@ -197,17 +206,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(len(history), cfg.tune.epochs):
         order = epoch_rows(len(train), cfg.run.seed, epoch, rank, world, mb)
-        progress = Progress(log, f"{variant.name} epoch {epoch}", len(order) // mb, "micro-batches",
-                            active=rank == 0)
+        progress = Progress(log, f"{variant.name} epoch {epoch}", len(order) // mb, "micro-batches", active=rank == 0)
         losses = train_epoch(engine, task, train, order, mb, curves, progress)
 
         # Rank 0's share of the validation rows shows the rate; every rank scores its own.
-        progress = Progress(log, f"{variant.name} epoch {epoch} validation", len(valid), task.valid_unit,
-                            active=rank == 0)
+        progress = Progress(
+            log, f"{variant.name} epoch {epoch} validation", len(valid), task.valid_unit, active=rank == 0
+        )
         gathered = [None] * world
         dist.all_gather_object(gathered, validate(engine, task, valid, progress))
-        metrics = {"epoch": epoch, "attempt": attempt, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   **task.metrics(merge_scored(gathered, task.empty), base_dtype)}
+        metrics = {
+            "epoch": epoch,
+            "attempt": attempt,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            **task.metrics(merge_scored(gathered, task.empty), base_dtype),
+        }
         history.append(metrics)
         curves.epoch(epoch, **task.curve(metrics))
 
@@ -220,13 +233,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     curves.close()
 
 
-def train_epoch(engine, task, rows: pd.DataFrame, order: np.ndarray, micro_batch: int, curves: Curves,
-                progress: Progress) -> list[float]:
+def train_epoch(
+    engine, task, rows: pd.DataFrame, order: np.ndarray, micro_batch: int, curves: Curves, progress: Progress
+) -> list[float]:
     """One epoch of micro-batches of `rows` in `order`; the loss of each."""
     engine.train()
     losses = []
     for start in range(0, len(order), micro_batch):
-        loss = task.loss(engine, rows.iloc[order[start:start + micro_batch]])
+        loss = task.loss(engine, rows.iloc[order[start : start + micro_batch]])
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
@@ -245,7 +259,7 @@ def validate(engine, task, valid: pd.DataFrame, progress: Progress) -> dict[str,
     parts = []
     with torch.no_grad():
         for begin in range(0, len(valid), task.valid_chunk):
-            rows = valid.iloc[begin:begin + task.valid_chunk]
+            rows = valid.iloc[begin : begin + task.valid_chunk]
             parts.append(task.score(rows))
             progress.update(len(rows))
     progress.close()
@@ -257,8 +271,9 @@ def merge_scored(parts: list[dict], empty: dict) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else dict(empty)
 
 
-def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False,
-                 callbacks: list | None = None) -> Path:
+def tune_variant(
+    cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False, callbacks: list | None = None
+) -> Path:
     """Tune one variant; returns OUT/adapter/<variant> (skipped when already done).
 
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller)."""
@@ -279,12 +294,21 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     world = cfg.tune.num_workers
     micro_batches = (len(train) // world) // cfg.tune.micro_batch  # per rank and epoch (epoch_rows)
     if micro_batches < cfg.tune.grad_accum:
-        raise ValueError(f"tune.few_shot={len(train)} samples give each of {world} worker(s) {micro_batches} "
-                         f"micro-batches of {cfg.tune.micro_batch}, fewer than tune.grad_accum={cfg.tune.grad_accum}: "
-                         "not one optimizer step; raise tune.few_shot or lower the batch settings")
+        raise ValueError(
+            f"tune.few_shot={len(train)} samples give each of {world} worker(s) {micro_batches} "
+            f"micro-batches of {cfg.tune.micro_batch}, fewer than tune.grad_accum={cfg.tune.grad_accum}: "
+            "not one optimizer step; raise tune.few_shot or lower the batch settings"
+        )
     total_steps = micro_batches // cfg.tune.grad_accum * cfg.tune.epochs
-    log.info("tuning %s (%s) on %d few-shot samples, %d validation samples, %d worker(s), %d optimizer steps",
-             variant.name, variant.description, len(train), len(valid), world, total_steps)
+    log.info(
+        "tuning %s (%s) on %d few-shot samples, %d validation samples, %d worker(s), %d optimizer steps",
+        variant.name,
+        variant.description,
+        len(train),
+        len(valid),
+        world,
+        total_steps,
+    )
 
     init_ray(cfg)
     # Kept until the adapter is written: re-running the same command after a crash resumes here.
@@ -293,15 +317,24 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
         train_loop_per_worker,
         # The few-shot set is small and fixed: each worker reads it whole from the object store and
         # takes its share of a new permutation every epoch (epoch_rows).
-        train_loop_config={"cfg": cfg, "variant": variant.name, "run": run.resolved(),
-                           "total_steps": total_steps, "train": ray.put(train), "valid": ray.put(valid),
-                           "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}")},
+        train_loop_config={
+            "cfg": cfg,
+            "variant": variant.name,
+            "run": run.resolved(),
+            "total_steps": total_steps,
+            "train": ray.put(train),
+            "valid": ray.put(valid),
+            "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}"),
+        },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         run_config=RunConfig(
-            name=f"tune-{fp}", storage_path=str(storage), callbacks=callbacks or [],
+            name=f"tune-{fp}",
+            storage_path=str(storage),
+            callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_auc",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+            ),
         ),
     )
     result = trainer.fit()
@@ -311,9 +344,17 @@ def tune_variant(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = 
     best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
-        write_json_atomic(tmp / "train_metrics.json", {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
-                                                       "few_shot": len(train), "valid": len(valid),
-                                                       "dtype": best["dtype"], "history": history})
+        write_json_atomic(
+            tmp / "train_metrics.json",
+            {
+                "best_epoch": best["epoch"],
+                "best_val_auc": best["val_auc"],
+                "few_shot": len(train),
+                "valid": len(valid),
+                "dtype": best["dtype"],
+                "history": history,
+            },
+        )
         keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)

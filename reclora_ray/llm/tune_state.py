@@ -109,8 +109,10 @@ def decode(obj, tensors: dict, path: Path, loss_scaler=None):
         return out
     if "$loss_scaler" in obj and set(obj) == {"$loss_scaler", "attrs"}:
         if loss_scaler is None or type(loss_scaler).__name__ != obj["$loss_scaler"]:
-            raise TuneCheckpointError(f"{path}: saved with a {obj['$loss_scaler']} loss scaler, but this engine has "
-                                      f"{type(loss_scaler).__name__}: the precision settings changed")
+            raise TuneCheckpointError(
+                f"{path}: saved with a {obj['$loss_scaler']} loss scaler, but this engine has "
+                f"{type(loss_scaler).__name__}: the precision settings changed"
+            )
         for key, value in decode(obj["attrs"], tensors, path).items():
             if not hasattr(loss_scaler, key):
                 raise TuneCheckpointError(f"{path}: the loss scaler has no attribute {key!r}")
@@ -141,10 +143,15 @@ def save_state(engine, directory: Path, rank: int, world: int, extra: dict) -> N
 
     directory = Path(directory)
     tensors: dict = {}
-    payload = {"format": FORMAT, "version": VERSION, "rank": rank, "world": world,
-               "optimizer": encode(_optimizer_state(engine), tensors, "optimizer"),
-               "torch_rng": encode(torch.get_rng_state(), tensors, "torch_rng"),
-               "cuda_rng": encode(torch.cuda.get_rng_state(), tensors, "cuda_rng") if torch.cuda.is_available() else None}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "rank": rank,
+        "world": world,
+        "optimizer": encode(_optimizer_state(engine), tensors, "optimizer"),
+        "torch_rng": encode(torch.get_rng_state(), tensors, "torch_rng"),
+        "cuda_rng": encode(torch.cuda.get_rng_state(), tensors, "cuda_rng") if torch.cuda.is_available() else None,
+    }
     weights, meta = rank_files(rank)
     save_file(tensors, str(directory / weights))
     (directory / meta).write_text(json.dumps(payload))
@@ -152,12 +159,22 @@ def save_state(engine, directory: Path, rank: int, world: int, extra: dict) -> N
         return
     zero_stage = engine.zero_optimization_stage()
     if zero_stage < 3:  # ZeRO-3 partitions the parameters: its optimizer state restores them
-        save_file({n: p.detach().cpu().clone().contiguous() for n, p in _trainable(engine).items()},
-                  str(directory / TRAINABLE))
+        save_file(
+            {n: p.detach().cpu().clone().contiguous() for n, p in _trainable(engine).items()},
+            str(directory / TRAINABLE),
+        )
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    state = {"format": FORMAT, "version": VERSION, "world": world, "zero_stage": zero_stage,
-             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-             "skipped_steps": engine.skipped_steps, "lr_scheduler": encode(scheduler, {}, "lr_scheduler"), **extra}
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "world": world,
+        "zero_stage": zero_stage,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": encode(scheduler, {}, "lr_scheduler"),
+        **extra,
+    }
     (directory / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -172,8 +189,11 @@ def save_engine_adapter(engine, directory: Path, rank: int) -> None:
     from reclora_ray.llm.plora import save_adapter, unwrap
 
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    whole = (deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
-             if engine.zero_optimization_stage() == 3 else nullcontext())
+    whole = (
+        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else nullcontext()
+    )
     with whole:
         if rank == 0:
             save_adapter(unwrap(engine.module), directory)
@@ -182,8 +202,10 @@ def save_engine_adapter(engine, directory: Path, rank: int) -> None:
 def refuse_pickles(directory: Path) -> None:
     for path in sorted(Path(directory).rglob("*")):
         if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-            raise TuneCheckpointError(f"{path}: refused, a tune checkpoint holds no pickle (an older DeepSpeed-format "
-                                      "checkpoint, or not ours); delete the checkpoint folder to start the run over")
+            raise TuneCheckpointError(
+                f"{path}: refused, a tune checkpoint holds no pickle (an older DeepSpeed-format "
+                "checkpoint, or not ours); delete the checkpoint folder to start the run over"
+            )
 
 
 def read_state(directory: Path) -> dict:
@@ -194,8 +216,10 @@ def read_state(directory: Path) -> dict:
     path = directory / STATE_FILE
     state = _read_json(path)
     if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise TuneCheckpointError(f"{path}: refused, not a {FORMAT} v{VERSION} file "
-                                  f"(format {state.get('format')!r}, version {state.get('version')!r})")
+        raise TuneCheckpointError(
+            f"{path}: refused, not a {FORMAT} v{VERSION} file "
+            f"(format {state.get('format')!r}, version {state.get('version')!r})"
+        )
     return state
 
 
@@ -208,9 +232,11 @@ def load_state(engine, directory: Path, rank: int, world: int) -> dict:
     directory = Path(directory)
     state = read_state(directory)
     if state["world"] != world or state["zero_stage"] != engine.zero_optimization_stage():
-        raise TuneCheckpointError(f"{directory / STATE_FILE}: saved by {state['world']} worker(s) with ZeRO stage "
-                                  f"{state['zero_stage']}, resumed by {world} with stage "
-                                  f"{engine.zero_optimization_stage()}: the run's settings changed")
+        raise TuneCheckpointError(
+            f"{directory / STATE_FILE}: saved by {state['world']} worker(s) with ZeRO stage "
+            f"{state['zero_stage']}, resumed by {world} with stage "
+            f"{engine.zero_optimization_stage()}: the run's settings changed"
+        )
     loss_scaler = getattr(engine.optimizer, "loss_scaler", None)
     optimizer_states, rng, cuda_rng = [], None, None
     for r in range(world):
@@ -228,8 +254,10 @@ def load_state(engine, directory: Path, rank: int, world: int) -> dict:
         trainable = _read_tensors(directory / TRAINABLE)
         params = _trainable(engine)
         if set(trainable) != set(params):
-            raise TuneCheckpointError(f"{directory / TRAINABLE}: holds {sorted(set(trainable) ^ set(params))[:4]} "
-                                      "that this model's trainable parameters do not (or the reverse)")
+            raise TuneCheckpointError(
+                f"{directory / TRAINABLE}: holds {sorted(set(trainable) ^ set(params))[:4]} "
+                "that this model's trainable parameters do not (or the reverse)"
+            )
     scheduler = decode(state["lr_scheduler"], {}, directory / STATE_FILE)
 
     with torch.no_grad():

@@ -79,39 +79,58 @@ def embed_items(cfg: Config, out: str | Path | RunDir, overwrite: bool = False) 
     started = time.time()
     rng = np.random.default_rng(cfg.run.seed)
     fit_all = len(items) <= cfg.embed.pca_fit_items
-    fit_items = items if fit_all else items.iloc[np.sort(rng.choice(len(items), cfg.embed.pca_fit_items, replace=False))]
-    log.info("encoding %d item texts with %s (%s pooling)", len(fit_items), encoder_config(cfg).model, cfg.embed.pooling)
+    fit_items = (
+        items if fit_all else items.iloc[np.sort(rng.choice(len(items), cfg.embed.pca_fit_items, replace=False))]
+    )
+    log.info(
+        "encoding %d item texts with %s (%s pooling)", len(fit_items), encoder_config(cfg).model, cfg.embed.pooling
+    )
     hidden, dtype = encode(cfg, fit_items)
     log.info("item encoder computed in %s", dtype)
     pca = fit_pca(hidden, cfg.embed.pca_dim)
-    log.info("PCA %d -> %d keeps %.1f%% of the variance", hidden.shape[1], cfg.embed.pca_dim,
-             100 * pca["explained_variance_ratio"].sum())
+    log.info(
+        "PCA %d -> %d keeps %.1f%% of the variance",
+        hidden.shape[1],
+        cfg.embed.pca_dim,
+        100 * pca["explained_variance_ratio"].sum(),
+    )
     if fit_all:
         vectors = project(hidden, pca["mean"], pca["components"])
     else:
         log.info("projecting all %d items in the actor pool", len(items))
         vectors, _ = encode(cfg, items, projection=(pca["mean"], pca["components"]))
     with stage.write() as tmp:
-        table = pa.table({
-            "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]).cast(
-                pa.list_(pa.float32())),
-        })
+        table = pa.table(
+            {
+                "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]).cast(
+                    pa.list_(pa.float32())
+                ),
+            }
+        )
         pq.write_table(table, tmp / EMBEDDINGS_FILE)
         np.savez(tmp / PCA_FILE, **pca)
-        write_json_atomic(tmp / "embed.json", {
-            "encoder": encoder_config(cfg).model, "dtype": dtype, "pooling": cfg.embed.pooling,
-            "hidden_size": int(hidden.shape[1]), "dim": int(vectors.shape[1]), "n_items": len(items),
-            "pca_fit_items": len(fit_items),
-            "explained_variance": float(pca["explained_variance_ratio"].sum()),
-            "seconds": round(time.time() - started, 1),
-        })
+        write_json_atomic(
+            tmp / "embed.json",
+            {
+                "encoder": encoder_config(cfg).model,
+                "dtype": dtype,
+                "pooling": cfg.embed.pooling,
+                "hidden_size": int(hidden.shape[1]),
+                "dim": int(vectors.shape[1]),
+                "n_items": len(items),
+                "pca_fit_items": len(fit_items),
+                "explained_variance": float(pca["explained_variance_ratio"].sum()),
+                "seconds": round(time.time() - started, 1),
+            },
+        )
     log.info("wrote %d item embeddings (dim %d) to %s", len(items), vectors.shape[1], run.embeddings)
     return run.embeddings
 
 
-def encode(cfg: Config, items: pd.DataFrame,
-           projection: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, str]:
+def encode(
+    cfg: Config, items: pd.DataFrame, projection: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, str]:
     """Hidden states (or unit PCA vectors, with `projection`) of items.text, in row order, and
     the dtype the encoder computed in (llm.dtype resolved on the actors' device)."""
     import ray
@@ -119,13 +138,19 @@ def encode(cfg: Config, items: pd.DataFrame,
     frame = items[["item_id", "text"]].reset_index(drop=True)
     size = cfg.embed.batch_size
     # One block per batch, so every actor of the pool gets work.
-    ds = ray.data.from_pandas([frame.iloc[i:i + size] for i in range(0, len(frame), size)])
+    ds = ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
     ds = ds.map_batches(
         ItemEncoder,
-        fn_constructor_kwargs={"llm_cfg": encoder_config(cfg), "pooling": cfg.embed.pooling,
-                               "max_length": cfg.embed.max_length, "projection": projection},
-        batch_size=size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), num_gpus=cfg.embed.num_gpus,
+        fn_constructor_kwargs={
+            "llm_cfg": encoder_config(cfg),
+            "pooling": cfg.embed.pooling,
+            "max_length": cfg.embed.max_length,
+            "projection": projection,
+        },
+        batch_size=size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency),
+        num_gpus=cfg.embed.num_gpus,
     )
     position = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     out = None
@@ -161,12 +186,15 @@ class ItemEncoder:
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         torch = self.torch
-        enc = self.tokenizer(list(batch["text"]), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt").to(self.device)
+        enc = self.tokenizer(
+            list(batch["text"]), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         with torch.inference_mode():
             # The decoder stack alone: its output is the last layer's (normed) hidden states, and
             # the vocabulary projection is never computed.
-            hidden = self.model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            hidden = self.model.base_model(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+            ).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             if self.pooling == "mean":
                 pooled = (hidden * mask).sum(1) / mask.sum(1)
@@ -193,7 +221,7 @@ def fit_pca(hidden: np.ndarray, dim: int) -> dict[str, np.ndarray]:
     _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
     components = vt[:dim]
     signs = np.sign(components[np.arange(dim), np.abs(components).argmax(1)])
-    variance = singular ** 2
+    variance = singular**2
     return {
         "mean": mean.astype(np.float32),
         "components": (components * signs[:, None]).astype(np.float32),
@@ -223,10 +251,14 @@ def load_item_embeddings(directory: str | Path, n_items: int, dim: int | None = 
     width = int(lengths[0]) if len(lengths) else 0
     if len(lengths) and np.any(lengths != width):
         row = int(np.flatnonzero(lengths != width)[0])
-        raise EmbeddingError(f"{path}: row {row} (item_id {item_ids[row]}) has dimension {lengths[row]}, row 0 has {width}")
+        raise EmbeddingError(
+            f"{path}: row {row} (item_id {item_ids[row]}) has dimension {lengths[row]}, row 0 has {width}"
+        )
     if dim is not None and width != dim:
-        raise EmbeddingError(f"{path}: embeddings have dimension {width}, the config expects embed.pca_dim={dim}; "
-                             "re-run `reclora embed --overwrite`")
+        raise EmbeddingError(
+            f"{path}: embeddings have dimension {width}, the config expects embed.pca_dim={dim}; "
+            "re-run `reclora embed --overwrite`"
+        )
     outside = (item_ids < 0) | (item_ids >= n_items)
     if outside.any():
         raise EmbeddingError(f"{path}: item_id {item_ids[outside][0]} is outside the dataset's 0..{n_items - 1}")

@@ -60,9 +60,11 @@ class HistoryRetriever:
         # Recent is also the answer for every sample with pos <= K, in either mode.
         hist_long = recent_indices(pos, self.k_long)
         hist_short = recent_indices(pos, self.k_short)
-        semantic = {name: k for name, k, mode in (("long", self.k_long, self.long_mode),
-                                                  ("short", self.k_short, self.short_mode))
-                    if mode == "semantic"}
+        semantic = {
+            name: k
+            for name, k, mode in (("long", self.k_long, self.long_mode), ("short", self.k_short, self.short_mode))
+            if mode == "semantic"
+        }
         if semantic:
             outputs = {"long": hist_long, "short": hist_short}
             self._semantic(user_ids, item_ids, pos, semantic, outputs)
@@ -81,7 +83,7 @@ class HistoryRetriever:
         for start, end in zip(starts, ends):
             group = rows[start:end]
             base = self.offsets[users[start]]
-            history = self.seq_items[base:base + pos[group[-1]]]
+            history = self.seq_items[base : base + pos[group[-1]]]
             # A user who met an item twice must see two bitwise-equal scores (ties are broken by
             # recency), which a matrix product over repeated columns does not promise.
             unique, inverse = np.unique(history, return_inverse=True)
@@ -91,7 +93,7 @@ class HistoryRetriever:
                 vectors = self.embeddings[unique]
             chunk = int(np.clip(self.max_block // len(history), 1, MAX_CHUNK_TARGETS))
             for c in range(0, len(group), chunk):
-                part = group[c:c + chunk]
+                part = group[c : c + chunk]
                 self._score_chunk(vectors, inverse, item_ids[part], pos[part], part, ks, outputs)
 
     def _score_chunk(self, vectors, inverse, targets, pos, rows, ks, outputs) -> None:

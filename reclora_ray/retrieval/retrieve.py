@@ -42,8 +42,9 @@ from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("sample_id", pa.int64()), ("hist_long", pa.list_(pa.int32())),
-                    ("hist_short", pa.list_(pa.int32()))])
+SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("hist_long", pa.list_(pa.int32())), ("hist_short", pa.list_(pa.int32()))]
+)
 INPUT_COLUMNS = ["sample_id", "user_id", "item_id", "pos"]
 
 
@@ -58,8 +59,11 @@ def retrieve_histories(cfg: Config, out: str | Path | RunDir, overwrite: bool = 
     if stage.up_to_date(overwrite):
         return run.retrieval
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
-    embeddings = (load_item_embeddings(run.embeddings, data.n_items, dim=cfg.embed.pca_dim)
-                  if cfg.retrieve.uses_embeddings else None)
+    embeddings = (
+        load_item_embeddings(run.embeddings, data.n_items, dim=cfg.embed.pca_dim)
+        if cfg.retrieve.uses_embeddings
+        else None
+    )
     init_ray(cfg)
     import ray
 
@@ -74,9 +78,16 @@ def retrieve_histories(cfg: Config, out: str | Path | RunDir, overwrite: bool = 
     with stage.write() as tmp:
         for split in SPLITS:
             stats[split] = _retrieve_split(cfg, data.split_path(split), tmp / f"{split}.parquet", shared)
-        write_json_atomic(tmp / "retrieval.json", {"k_long": r.k_long, "k_short": r.k_short,
-                                                   "long_mode": r.long_mode, "short_mode": r.short_mode,
-                                                   "splits": stats})
+        write_json_atomic(
+            tmp / "retrieval.json",
+            {
+                "k_long": r.k_long,
+                "k_short": r.k_short,
+                "long_mode": r.long_mode,
+                "short_mode": r.short_mode,
+                "splits": stats,
+            },
+        )
     return run.retrieval
 
 
@@ -107,8 +118,11 @@ def _retrieve_split(cfg: Config, samples_path: Path, out_path: Path, shared: dic
     ds = ray.data.from_arrow([by_user.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])])
     del by_user
     ds = ds.map_batches(
-        RetrieveBatch, fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
-        batch_size=None, batch_format="numpy", num_cpus=1,
+        RetrieveBatch,
+        fn_constructor_kwargs={"shared": shared, "cfg": cfg.retrieve},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.retrieve.concurrency),
     )
     started, done = time.time(), 0
@@ -150,9 +164,16 @@ def _write_in_row_order(out_path: Path, sample_ids: np.ndarray, blocks: list, r)
                     hist_short[rows[a:b] - lo] = np.load(f"{path}-short.npy", mmap_mode="r")[a:b]
             total_long += int((hist_long >= 0).sum())
             total_short += int((hist_short >= 0).sum())
-            writer.write_table(pa.table({"sample_id": pa.array(sample_ids[lo:hi], pa.int64()),
-                                         "hist_long": padded_to_lists(hist_long),
-                                         "hist_short": padded_to_lists(hist_short)}, schema=SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {
+                        "sample_id": pa.array(sample_ids[lo:hi], pa.int64()),
+                        "hist_long": padded_to_lists(hist_long),
+                        "hist_short": padded_to_lists(hist_short),
+                    },
+                    schema=SCHEMA,
+                )
+            )
     n = max(len(sample_ids), 1)
     return {"samples": len(sample_ids), "mean_long": total_long / n, "mean_short": total_short / n}
 
@@ -164,9 +185,13 @@ class RetrieveBatch:
         import ray
 
         self.retriever = HistoryRetriever(
-            offsets=ray.get(shared["offsets"]), seq_items=ray.get(shared["seq_items"]),
-            embeddings=ray.get(shared["embeddings"]), k_long=cfg.k_long, k_short=cfg.k_short,
-            long_mode=cfg.long_mode, short_mode=cfg.short_mode,
+            offsets=ray.get(shared["offsets"]),
+            seq_items=ray.get(shared["seq_items"]),
+            embeddings=ray.get(shared["embeddings"]),
+            k_long=cfg.k_long,
+            k_short=cfg.k_short,
+            long_mode=cfg.long_mode,
+            short_mode=cfg.short_mode,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -41,14 +41,20 @@ APP_NAME = "reclora"
 
 def deployment_options(cfg: Config) -> dict:
     s = cfg.serve
-    options = {"name": "RecLoRAService", "max_ongoing_requests": s.max_ongoing_requests,
-               "max_queued_requests": s.max_queued_requests,
-               "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-               "health_check_period_s": s.health_check_period_s,
-               "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}}
+    options = {
+        "name": "RecLoRAService",
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "health_check_period_s": s.health_check_period_s,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
     if s.max_replicas > s.min_replicas:
-        options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                         "target_ongoing_requests": s.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = s.num_replicas
     return options
@@ -64,8 +70,11 @@ def build(cfg: Config, out: str | Path) -> Application:
         raise PreparedDataError(f"{run.data} holds no prepared dataset; run `reclora run --out {run.root}` first")
     model_version(cfg, run, variant)  # raises when the adapter is missing
     if cfg.serve.max_ongoing_requests < cfg.serve.max_batch_size:
-        log.warning("serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches never fill",
-                    cfg.serve.max_ongoing_requests, cfg.serve.max_batch_size)
+        log.warning(
+            "serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches never fill",
+            cfg.serve.max_ongoing_requests,
+            cfg.serve.max_batch_size,
+        )
     return RecLoRAService.options(**deployment_options(cfg)).bind(cfg, str(run.root))
 
 
@@ -73,8 +82,9 @@ def build_app(args: dict) -> Application:
     """`serve run reclora_ray.serve.app:build_app config=C run=OUT [overrides="k=v;k=v"]`."""
     unknown = set(args) - {"config", "run", "overrides"}
     if unknown or "run" not in args:
-        raise ValueError(f"build_app takes config=<name or yaml>, run=<run dir> and optional overrides='k=v;k=v'; "
-                         f"got {sorted(args)}")
+        raise ValueError(
+            f"build_app takes config=<name or yaml>, run=<run dir> and optional overrides='k=v;k=v'; got {sorted(args)}"
+        )
     overrides = args.get("overrides", [])
     if isinstance(overrides, str):
         overrides = [item for item in overrides.split(";") if item.strip()]
@@ -96,8 +106,9 @@ def start(cfg: Config, out: str | Path) -> str:
     check_port_free(cfg.serve.host, cfg.serve.port)
     app = build(cfg, out)
     init_ray(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
-                              "request_timeout_s": cfg.serve.request_timeout_s})
+    serve.start(
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s}
+    )
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
@@ -115,8 +126,13 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("reclora serve needs the run directory: --run OUT")
     cfg = config_from_args(args)
     url = start(cfg, out)
-    log.info("serving %s of %s on %s: POST /score, GET /users/{id}/adapter?item_id=, "
-             "POST /users/{id}/adapter/export, GET /healthz, GET /stats (Ctrl-C stops)", cfg.serve.variant, out, url)
+    log.info(
+        "serving %s of %s on %s: POST /score, GET /users/{id}/adapter?item_id=, "
+        "POST /users/{id}/adapter/export, GET /healthz, GET /stats (Ctrl-C stops)",
+        cfg.serve.variant,
+        out,
+        url,
+    )
 
     def stop(signum, frame):
         raise KeyboardInterrupt

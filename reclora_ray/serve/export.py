@@ -35,8 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timestamp", type=int, help="scoring time, unix seconds (R_c reads it); default now")
 
 
-def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: bool = False,
-                   variant: str | None = None, timestamp: int | None = None) -> Path:
+def export_adapter(
+    cfg,
+    run: str | Path,
+    user,
+    item,
+    out: str | Path,
+    merge: bool = False,
+    variant: str | None = None,
+    timestamp: int | None = None,
+) -> Path:
     from reclora_ray.serve.online import OnlineScorer, RequestError, serving_config
 
     out = Path(out)
@@ -61,11 +69,17 @@ def export_adapter(cfg, run: str | Path, user, item, out: str | Path, merge: boo
         if merge:
             _merge(serving_config(cfg), adapter_dir, tmp)
             shutil.rmtree(adapter_dir)
-        record = {"variant": online.variant.name, "model_version": online.version, "user": state.raw_user_id,
-                  "item": online.catalogue.item_raw[target],
-                  "timestamp": state.timestamp,
-                  "known_user": state.known_user, "history_length": len(state.items), "merged": merge,
-                  "cold_start_item": bool(online.catalogue.cold_items[target])}
+        record = {
+            "variant": online.variant.name,
+            "model_version": online.version,
+            "user": state.raw_user_id,
+            "item": online.catalogue.item_raw[target],
+            "timestamp": state.timestamp,
+            "known_user": state.known_user,
+            "history_length": len(state.items),
+            "merged": merge,
+            "cold_start_item": bool(online.catalogue.cold_items[target]),
+        }
         (tmp / "reclora_export.json").write_text(json.dumps(record, indent=2))
         tmp.rename(out)
     finally:
@@ -86,6 +100,7 @@ def _merge(cfg, adapter_dir: Path, out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    export_adapter(config_from_args(args), args.run, args.user, args.item, args.out, args.merge, args.variant,
-                   args.timestamp)
+    export_adapter(
+        config_from_args(args), args.run, args.user, args.item, args.out, args.merge, args.variant, args.timestamp
+    )
     return 0

@@ -66,8 +66,9 @@ class UserState:
 
 def serving_config(cfg: Config) -> Config:
     """The scorer's settings for serving: the replica's GPUs and the serve forward batch."""
-    score = dataclasses.replace(cfg.score, num_gpus=cfg.serve.num_gpus,
-                                batch_size=cfg.serve.forward_batch_size or cfg.score.batch_size)
+    score = dataclasses.replace(
+        cfg.score, num_gpus=cfg.serve.num_gpus, batch_size=cfg.serve.forward_batch_size or cfg.score.batch_size
+    )
     return dataclasses.replace(cfg, score=score)
 
 
@@ -109,13 +110,16 @@ class OnlineScorer:
         self.sequences = self.data.sequences
         self.catalogue = Catalogue.from_prepared(self.data)
         # The variant's recent lists are the last K; its semantic ones are what `reclora retrieve` wrote.
-        modes = {name: "recent" if getattr(self.variant, name) == "recent" else getattr(cfg.retrieve, name)
-                 for name in ("long_mode", "short_mode")}
+        modes = {
+            name: "recent" if getattr(self.variant, name) == "recent" else getattr(cfg.retrieve, name)
+            for name in ("long_mode", "short_mode")
+        }
         embeddings = None
         if "semantic" in modes.values():
             embeddings = load_item_embeddings(run.embeddings, self.data.n_items, dim=cfg.embed.pca_dim)
-        self.retriever_args = dict(embeddings=embeddings, k_long=cfg.retrieve.k_long,
-                                   k_short=cfg.retrieve.k_short, **modes)
+        self.retriever_args = dict(
+            embeddings=embeddings, k_long=cfg.retrieve.k_long, k_short=cfg.retrieve.k_short, **modes
+        )
         self.version = model_version(cfg, run, self.variant)
 
     @property
@@ -133,8 +137,14 @@ class OnlineScorer:
         except UnknownIds as exc:
             raise RequestError(404, f"{exc} (not in the items table of {self.data.root})") from None
 
-    def user_state(self, raw_user_id, history_items=(), history_ratings=(), timestamp: int | None = None,
-              as_of_position: int | None = None) -> UserState:
+    def user_state(
+        self,
+        raw_user_id,
+        history_items=(),
+        history_ratings=(),
+        timestamp: int | None = None,
+        as_of_position: int | None = None,
+    ) -> UserState:
         """The user's known behaviours (all, or the first as_of_position) + the supplied ones
         (catalogue item ids)."""
         dense = self.catalogue.user(raw_user_id)
@@ -144,16 +154,24 @@ class OnlineScorer:
             raw_user_id = self.catalogue.user_raw[dense]
         length = int(self.sequences.length(np.array([user_id]))[0]) if known_user else 0
         if as_of_position is not None and as_of_position > length:
-            who = f"user {raw_user_id!r} has {length} known behaviours" if known_user else f"user {raw_user_id!r} is unknown"
+            who = (
+                f"user {raw_user_id!r} has {length} known behaviours"
+                if known_user
+                else f"user {raw_user_id!r} is unknown"
+            )
             raise RequestError(422, f"as_of_position {as_of_position} is past the known history: {who}")
         history_items = self.check_items(history_items, "history")
         keep = length if as_of_position is None else as_of_position
         start = int(self.sequences.offsets[user_id]) if known_user else 0
-        items = np.concatenate([self.sequences.item_ids[start:start + keep], np.asarray(history_items, dtype=np.int32)])
-        ratings = np.concatenate([self.sequences.ratings[start:start + keep],
-                                  np.asarray(history_ratings, dtype=np.float32)])
-        return UserState(user_id, raw_user_id, int(time.time()) if timestamp is None else timestamp, items, ratings,
-                         known_user)
+        items = np.concatenate(
+            [self.sequences.item_ids[start : start + keep], np.asarray(history_items, dtype=np.int32)]
+        )
+        ratings = np.concatenate(
+            [self.sequences.ratings[start : start + keep], np.asarray(history_ratings, dtype=np.float32)]
+        )
+        return UserState(
+            user_id, raw_user_id, int(time.time()) if timestamp is None else timestamp, items, ratings, known_user
+        )
 
     def histories(self, states: list[UserState], candidates: list[np.ndarray]) -> Histories:
         """Per candidate, the long and short histories retrieved from its state's behaviours,
@@ -189,11 +207,15 @@ class OnlineScorer:
     def crm_repr(self, state: UserState, item_id: int) -> torch.Tensor:
         """R_c (1, d_c) of the user for one target item: what the gate reads."""
         if not self.variant.uses_crm:
-            raise RequestError(409, f"the served variant {self.variant.name!r} has no per-user gate "
-                                    "(only the personalized LoRA, e.g. 'reclora', has one)")
+            raise RequestError(
+                409,
+                f"the served variant {self.variant.name!r} has no per-user gate "
+                "(only the personalized LoRA, e.g. 'reclora', has one)",
+            )
         hist = self.histories([state], [np.array([item_id])])
-        features = self.scorer.inputs.crm_features(np.array([state.user_id]), np.array([item_id]),
-                                                   np.array([state.timestamp]), hist)
+        features = self.scorer.inputs.crm_features(
+            np.array([state.user_id]), np.array([item_id]), np.array([state.timestamp]), hist
+        )
         return self.scorer.model.crm_repr(to_device(features, self.scorer.device))
 
     @torch.inference_mode()

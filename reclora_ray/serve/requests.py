@@ -19,8 +19,11 @@ def _catalogue_id(value: Any) -> int | str:
 
 
 # Catalogue ids (items.parquet / users.parquet raw_id): a number or a string, matched by its text.
-CatalogueId = Annotated[Any, PlainValidator(_catalogue_id),
-                        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]})]
+CatalogueId = Annotated[
+    Any,
+    PlainValidator(_catalogue_id),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}),
+]
 ItemId = CatalogueId
 UserId = CatalogueId
 Timestamp = Annotated[int, Field(ge=0, lt=2**62, description="unix seconds")]
@@ -43,8 +46,9 @@ class UserContext(Strict):
 
     history: list[Behaviour] = Field(default_factory=list, description="new behaviours, oldest first")
     timestamp: Optional[Timestamp] = Field(None, description="scoring time (unix seconds); default: now")
-    as_of_position: Optional[int] = Field(None, ge=0, description="keep only the first N known behaviours "
-                                                                  "(replays an offline sample's pos)")
+    as_of_position: Optional[int] = Field(
+        None, ge=0, description="keep only the first N known behaviours (replays an offline sample's pos)"
+    )
 
     @model_validator(mode="after")
     def _history_oldest_first(self):

@@ -73,8 +73,10 @@ class RecLoRAService:
         self.batch_sizes: Counter[int] = Counter()
         self.scored_candidates = 0
         self.batch_metric = metrics.Histogram(
-            "reclora_batch_requests", description="requests scored together in one batch",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+            "reclora_batch_requests",
+            description="requests scored together in one batch",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
         log.info("replica %s serves %s (%s)", self.replica, self.online.variant.name, self.online.version)
 
     async def _on_model_thread(self, fn, *args):
@@ -102,21 +104,32 @@ class RecLoRAService:
         """The user's state and the dense ids of the target items, after checking the request's
         catalogue ids against the data (404 / 422)."""
         if len(context.history) > self.limits.max_history:
-            raise HTTPException(422, f"history: {len(context.history)} behaviours, more than "
-                                     f"serve.max_history={self.limits.max_history}")
+            raise HTTPException(
+                422,
+                f"history: {len(context.history)} behaviours, more than serve.max_history={self.limits.max_history}",
+            )
         try:
             targets = self.online.check_items(target_items, what)
-            state = self.online.user_state(user_id, [b.item_id for b in context.history],
-                                           [b.rating for b in context.history], context.timestamp,
-                                           context.as_of_position)
+            state = self.online.user_state(
+                user_id,
+                [b.item_id for b in context.history],
+                [b.rating for b in context.history],
+                context.timestamp,
+                context.as_of_position,
+            )
             return state, targets
         except RequestError as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
     def _user(self, state: UserState) -> dict:
-        return {"user_id": state.raw_user_id, "known_user": state.known_user, "cold_start": state.cold_start,
-                "history_length": len(state.items), "timestamp": state.timestamp,
-                "model_version": self.online.version}
+        return {
+            "user_id": state.raw_user_id,
+            "known_user": state.known_user,
+            "cold_start": state.cold_start,
+            "history_length": len(state.items),
+            "timestamp": state.timestamp,
+            "model_version": self.online.version,
+        }
 
     @serve.batch
     async def score_batch(self, jobs: list[tuple[UserState, np.ndarray]]) -> list[tuple[np.ndarray, dict]]:
@@ -136,8 +149,11 @@ class RecLoRAService:
     async def score(self, request: Request) -> dict:
         body = await self._body(request, ScoreRequest)
         if len(body.candidates) > self.limits.max_candidates:
-            raise HTTPException(422, f"candidates: {len(body.candidates)} items, more than "
-                                     f"serve.max_candidates={self.limits.max_candidates}")
+            raise HTTPException(
+                422,
+                f"candidates: {len(body.candidates)} items, more than "
+                f"serve.max_candidates={self.limits.max_candidates}",
+            )
         duplicates = [item for item, n in Counter(str(c) for c in body.candidates).items() if n > 1]
         if duplicates:
             raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
@@ -148,20 +164,38 @@ class RecLoRAService:
         probs, batch = await self.score_batch((state, items))
         order = np.argsort(-probs, kind="stable")
         catalogue = self.online.catalogue
-        return {**self._user(state),
-                "scores": [{"item_id": catalogue.item_raw[items[i]], "p_yes": float(probs[i]),
-                            "cold_start_item": bool(catalogue.cold_items[items[i]])} for i in order],
-                "batch": batch}
+        return {
+            **self._user(state),
+            "scores": [
+                {
+                    "item_id": catalogue.item_raw[items[i]],
+                    "p_yes": float(probs[i]),
+                    "cold_start_item": bool(catalogue.cold_items[items[i]]),
+                }
+                for i in order
+            ],
+            "batch": batch,
+        }
 
     @api.get("/users/{user_id}/adapter")
-    async def adapter(self, user_id: str, item_id: str = Query(min_length=1, max_length=256, description="target item"),
-                      timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
-                      as_of_position: Optional[int] = Query(None, ge=0)) -> dict:
-        state, (item,) = self._state(user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position),
-                                     [item_id], "item_id")
+    async def adapter(
+        self,
+        user_id: str,
+        item_id: str = Query(min_length=1, max_length=256, description="target item"),
+        timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
+        as_of_position: Optional[int] = Query(None, ge=0),
+    ) -> dict:
+        state, (item,) = self._state(
+            user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position), [item_id], "item_id"
+        )
         gate = await self._on_model_thread(self.online.gate, state, int(item))
-        return {**self._user(state), "item_id": self.online.catalogue.item_raw[item], "variant": self.online.variant.name,
-                "n_meta": gate.shape[-1], "gate": gate.tolist()}
+        return {
+            **self._user(state),
+            "item_id": self.online.catalogue.item_raw[item],
+            "variant": self.online.variant.name,
+            "n_meta": gate.shape[-1],
+            "gate": gate.tolist(),
+        }
 
     @api.post("/users/{user_id}/adapter/export")
     async def export_adapter(self, user_id: str, request: Request) -> FileResponse:
@@ -178,20 +212,35 @@ class RecLoRAService:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return FileResponse(archive, media_type="application/zip", filename=archive.name,
-                            headers={"X-Model-Version": self.online.version},
-                            background=BackgroundTask(shutil.rmtree, workdir, ignore_errors=True))
+        return FileResponse(
+            archive,
+            media_type="application/zip",
+            filename=archive.name,
+            headers={"X-Model-Version": self.online.version},
+            background=BackgroundTask(shutil.rmtree, workdir, ignore_errors=True),
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "variant": self.online.variant.name, "model_version": self.online.version,
-                "users": self.online.n_users, "items": self.online.n_items, "replica": self.replica}
+        return {
+            "status": "ok",
+            "variant": self.online.variant.name,
+            "model_version": self.online.version,
+            "users": self.online.n_users,
+            "items": self.online.n_items,
+            "replica": self.replica,
+        }
 
     @api.get("/stats")
     async def stats(self) -> dict:
         batches = sum(self.batch_sizes.values())
         requests = sum(size * n for size, n in self.batch_sizes.items())
-        return {"replica": self.replica, "batches": batches, "requests": requests,
-                "candidates": self.scored_candidates, "max_batch_requests": max(self.batch_sizes, default=0),
-                "mean_batch_requests": requests / batches if batches else 0.0,
-                "batch_requests_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+        return {
+            "replica": self.replica,
+            "batches": batches,
+            "requests": requests,
+            "candidates": self.scored_candidates,
+            "max_batch_requests": max(self.batch_sizes, default=0),
+            "mean_batch_requests": requests / batches if batches else 0.0,
+            "batch_requests_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+        }

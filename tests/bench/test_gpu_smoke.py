@@ -37,8 +37,9 @@ def test_pipeline_overrides_are_valid_config_keys(mode):
 
 @functools.lru_cache(maxsize=None)
 def usage(script: str) -> str:
-    return subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.mark.parametrize("mode", [0, 1], ids=["dry-run", "gpu"])

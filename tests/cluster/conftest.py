@@ -17,9 +17,12 @@ def local_cluster(tmp_path_factory):
     stop.sh; shared by every test of this directory (tests that add nodes remove them)."""
     root = tmp_path_factory.mktemp("cluster")
     env = dict(os.environ, PYTHON=sys.executable)
-    subprocess.run([REPO / "cluster/local/start.sh", "--dir", root, "--workers", "1",
-                    "--failure-detection-s", "3"],
-                   env=env, check=True, timeout=120)
+    subprocess.run(
+        [REPO / "cluster/local/start.sh", "--dir", root, "--workers", "1", "--failure-detection-s", "3"],
+        env=env,
+        check=True,
+        timeout=120,
+    )
     cluster = LocalCluster.attach(root)
     sessions = [n.pid for n in cluster.info.nodes]
     try:
@@ -40,7 +43,6 @@ def tiny_data(jobs, tmp_path_factory):
     """OUT/data of the tiny config (packaged ML-100K), prepared by a `ray job submit` of
     jobs/prepare_data.py on the local cluster; tests copy it into their own run directories."""
     out = tmp_path_factory.mktemp("prepared")
-    job_id = jobs.submit(["python", "jobs/prepare_data.py", "--config", "tiny", "--out", str(out)],
-                         working_dir=REPO)
+    job_id = jobs.submit(["python", "jobs/prepare_data.py", "--config", "tiny", "--out", str(out)], working_dir=REPO)
     jobs.wait(job_id, timeout_s=180)
     return out / "data"

@@ -28,8 +28,9 @@ def worker_nodes(cluster: LocalCluster) -> list[dict]:
 
 @pytest.fixture
 def autoscaling_cluster(tmp_path):
-    with LocalCluster(tmp_path / "cluster", n_workers=0, head_cpus=0, autoscale=WORKER_TYPES,
-                      idle_timeout_s=IDLE_TIMEOUT_S) as cluster:
+    with LocalCluster(
+        tmp_path / "cluster", n_workers=0, head_cpus=0, autoscale=WORKER_TYPES, idle_timeout_s=IDLE_TIMEOUT_S
+    ) as cluster:
         yield cluster
     # Stopping the head's session stops the nodes its autoscaler started, and nothing else.
     gcs = cluster.info.gcs_address
@@ -54,8 +55,16 @@ def test_sweep_launches_workers_for_its_experiments_and_they_go_when_idle(autosc
     out = tmp_path / "sweep"
     try:
         job_id = jobs.submit(
-            ["python", "jobs/sweep.py", "--spec", "tests/cluster/autoscale_sweep.yaml",
-             "--config", "tiny", "--out", str(out)],
+            [
+                "python",
+                "jobs/sweep.py",
+                "--spec",
+                "tests/cluster/autoscale_sweep.yaml",
+                "--config",
+                "tiny",
+                "--out",
+                str(out),
+            ],
             working_dir=REPO,
             runtime_env_json=json.dumps({"env_vars": {"PYTHONPATH": "tests/cluster"}}),
         )
@@ -80,5 +89,7 @@ def test_sweep_launches_workers_for_its_experiments_and_they_go_when_idle(autosc
     nodes = cluster.get_json("/api/v0/nodes?limit=1000&detail=true")["data"]["result"]["result"]
     dead = {n["node_id"] for n in nodes if n["state"] == "DEAD"}
     assert used <= dead, "the workers that ran the experiments are gone"
-    print(f"sweep job {finished - started:.0f} s, idle workers removed after {time.monotonic() - finished:.0f} s, "
-          f"peak {max(peak)} workers")
+    print(
+        f"sweep job {finished - started:.0f} s, idle workers removed after {time.monotonic() - finished:.0f} s, "
+        f"peak {max(peak)} workers"
+    )

@@ -34,13 +34,22 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # vCPUs, GPUs and GPU model of the AWS instance types the launcher may use (EC2 instance specs).
 INSTANCE_SPECS = {
-    "m5.2xlarge": (8, 0, None), "m5.4xlarge": (16, 0, None),
-    "p3.2xlarge": (8, 1, "V100"), "p3.8xlarge": (32, 4, "V100"), "p3.16xlarge": (64, 8, "V100"),
-    "g6e.2xlarge": (8, 1, "L40S"), "p4d.24xlarge": (96, 8, "A100"), "p5.48xlarge": (192, 8, "H100"),
+    "m5.2xlarge": (8, 0, None),
+    "m5.4xlarge": (16, 0, None),
+    "p3.2xlarge": (8, 1, "V100"),
+    "p3.8xlarge": (32, 4, "V100"),
+    "p3.16xlarge": (64, 8, "V100"),
+    "g6e.2xlarge": (8, 1, "L40S"),
+    "p4d.24xlarge": (96, 8, "A100"),
+    "p5.48xlarge": (192, 8, "H100"),
 }
 # The GPU behind each nvidia.com/gpu.product label the KubeRay groups select.
-GPU_PRODUCTS = {"Tesla-V100-SXM2-16GB": "V100", "NVIDIA-L40S": "L40S",
-                "NVIDIA-A100-SXM4-40GB": "A100", "NVIDIA-H100-80GB-HBM3": "H100"}
+GPU_PRODUCTS = {
+    "Tesla-V100-SXM2-16GB": "V100",
+    "NVIDIA-L40S": "L40S",
+    "NVIDIA-A100-SXM4-40GB": "A100",
+    "NVIDIA-H100-80GB-HBM3": "H100",
+}
 GPU_CONFIGS = ("ml-1m", "ml-1m-1gpu", "ml-25m", "goodreads")
 
 
@@ -129,11 +138,16 @@ def test_every_node_type_installs_the_torch_build_for_its_gpu(launcher):
 def test_packaged_gpu_configs_fit_the_v100_cluster(launcher, name):
     cfg = load_config(name)
     assert cfg.llm.dtype != "bfloat16", "V100s have no bf16"
-    workers = [t for t in launcher["available_node_types"].values()
-               if INSTANCE_SPECS[t["node_config"]["InstanceType"]][2] == "V100"]
+    workers = [
+        t
+        for t in launcher["available_node_types"].values()
+        if INSTANCE_SPECS[t["node_config"]["InstanceType"]][2] == "V100"
+    ]
     max_gpus_per_node = max(t["resources"].get("GPU", 0) for t in workers)
     total_gpus = sum(t["resources"].get("GPU", 0) * t["max_workers"] for t in workers)
-    gpu_workers = [n for n, on in ((cfg.tune.num_workers, cfg.tune.use_gpu), (cfg.crm.num_workers, cfg.crm.use_gpu)) if on]
+    gpu_workers = [
+        n for n, on in ((cfg.tune.num_workers, cfg.tune.use_gpu), (cfg.crm.num_workers, cfg.crm.use_gpu)) if on
+    ]
     assert all(n <= total_gpus for n in gpu_workers)
     assert cfg.tune.num_workers <= max_gpus_per_node  # DeepSpeed tuning fits on one NVLink node
     assert cfg.embed.num_gpus <= max_gpus_per_node and cfg.score.num_gpus <= max_gpus_per_node
@@ -149,8 +163,10 @@ def test_single_gpu_config_runs_every_stage_on_one_gpu_node(launcher):
     global_batch = lambda c: c.tune.micro_batch * c.tune.grad_accum * c.tune.num_workers  # noqa: E731
     assert global_batch(cfg) == global_batch(paper) and cfg.llm == paper.llm and cfg.data == paper.data
     one_gpu = [k for k, t in launcher["available_node_types"].items() if t["resources"].get("GPU") == 1]
-    assert {INSTANCE_SPECS[launcher["available_node_types"][k]["node_config"]["InstanceType"]][2]
-            for k in one_gpu} == {"V100", "L40S"}
+    assert {INSTANCE_SPECS[launcher["available_node_types"][k]["node_config"]["InstanceType"]][2] for k in one_gpu} == {
+        "V100",
+        "L40S",
+    }
 
 
 def test_constraints_pin_what_pyproject_allows():
@@ -236,7 +252,9 @@ def test_raycluster_groups_mirror_the_launcher_node_types(raycluster, launcher):
         assert int(params["num-cpus"]) == resources["CPU"], name
         assert int(params.get("num-gpus", 0)) == resources.get("GPU", 0), name
         assert (group["minReplicas"], group["maxReplicas"]) == (
-            node_types[name]["min_workers"], node_types[name]["max_workers"]), name
+            node_types[name]["min_workers"],
+            node_types[name]["max_workers"],
+        ), name
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits.get("nvidia.com/gpu", 0)) == resources.get("GPU", 0), name
         product = group["template"]["spec"].get("nodeSelector", {}).get("nvidia.com/gpu.product")
@@ -301,8 +319,11 @@ def test_every_pod_mounts_the_shared_runs_volume_with_the_model_cache_on_it():
     assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
     mounts = set()
     for name, group, pod in kuberay_pods():
-        (volume,) = [v["name"] for v in pod["volumes"]
-                     if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
+        (volume,) = [
+            v["name"]
+            for v in pod["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+        ]
         (container,) = pod["containers"]
         (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume]
         mounts.add(mount)
@@ -323,8 +344,12 @@ def test_rayservice_deploys_the_serve_app_on_a_run_of_the_shared_volume(rayclust
     with pytest.raises(Exception, match="prepared dataset"):  # the args are build_app's own
         build_app({**args, "run": "/nonexistent/run"})
     cfg = load_config(args["config"], [o for o in args["overrides"].split(";") if o])
-    mount = {m["mountPath"] for _, _, pod in kuberay_pods() for m in pod["containers"][0]["volumeMounts"]
-             if m["name"] == "runs"}
+    mount = {
+        m["mountPath"]
+        for _, _, pod in kuberay_pods()
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["name"] == "runs"
+    }
     assert any(Path(args["run"]).is_relative_to(m) for m in mount)
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == raycluster["spec"]["authOptions"]
@@ -332,6 +357,8 @@ def test_rayservice_deploys_the_serve_app_on_a_run_of_the_shared_volume(rayclust
     gpu_groups = [g for g in cluster["workerGroupSpecs"] if "num-gpus" in g["rayStartParams"]]
     assert cfg.serve.num_gpus > 0 and gpu_groups
     assert cfg.serve.max_replicas * cfg.serve.num_gpus <= sum(
-        int(g["rayStartParams"]["num-gpus"]) * g["maxReplicas"] for g in gpu_groups)
+        int(g["rayStartParams"]["num-gpus"]) * g["maxReplicas"] for g in gpu_groups
+    )
     assert cfg.llm.dtype != "bfloat16" or all(  # the V100 group has no bf16
-        "V100" not in g["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] for g in gpu_groups)
+        "V100" not in g["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] for g in gpu_groups
+    )

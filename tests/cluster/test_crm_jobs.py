@@ -34,12 +34,18 @@ def registered_checkpoint(scratch: Path) -> bool:
 
 def train_worker_nodes(cluster, ray_job_id: str) -> dict[str, str]:
     """{actor id: node name} of the Ray Train workers of one Ray job, alive or dead."""
-    names = {n["node_id"]: tag.removeprefix("node_tag:")
-             for n in cluster.get_json("/api/v0/nodes?limit=1000&detail=true")["data"]["result"]["result"]
-             for tag in n["resources_total"] if tag.startswith("node_tag:")}
+    names = {
+        n["node_id"]: tag.removeprefix("node_tag:")
+        for n in cluster.get_json("/api/v0/nodes?limit=1000&detail=true")["data"]["result"]["result"]
+        for tag in n["resources_total"]
+        if tag.startswith("node_tag:")
+    }
     actors = cluster.get_json("/api/v0/actors?limit=10000&detail=true")["data"]["result"]["result"]
-    return {a["actor_id"]: names[a["node_id"]] for a in actors
-            if a["class_name"] == "RayTrainWorker" and a["job_id"] == ray_job_id and a.get("node_id")}
+    return {
+        a["actor_id"]: names[a["node_id"]]
+        for a in actors
+        if a["class_name"] == "RayTrainWorker" and a["job_id"] == ray_job_id and a.get("node_id")
+    }
 
 
 def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_cluster, jobs, tiny_data, tmp_path):
@@ -56,10 +62,28 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
         shutil.copytree(tiny_data, run / "data")
         scratch.mkdir()
         uri = f"file://{run}"  # the upload path s3:// and gs:// outputs take
-        args = ["--config", "tiny", "--out", uri, *FAST_CRM, "--set", "crm.epochs=2", "--set", "crm.patience=10",
-                "--set", "crm.num_workers=2", "--set", "crm.cpus_per_worker=1", "--set", "crm.max_failures=1"]
-        job_id = jobs.submit(["python", "jobs/pretrain_crm.py", *args], working_dir=REPO,
-                             runtime_env_json=json.dumps({"env_vars": {"RECLORA_SCRATCH": str(scratch)}}))
+        args = [
+            "--config",
+            "tiny",
+            "--out",
+            uri,
+            *FAST_CRM,
+            "--set",
+            "crm.epochs=2",
+            "--set",
+            "crm.patience=10",
+            "--set",
+            "crm.num_workers=2",
+            "--set",
+            "crm.cpus_per_worker=1",
+            "--set",
+            "crm.max_failures=1",
+        ]
+        job_id = jobs.submit(
+            ["python", "jobs/pretrain_crm.py", *args],
+            working_dir=REPO,
+            runtime_env_json=json.dumps({"env_vars": {"RECLORA_SCRATCH": str(scratch)}}),
+        )
         deadline = time.monotonic() + 240
         while not registered_checkpoint(scratch):
             assert jobs.status(job_id) in ("PENDING", "RUNNING"), jobs.logs(job_id)
@@ -81,8 +105,14 @@ def test_crm_job_survives_a_worker_node_death_and_uploads_its_checkpoint(local_c
                 local_cluster.remove_node(name)
 
     out = run / "crm" / "sim-recent"  # crm.history=recent: the recent-history checkpoint
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "crm.json", "curves.jsonl",
-                                                      "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
+        "config.yaml",
+        "crm.json",
+        "curves.jsonl",
+        "metrics.json",
+        "model.safetensors",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["epochs_run"] == 2
     assert metrics["model"] == "sim" and metrics["n_test"] == 200 and 0.5 < metrics["auc"] <= 1

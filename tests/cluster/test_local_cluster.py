@@ -26,8 +26,9 @@ def test_token_auth_is_on_and_token_stays_private(local_cluster):
     with pytest.raises(urllib.error.HTTPError) as denied:
         local_cluster.get_json("/api/v0/nodes", auth=False)
     assert denied.value.code == 401
-    request = urllib.request.Request(local_cluster.info.dashboard_url + "/api/v0/nodes",
-                                     headers={"Authorization": "Bearer " + "0" * 64})
+    request = urllib.request.Request(
+        local_cluster.info.dashboard_url + "/api/v0/nodes", headers={"Authorization": "Bearer " + "0" * 64}
+    )
     with pytest.raises(urllib.error.HTTPError) as wrong:
         urllib.request.urlopen(request, timeout=10)
     assert wrong.value.code == 403
@@ -81,8 +82,19 @@ def test_kill_node_is_a_node_death(local_cluster):
 
 def test_sweep_job_spreads_experiments_over_the_nodes(jobs, tmp_path):
     job_id = jobs.submit(
-        ["python", "jobs/sweep.py", "--config", "tiny", "--out", str(tmp_path),
-         "--experiment", "sweep_experiments:slow_fit", "--grid", "crm.lr=0.1,0.3", "--no-share-upstream"],
+        [
+            "python",
+            "jobs/sweep.py",
+            "--config",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--experiment",
+            "sweep_experiments:slow_fit",
+            "--grid",
+            "crm.lr=0.1,0.3",
+            "--no-share-upstream",
+        ],
         working_dir=REPO,
         runtime_env_json=json.dumps({"env_vars": {"PYTHONPATH": "tests/cluster"}}),
     )

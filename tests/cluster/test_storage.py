@@ -29,7 +29,10 @@ def test_staged_output_publishes_everything_then_counts_as_done(location):
         (tmp / "nested" / "metrics.json").write_text('{"auc": 0.8}')
     out = local(location)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        MARKER, "nested/metrics.json", "weights.bin"]
+        MARKER,
+        "nested/metrics.json",
+        "weights.bin",
+    ]
     assert rundir.is_done(location, "fp1") and not rundir.is_done(location, "fp2")
     assert rundir.read_marker(location)["model"] == "sim"
     assert rundir.check_can_write(location, "fp1", overwrite=False) is False

@@ -75,22 +75,36 @@ def importable_experiments(monkeypatch):
 def test_grid_args_and_expansion():
     assert parse_grid_arg("lora.n_meta=1,2,4") == ("lora.n_meta", [1, 2, 4])
     assert parse_grid_arg("lora.target_modules=[[q_proj],[q_proj,v_proj]]") == (
-        "lora.target_modules", [["q_proj"], ["q_proj", "v_proj"]])
+        "lora.target_modules",
+        [["q_proj"], ["q_proj", "v_proj"]],
+    )
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         parse_grid_arg("lora.n_meta")
-    spec = SweepSpec(config="tiny", variants={"full": {}, "w/o long": {"retrieve.long_mode": "recent"}},
-                     grid={"lora.n_meta": [1, 4], "crm.lr": [1e-3]})
+    spec = SweepSpec(
+        config="tiny",
+        variants={"full": {}, "w/o long": {"retrieve.long_mode": "recent"}},
+        grid={"lora.n_meta": [1, 4], "crm.lr": [1e-3]},
+    )
     exps = expand(spec)
-    assert [e.name for e in exps] == ["full,n_meta=1,lr=0.0010", "full,n_meta=4,lr=0.0010",
-                                      "w/o long,n_meta=1,lr=0.0010", "w/o long,n_meta=4,lr=0.0010"]
+    assert [e.name for e in exps] == [
+        "full,n_meta=1,lr=0.0010",
+        "full,n_meta=4,lr=0.0010",
+        "w/o long,n_meta=1,lr=0.0010",
+        "w/o long,n_meta=4,lr=0.0010",
+    ]
     assert exps[3].dirname == "w_o_long,n_meta=4,lr=0.0010"
     assert exps[3].cfg.retrieve.long_mode == "recent" and exps[3].cfg.lora.n_meta == 4
     assert exps[0].cfg.retrieve.long_mode == "semantic"
 
 
 def test_random_search_draws_validated_points_with_tunes_samplers():
-    spec = SweepSpec(config="tiny", search="random", num_samples=4, seed=3,
-                     grid={"crm.lr": {"loguniform": [1e-4, 1e-2]}, "lora.n_meta": [1, 2, 4]})
+    spec = SweepSpec(
+        config="tiny",
+        search="random",
+        num_samples=4,
+        seed=3,
+        grid={"crm.lr": {"loguniform": [1e-4, 1e-2]}, "lora.n_meta": [1, 2, 4]},
+    )
     exps = expand(spec)
     assert [e.name.split(",")[0] for e in exps] == ["s0", "s1", "s2", "s3"]
     assert all(1e-4 <= e.cfg.crm.lr <= 1e-2 and e.cfg.lora.n_meta in (1, 2, 4) for e in exps)
@@ -116,8 +130,16 @@ def test_packaged_sweeps_expand_on_the_paper_configs(name):
     exps = expand(spec)
     tuned = sorted(v for e in exps for v in e.cfg.tune.variants)
     if name == "table3":
-        assert tuned == sorted(["reclora", "wo-meta-lora", "wo-meta-lora-same-params", "wo-long-retriever",
-                                "wo-short-retriever", "wo-both-retrievers"])
+        assert tuned == sorted(
+            [
+                "reclora",
+                "wo-meta-lora",
+                "wo-meta-lora-same-params",
+                "wo-long-retriever",
+                "wo-short-retriever",
+                "wo-both-retrievers",
+            ]
+        )
     else:
         assert tuned == ["reclora"] * 5 and [e.cfg.lora.n_meta for e in exps] == [1, 2, 4, 8, 16]
     assert all(get_variant(v) for v in tuned)
@@ -129,8 +151,9 @@ def test_packaged_sweeps_expand_on_the_paper_configs(name):
 
 @pytest.mark.ray
 def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
-    spec = SweepSpec(config="tiny", grid={"crm.lr": [0.05, 0.2, 0.5, 1.0]}, experiment=EXPERIMENT,
-                     resources={"num_cpus": 1})
+    spec = SweepSpec(
+        config="tiny", grid={"crm.lr": [0.05, 0.2, 0.5, 1.0]}, experiment=EXPERIMENT, resources={"num_cpus": 1}
+    )
     rows = run_sweep(spec, str(tmp_path))
     assert [r["status"] for r in rows] == ["succeeded"] * 4
     assert [r["metrics"]["lr"] for r in rows] == [0.05, 0.2, 0.5, 1.0]
@@ -145,16 +168,28 @@ def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
     assert json.loads((tmp_path / "lr=0.0500" / "metrics.json").read_text())["auc"] == rows[0]["metrics"]["auc"]
 
     # Two CPUs per experiment on a 2-CPU Ray: they run one at a time.
-    wide = run_sweep(SweepSpec(config="tiny", grid={"crm.lr": [0.1, 0.3]}, experiment=EXPERIMENT,
-                               resources={"num_cpus": 2}), str(tmp_path / "wide"))
+    wide = run_sweep(
+        SweepSpec(config="tiny", grid={"crm.lr": [0.1, 0.3]}, experiment=EXPERIMENT, resources={"num_cpus": 2}),
+        str(tmp_path / "wide"),
+    )
     assert max_overlap(wide) == 1 and all(r["metrics"]["cpus"] == 2.0 for r in wide)
 
 
 @pytest.mark.ray
 def test_failures_are_rows_and_reruns_skip_finished_work(local_ray, tmp_path):
     job = load_job("sweep")
-    argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", EXPERIMENT,
-            "--grid", "crm.lr=0.1,50", "--max-concurrent", "1"]
+    argv = [
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--experiment",
+        EXPERIMENT,
+        "--grid",
+        "crm.lr=0.1,50",
+        "--max-concurrent",
+        "1",
+    ]
     assert job.main(argv) == 1
     first = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["status"] for r in first] == ["succeeded", "failed"]
@@ -179,8 +214,17 @@ def test_the_default_experiment_runs_the_real_pipeline_for_each_grid_point(local
     pipeline's own trainers and Ray Data stages run inside the experiment's task."""
     job = load_job("sweep")
     overrides = [*TINY_OVERRIDES, "tune.variants=[reclora]"]
-    argv = ["--config", "tiny", "--out", str(tmp_path), "--grid", "lora.n_meta=1,2", "--max-concurrent", "1",
-            *(arg for o in overrides for arg in ("--set", o))]
+    argv = [
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--grid",
+        "lora.n_meta=1,2",
+        "--max-concurrent",
+        "1",
+        *(arg for o in overrides for arg in ("--set", o)),
+    ]
     assert job.main(argv) == 0
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["name"] for r in rows] == ["n_meta=1", "n_meta=2"]
@@ -204,13 +248,24 @@ def test_a_killed_driver_resumes_with_tuner_restore(local_ray, tmp_path, caplog)
     """SIGKILL the sweep's driver (a second driver on the test's Ray) once the first trial has
     finished; the same command restores the Tune experiment, keeps the finished trial and runs
     the interrupted one."""
-    argv = ["--config", "tiny", "--out", str(tmp_path), "--experiment", "sweep_experiments:slow",
-            "--grid", "crm.epochs=1,12", "--max-concurrent", "1"]
+    argv = [
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--experiment",
+        "sweep_experiments:slow",
+        "--grid",
+        "crm.epochs=1,12",
+        "--max-concurrent",
+        "1",
+    ]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=f"{HERE}:{REPO}")
     output = tmp_path.parent / "killed-driver.log"
     with output.open("w") as sink:
-        driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], env=env,
-                                  stdout=sink, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "sweep.py"), *argv], env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
     first, second = tmp_path / "epochs=1" / "experiment.json", tmp_path / "epochs=12"
     started = tmp_path / "epochs=12.started"
     deadline = time.time() + 120
@@ -229,14 +284,30 @@ def test_a_killed_driver_resumes_with_tuner_restore(local_ray, tmp_path, caplog)
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["status"] for r in rows] == ["succeeded", "succeeded"]
     assert rows[0] == finished  # the finished trial was kept, not run again
-    assert rows[1]["started_at"] > finished["started_at"] and rows[1]["metrics"]["end"] - rows[1]["metrics"]["start"] >= 12
+    assert (
+        rows[1]["started_at"] > finished["started_at"] and rows[1]["metrics"]["end"] - rows[1]["metrics"]["start"] >= 12
+    )
     assert len(started.read_text().split()) == 2  # interrupted once, then run to the end
 
 
 def test_markdown_table_lists_every_metric_and_escapes_pipes():
     rows = [
-        {"name": "a", "overrides": {"x": 1}, "metrics": {"auc": 0.5}, "status": "succeeded", "error": None, "seconds": 1.0},
-        {"name": "b", "overrides": {"x": 2}, "metrics": {"loss": 1.25}, "status": "failed", "error": "E: a|b", "seconds": 2.0},
+        {
+            "name": "a",
+            "overrides": {"x": 1},
+            "metrics": {"auc": 0.5},
+            "status": "succeeded",
+            "error": None,
+            "seconds": 1.0,
+        },
+        {
+            "name": "b",
+            "overrides": {"x": 2},
+            "metrics": {"loss": 1.25},
+            "status": "failed",
+            "error": "E: a|b",
+            "seconds": 2.0,
+        },
     ]
     assert markdown_table(rows, ["x"]).splitlines() == [
         "| experiment | x | auc | loss | status | seconds |",
@@ -252,8 +323,13 @@ def ran(rows):
 
 @pytest.mark.ray
 def test_leaders_compute_upstream_stages_once_and_the_rest_reuse_them(local_ray, tmp_path):
-    spec = SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages", max_concurrent=1,
-                     variants={"base": {}, "lr": {"crm.lr": 0.5}}, grid={"lora.n_meta": [1, 4]})
+    spec = SweepSpec(
+        config="tiny",
+        experiment="sweep_experiments:upstream_stages",
+        max_concurrent=1,
+        variants={"base": {}, "lr": {"crm.lr": 0.5}},
+        grid={"lora.n_meta": [1, 4]},
+    )
     rows = run_sweep(spec, str(tmp_path))
     assert ran(rows) == {
         "base,n_meta=1": "prepare embed retrieve pretrain-crm",
@@ -261,8 +337,12 @@ def test_leaders_compute_upstream_stages_once_and_the_rest_reuse_them(local_ray,
         "lr,n_meta=1": "pretrain-crm",  # a leader too (its own CRM); the data side comes from base
         "lr,n_meta=4": "-",
     }
-    assert rows[3]["shared"] == {"prepare": "base,n_meta=1", "embed": "base,n_meta=1",
-                                 "retrieve": "base,n_meta=1", "pretrain-crm": "lr,n_meta=1"}
+    assert rows[3]["shared"] == {
+        "prepare": "base,n_meta=1",
+        "embed": "base,n_meta=1",
+        "retrieve": "base,n_meta=1",
+        "pretrain-crm": "lr,n_meta=1",
+    }
     assert rows[3]["metrics"]["plora.n_meta"] == 4  # run_pipeline-style nested results, flattened
     base, follower = tmp_path / "base,n_meta=1", tmp_path / "lr,n_meta=4"
     assert (follower / "crm" / "sim").resolve() == (tmp_path / "lr,n_meta=1" / "crm" / "sim").resolve()
@@ -271,8 +351,15 @@ def test_leaders_compute_upstream_stages_once_and_the_rest_reuse_them(local_ray,
     assert (follower / "retrieval").resolve() == base / "retrieval"
     assert not (follower / "crm").is_symlink()
 
-    alone = run_sweep(SweepSpec(config="tiny", experiment="sweep_experiments:upstream_stages",
-                                grid={"lora.n_meta": [1, 4]}, share_upstream=False), str(tmp_path / "alone"))
+    alone = run_sweep(
+        SweepSpec(
+            config="tiny",
+            experiment="sweep_experiments:upstream_stages",
+            grid={"lora.n_meta": [1, 4]},
+            share_upstream=False,
+        ),
+        str(tmp_path / "alone"),
+    )
     assert set(ran(alone).values()) == {"prepare embed retrieve pretrain-crm"}
 
 
@@ -284,7 +371,9 @@ def test_sweep_at_a_uri_copies_shared_outputs_and_uploads_each_experiment(local_
     follower = tmp_path / "n_meta=4"
     for part in ("data", "embeddings", "retrieval", "crm/sim"):
         assert not (follower / part).is_symlink() and (follower / part / MARKER).is_file()
-        assert (follower / part / "part-0.bin").read_bytes() == (tmp_path / "n_meta=1" / part / "part-0.bin").read_bytes()
+        assert (follower / part / "part-0.bin").read_bytes() == (
+            tmp_path / "n_meta=1" / part / "part-0.bin"
+        ).read_bytes()
     assert json.loads((follower / "experiment.json").read_text())["status"] == "succeeded"
     assert not list(tmp_path.rglob(".*tmp*"))  # nothing half-written left at the URI
     assert run_sweep(spec, f"file://{tmp_path}") == rows  # finished experiments are reused
@@ -310,7 +399,17 @@ def test_shared_stage_keys_follow_the_stage_table_recipe():
     # which history a CRM reads is the variants' (crm.history only picks `reclora pretrain-crm`'s)
     assert changed("crm.history=recent") == set()
     # execution-only fields, prompt-only LLM settings and what only tuning or scoring reads
-    for change in ("data.blocks=4", "run.num_cpus=1", "embed.batch_size=3", "retrieve.concurrency=1",
-                   "retrieve.batch_size=7", "crm.max_failures=0", "llm.max_length=99", "llm.chat_template=false",
-                   "lora.n_meta=2", "tune.lr=0.1", "score.batch_size=3"):
+    for change in (
+        "data.blocks=4",
+        "run.num_cpus=1",
+        "embed.batch_size=3",
+        "retrieve.concurrency=1",
+        "retrieve.batch_size=7",
+        "crm.max_failures=0",
+        "llm.max_length=99",
+        "llm.chat_template=false",
+        "lora.n_meta=2",
+        "tune.lr=0.1",
+        "score.batch_size=3",
+    ):
         assert changed(change) == set(), change

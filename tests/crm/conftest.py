@@ -18,9 +18,16 @@ from reclora_ray.config import load_config
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
 
-def write_prepared(root: Path, n_users: int = 200, n_items: int = 150, k_long: int = 20,
-                   with_retrieval: bool = True, dataset: str = "ml-100k", seed: int = 0,
-                   row_group_size: int = 700) -> Path:
+def write_prepared(
+    root: Path,
+    n_users: int = 200,
+    n_items: int = 150,
+    k_long: int = 20,
+    with_retrieval: bool = True,
+    dataset: str = "ml-100k",
+    seed: int = 0,
+    row_group_size: int = 700,
+) -> Path:
     """Write OUT/data (and OUT/retrieval when asked) under `root`; returns the data dir."""
     rng = np.random.default_rng(seed)
     data = Path(root) / "data"
@@ -42,28 +49,39 @@ def write_prepared(root: Path, n_users: int = 200, n_items: int = 150, k_long: i
     log = log.sort_values(["timestamp", "user_id", "pos"], kind="stable", ignore_index=True)
     log.insert(0, "sample_id", np.arange(len(log), dtype=np.int64))
 
-    sequences = log.sort_values(["user_id", "pos"]).groupby("user_id").agg(
-        item_ids=("item_id", list), ratings=("rating", list), labels=("label", list),
-        timestamps=("timestamp", list)).reset_index()
+    sequences = (
+        log.sort_values(["user_id", "pos"])
+        .groupby("user_id")
+        .agg(
+            item_ids=("item_id", list), ratings=("rating", list), labels=("label", list), timestamps=("timestamp", list)
+        )
+        .reset_index()
+    )
     pq.write_table(pa.Table.from_pandas(sequences, preserve_index=False), data / "sequences.parquet")
 
     genre_of = np.argmax(item_factors @ rng.normal(size=(4, len(GENRES))), axis=1)
-    items = pd.DataFrame({
-        "item_id": np.arange(n_items), "raw_id": [f"m{i}" for i in range(n_items)],
-        "title": [f"Movie {i}" for i in range(n_items)],
-        "year": pd.array([None if i % 17 == 0 else 1980 + i % 20 for i in range(n_items)], dtype="Int64"),
-        "genres": [[GENRES[g]] + ([GENRES[(g + 1) % 6]] if i % 3 == 0 else []) for i, g in enumerate(genre_of)],
-        "text": [f"Movie {i}" for i in range(n_items)],
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "raw_id": [f"m{i}" for i in range(n_items)],
+            "title": [f"Movie {i}" for i in range(n_items)],
+            "year": pd.array([None if i % 17 == 0 else 1980 + i % 20 for i in range(n_items)], dtype="Int64"),
+            "genres": [[GENRES[g]] + ([GENRES[(g + 1) % 6]] if i % 3 == 0 else []) for i, g in enumerate(genre_of)],
+            "text": [f"Movie {i}" for i in range(n_items)],
+        }
+    )
     items.to_parquet(data / "items.parquet", index=False)
-    users = pd.DataFrame({
-        "user_id": np.arange(n_users), "raw_id": [f"u{u}" for u in range(n_users)],
-        "gender": pd.array([["M", "F"][u % 2] for u in range(n_users)], dtype="string"),
-        "age": pd.array([str(18 + 7 * (u % 6)) for u in range(n_users)], dtype="string"),
-        "occupation": pd.array([None if u % 11 == 0 else f"job{u % 7}" for u in range(n_users)], dtype="string"),
-        "zip": pd.array([f"{10000 + u % 40}" for u in range(n_users)], dtype="string"),
-        "profile_text": [f"user {u}" for u in range(n_users)],
-    })
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(n_users),
+            "raw_id": [f"u{u}" for u in range(n_users)],
+            "gender": pd.array([["M", "F"][u % 2] for u in range(n_users)], dtype="string"),
+            "age": pd.array([str(18 + 7 * (u % 6)) for u in range(n_users)], dtype="string"),
+            "occupation": pd.array([None if u % 11 == 0 else f"job{u % 7}" for u in range(n_users)], dtype="string"),
+            "zip": pd.array([f"{10000 + u % 40}" for u in range(n_users)], dtype="string"),
+            "profile_text": [f"user {u}" for u in range(n_users)],
+        }
+    )
     users.to_parquet(data / "users.parquet", index=False)
 
     n = len(log)
@@ -71,8 +89,11 @@ def write_prepared(root: Path, n_users: int = 200, n_items: int = 150, k_long: i
     counts = {}
     for split, a, b in zip(("train", "valid", "test"), bounds, bounds[1:]):
         part = log.iloc[a:b][["sample_id", "user_id", "item_id", "label", "rating", "timestamp", "pos"]]
-        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), data / "samples" / f"{split}.parquet",
-                       row_group_size=row_group_size)
+        pq.write_table(
+            pa.Table.from_pandas(part, preserve_index=False),
+            data / "samples" / f"{split}.parquet",
+            row_group_size=row_group_size,
+        )
         counts[split] = {"rows": b - a}
         if with_retrieval:
             write_retrieval(data, split, part, sequences, item_factors, k_long, row_group_size)
@@ -81,8 +102,15 @@ def write_prepared(root: Path, n_users: int = 200, n_items: int = 150, k_long: i
     return data
 
 
-def write_retrieval(data: Path, split: str, samples: pd.DataFrame, sequences: pd.DataFrame,
-                    item_factors: np.ndarray, k: int, row_group_size: int) -> None:
+def write_retrieval(
+    data: Path,
+    split: str,
+    samples: pd.DataFrame,
+    sequences: pd.DataFrame,
+    item_factors: np.ndarray,
+    k: int,
+    row_group_size: int,
+) -> None:
     """hist_long: the k earlier behaviours most similar to the target, chronological."""
     unit = item_factors / np.linalg.norm(item_factors, axis=1, keepdims=True)
     hist_long, hist_short = [], []
@@ -91,11 +119,13 @@ def write_retrieval(data: Path, split: str, samples: pd.DataFrame, sequences: pd
         best = np.sort(np.argsort(-(unit[earlier] @ unit[item]), kind="stable")[:k])
         hist_long.append(best.astype(np.int32))
         hist_short.append(best[-5:].astype(np.int32))
-    table = pa.table({
-        "sample_id": pa.array(samples["sample_id"].to_numpy()),
-        "hist_long": pa.array(hist_long, type=pa.list_(pa.int32())),
-        "hist_short": pa.array(hist_short, type=pa.list_(pa.int32())),
-    })
+    table = pa.table(
+        {
+            "sample_id": pa.array(samples["sample_id"].to_numpy()),
+            "hist_long": pa.array(hist_long, type=pa.list_(pa.int32())),
+            "hist_short": pa.array(hist_short, type=pa.list_(pa.int32())),
+        }
+    )
     (data.parent / "retrieval").mkdir(exist_ok=True)
     pq.write_table(table, data.parent / "retrieval" / f"{split}.parquet", row_group_size=row_group_size)
 
@@ -116,8 +146,10 @@ def with_crm(cfg, **changes):
 @pytest.fixture
 def crm_cfg():
     """The tiny config, sized for seconds-long training on the fixture data."""
-    return load_config("tiny", ["crm.num_workers=2", "crm.cpus_per_worker=0.5", "run.num_cpus=2",
-                                "crm.batch_size=256", "crm.chunk_rows=2000"])
+    return load_config(
+        "tiny",
+        ["crm.num_workers=2", "crm.cpus_per_worker=0.5", "run.num_cpus=2", "crm.batch_size=256", "crm.chunk_rows=2000"],
+    )
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):
     for row, (user, hist) in enumerate(zip(samples["user_id"], retrieval["hist_long"])):
         items = seq.item_ids[seq.offsets[user] + np.asarray(hist, dtype=np.int64)] + 1
         got = batch["hist_item"][row]
-        assert (got[len(got) - len(items):] == items).all() and (got[: len(got) - len(items)] == 0).all()
+        assert (got[len(got) - len(items) :] == items).all() and (got[: len(got) - len(items)] == 0).all()
 
 
 def test_recent_history_is_the_last_k_behaviours(prepared, crm_cfg):
@@ -55,8 +55,8 @@ def test_recent_history_is_the_last_k_behaviours(prepared, crm_cfg):
     seq = prepared.sequences
     for row, (user, pos) in enumerate(zip(samples["user_id"], samples["pos"])):
         start = seq.offsets[user]
-        expected = seq.item_ids[start + max(0, pos - 6): start + pos] + 1
-        assert batch["hist_item"][row][6 - len(expected):].tolist() == expected.tolist()
+        expected = seq.item_ids[start + max(0, pos - 6) : start + pos] + 1
+        assert batch["hist_item"][row][6 - len(expected) :].tolist() == expected.tolist()
 
 
 def test_iter_split_covers_every_row_in_order(prepared, crm_cfg):

@@ -41,7 +41,9 @@ def test_encode_pads_truncates_and_maps_unknown_ids(prepared, crm_cfg):
     # 2024-01-01 00:00 UTC was a Monday; 13:00 on Wednesday 2024-01-03 is 2 days + 13 h later
     monday = 1704067200
     batch = encoder.encode(
-        user_ids=[0, 10_000], item_ids=[5, -1], timestamps=[monday, monday + 2 * 86400 + 13 * 3600],
+        user_ids=[0, 10_000],
+        item_ids=[5, -1],
+        timestamps=[monday, monday + 2 * 86400 + 13 * 3600],
         hist_item_ids=[[1, 2, 3, 4, 5, 6], [-1, -1, -1, -1, 7, 99_999]],
         hist_ratings=[[1, 2, 3, 4, 5, 4.5], [0, 0, 0, 0, 3.5, 2]],
     )
@@ -62,8 +64,9 @@ def test_encode_left_pads_short_histories(prepared, crm_cfg):
 
 
 def test_user_id_can_be_left_out(prepared, crm_cfg):
-    spec, tables = build_features(prepared, with_crm(crm_cfg, user_id=False, user_fields=["gender", "age"]).crm,
-                                  history_len=20)
+    spec, tables = build_features(
+        prepared, with_crm(crm_cfg, user_id=False, user_fields=["gender", "age"]).crm, history_len=20
+    )
     assert list(spec.user_fields) == ["gender", "age"]
     assert tables["user_table"].shape == (prepared.n_users + 1, 2)
     with pytest.raises(ConfigError, match="crm.user_id is false and no profile field"):

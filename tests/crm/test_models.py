@@ -63,7 +63,7 @@ def test_model_interface_and_training_signal(prepared, crm_cfg, name):
     model.train()
     for _ in range(4):
         for start in range(0, len(train["label"]), 256):
-            batch = {key: value[start:start + 256] for key, value in train.items()}
+            batch = {key: value[start : start + 256] for key, value in train.items()}
             loss = F.binary_cross_entropy_with_logits(model(batch), batch["label"])
             optimizer.zero_grad()
             loss.backward()
@@ -90,12 +90,19 @@ def test_checkpoint_round_trip_and_represent_paths(prepared, crm_cfg, tmp_path):
     seq = prepared.sequences
     users = samples["user_id"].to_numpy()
     indices = seq.recent(users, samples["pos"].to_numpy(), 8)
-    batch = FeatureEncoder(loaded.spec).encode(users, samples["item_id"].to_numpy(), samples["timestamp"].to_numpy(),
-                                               seq.gather(users, indices, "item_ids"), seq.gather(users, indices, "ratings"))
+    batch = FeatureEncoder(loaded.spec).encode(
+        users,
+        samples["item_id"].to_numpy(),
+        samples["timestamp"].to_numpy(),
+        seq.gather(users, indices, "item_ids"),
+        seq.gather(users, indices, "ratings"),
+    )
     chunk = next(iter_split(prepared, "test", loaded.spec, chunk_rows=len(samples)))
     with torch.no_grad():
         r_c = loaded.represent({k: torch.as_tensor(v) for k, v in batch.items()})
-        trained_on = loaded.represent({k: torch.as_tensor(v) for k, v in chunk.items() if k not in ("label", "sample_id")})
+        trained_on = loaded.represent(
+            {k: torch.as_tensor(v) for k, v in chunk.items() if k not in ("label", "sample_id")}
+        )
     assert r_c.shape == (len(samples), loaded.d_c)
     torch.testing.assert_close(r_c, trained_on)
 

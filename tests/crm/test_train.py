@@ -20,8 +20,17 @@ from tests.conftest import kill_one_train_worker
 
 
 def train_cfg(*overrides):
-    return load_config("tiny", ["crm.num_workers=2", "crm.cpus_per_worker=0.5", "crm.batch_size=256",
-                                "crm.chunk_rows=1500", "crm.lr=5e-3", *overrides])
+    return load_config(
+        "tiny",
+        [
+            "crm.num_workers=2",
+            "crm.cpus_per_worker=0.5",
+            "crm.batch_size=256",
+            "crm.chunk_rows=1500",
+            "crm.lr=5e-3",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.ray

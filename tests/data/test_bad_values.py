@@ -22,21 +22,57 @@ def replace_line(path, number: int, text: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="latin-1")
 
 
-@pytest.mark.parametrize("dataset, file, line_no, bad_line, overrides, message", [
-    ("ml-1m", "ratings.dat", 3, "1::914::9::978301968", [],
-     r"ratings\.dat, line 3: field 'rating' is outside 1\.\.5: 9 \(data.rating_range sets the range\)"),
-    ("ml-1m", "ratings.dat", 2, "1::661::-2::978302109", [], r"ratings\.dat, line 2: field 'rating' is outside 1\.\.5: -2"),
-    ("ml-1m", "ratings.dat", 3, "1::914::4::978301968", ["data.rating_range=[1,4.5]"],
-     r"ratings\.dat, line 1: field 'rating' is outside 1\.\.4\.5: 5"),
-    ("ml-25m", "ratings.csv", 3, "1,306,3.5,-5", [], r"ratings\.csv, line 3: field 'timestamp' is not a time between 1970 and 2100"),
-    ("ml-25m", "ratings.csv", 4, "1,307,3.0,1147868828000", [],
-     r"ratings\.csv, line 4: field 'timestamp' looks like milliseconds, not seconds: 1147868828000 \(set data.timestamp_unit=ms"),
-    ("ml-25m", "ratings.csv", 5, "2,296,,1147878820", [], r"ratings\.csv, line 5: field 'rating' is missing"),
-    ("ml-25m", "ratings.csv", 6, "2,307,NA,1147879000", [], r"ratings\.csv, line 6: field 'rating' is missing"),
-    ("ml-1m", "ratings.dat", 5, "::661::2::978299000", [], r"ratings\.dat, line 5: field 'user' is missing"),
-])
-def test_bad_values_name_file_line_and_field(ray_local, tmp_path, raw_dir, config,
-                                             dataset, file, line_no, bad_line, overrides, message):
+@pytest.mark.parametrize(
+    "dataset, file, line_no, bad_line, overrides, message",
+    [
+        (
+            "ml-1m",
+            "ratings.dat",
+            3,
+            "1::914::9::978301968",
+            [],
+            r"ratings\.dat, line 3: field 'rating' is outside 1\.\.5: 9 \(data.rating_range sets the range\)",
+        ),
+        (
+            "ml-1m",
+            "ratings.dat",
+            2,
+            "1::661::-2::978302109",
+            [],
+            r"ratings\.dat, line 2: field 'rating' is outside 1\.\.5: -2",
+        ),
+        (
+            "ml-1m",
+            "ratings.dat",
+            3,
+            "1::914::4::978301968",
+            ["data.rating_range=[1,4.5]"],
+            r"ratings\.dat, line 1: field 'rating' is outside 1\.\.4\.5: 5",
+        ),
+        (
+            "ml-25m",
+            "ratings.csv",
+            3,
+            "1,306,3.5,-5",
+            [],
+            r"ratings\.csv, line 3: field 'timestamp' is not a time between 1970 and 2100",
+        ),
+        (
+            "ml-25m",
+            "ratings.csv",
+            4,
+            "1,307,3.0,1147868828000",
+            [],
+            r"ratings\.csv, line 4: field 'timestamp' looks like milliseconds, not seconds: 1147868828000 \(set data.timestamp_unit=ms",
+        ),
+        ("ml-25m", "ratings.csv", 5, "2,296,,1147878820", [], r"ratings\.csv, line 5: field 'rating' is missing"),
+        ("ml-25m", "ratings.csv", 6, "2,307,NA,1147879000", [], r"ratings\.csv, line 6: field 'rating' is missing"),
+        ("ml-1m", "ratings.dat", 5, "::661::2::978299000", [], r"ratings\.dat, line 5: field 'user' is missing"),
+    ],
+)
+def test_bad_values_name_file_line_and_field(
+    ray_local, tmp_path, raw_dir, config, dataset, file, line_no, bad_line, overrides, message
+):
     raw = raw_dir(dataset)
     replace_line(raw / file, line_no, bad_line)
     out = tmp_path / "run" / "data"
@@ -67,8 +103,11 @@ def test_exact_duplicates_are_dropped_and_counted_or_refused(ray_local, tmp_path
     assert all(len(set(items)) == len(items) for items in sequences["item_ids"])
 
     refused = tmp_path / "refused" / "data"
-    with pytest.raises(RawDataError, match=r"ml-1m: the ml-1m log: 3 rows repeat an earlier row exactly, e\.g\. user 1 item 661 "
-                                           r"rating 3 timestamp 978302109 \(data.duplicates=drop"):
+    with pytest.raises(
+        RawDataError,
+        match=r"ml-1m: the ml-1m log: 3 rows repeat an earlier row exactly, e\.g\. user 1 item 661 "
+        r"rating 3 timestamp 978302109 \(data.duplicates=drop",
+    ):
         prepare(config, "ml-1m", raw, refused, "data.duplicates=refuse")
     assert_nothing_written(refused)
 
@@ -79,9 +118,12 @@ def test_one_label_class_is_refused_with_the_counts(ray_local, tmp_path, raw_dir
     with pytest.raises(RawDataError, match=r"ml-1m: the valid split: every label is \d \(\d positive of 1 samples"):
         prepare(config, "ml-1m", raw, out, "data.single_class=refuse")  # the fixture's valid split is one sample
     lines = (raw / "ratings.dat").read_text().splitlines()
-    (raw / "ratings.dat").write_text("\n".join(line.replace("::5::", "::2::").replace("::4::", "::1::")
-                                               for line in lines) + "\n")
-    with pytest.raises(RawDataError, match=r"the ml-1m log: every label is 0 \(0 positive of 6 samples, label rule rating >= 4\)"):
+    (raw / "ratings.dat").write_text(
+        "\n".join(line.replace("::5::", "::2::").replace("::4::", "::1::") for line in lines) + "\n"
+    )
+    with pytest.raises(
+        RawDataError, match=r"the ml-1m log: every label is 0 \(0 positive of 6 samples, label rule rating >= 4\)"
+    ):
         prepare(config, "ml-1m", raw, out, "data.single_class=refuse")
     assert_nothing_written(out)
 
@@ -126,8 +168,23 @@ def test_empty_file_and_non_utf8_text_name_the_file(ray_local, tmp_path, raw_dir
 def test_cli_exits_2_with_one_line_for_a_bad_gzip(ray_local, tmp_path, raw_dir, caplog):
     raw = raw_dir("goodreads")
     (raw / "goodreads_interactions_fixture.json.gz").write_bytes(b"not gzip at all\n")
-    code = cli_main(["prepare", "--config", "tiny", "--set", "run.num_cpus=2", "--set", "data.k_core=0",
-                     "--dataset", "goodreads", "--raw-dir", str(raw), "--out", str(tmp_path / "run")])
+    code = cli_main(
+        [
+            "prepare",
+            "--config",
+            "tiny",
+            "--set",
+            "run.num_cpus=2",
+            "--set",
+            "data.k_core=0",
+            "--dataset",
+            "goodreads",
+            "--raw-dir",
+            str(raw),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0]

@@ -30,7 +30,10 @@ def test_ml100k_export_prepares_like_the_packaged_reader(ml100k_csv, tmp_path):
     assert meta["label_rule"] == "rating >= 4" and meta["rated"] is True
     assert data.items["raw_id"].dtype == np.int64 and data.users["raw_id"].dtype == np.int64
     toy = data.items[data.items["raw_id"] == 1].iloc[0]
-    assert toy["text"] == "Here is a movie. Its title is Toy Story (1995). The movie's genre is Animation, Children's, Comedy."
+    assert (
+        toy["text"]
+        == "Here is a movie. Its title is Toy Story (1995). The movie's genre is Animation, Children's, Comedy."
+    )
     assert data.users["profile_text"][0] == "The user is a male. His job is technician. His age is 24."
     prompt = PromptBuilder.from_prepared(data).prompt(0, 0, [1], [4.0])
     assert "He watched the following movies in order in the past, and rated them:" in prompt and "(4 stars)" in prompt
@@ -41,28 +44,36 @@ def write_click_log(root):
     rows = []
     for u in range(6):
         for k in range(8):
-            rows.append({"uid": f"u-{u}", "sku": f"sku-{(u + k) % 7}", "ts": 1000 + 10 * k + u,
-                         "clicked": (u + k) % 2})
+            rows.append({"uid": f"u-{u}", "sku": f"sku-{(u + k) % 7}", "ts": 1000 + 10 * k + u, "clicked": (u + k) % 2})
     log = pd.DataFrame(rows)
     (root / "log").mkdir(parents=True)
     log.iloc[:20].to_parquet(root / "log" / "part-0.parquet", index=False)
     log.iloc[20:30].to_parquet(root / "log" / "part-1.parquet", index=False)
     log.iloc[30:].to_csv(root / "log" / "part-2.csv", index=False)
-    items = pd.DataFrame({"sku": [f"sku-{i}" for i in range(8)], "name": [f"Thing {i}" for i in range(8)],
-                          "blurb": ["A fine thing."] * 8, "tags": ["red|big", "blue", "", "red", "green|small",
-                                                                  "blue|big", "red", "new"]})
+    items = pd.DataFrame(
+        {
+            "sku": [f"sku-{i}" for i in range(8)],
+            "name": [f"Thing {i}" for i in range(8)],
+            "blurb": ["A fine thing."] * 8,
+            "tags": ["red|big", "blue", "", "red", "green|small", "blue|big", "red", "new"],
+        }
+    )
     items.to_csv(root / "catalogue.csv", index=False)
     return log, items
 
 
 def click_config(config, root, *overrides):
     return config(
-        "data.dataset=interactions", f"data.raw_dir={root}", "data.k_core=0", "data.test_subsample=null",
+        "data.dataset=interactions",
+        f"data.raw_dir={root}",
+        "data.k_core=0",
+        "data.test_subsample=null",
         "data.split=[0.5,0.25,0.25]",
         # the log's folder as a pyarrow URI (as s3:// or gs:// would be), the items relative to raw_dir
         f"data.files.interactions={{paths: ['file://{root}/log'], user: uid, item: sku, timestamp: ts, label: clicked}}",
         "data.files.items={paths: [catalogue.csv], item: sku, title: name, text: blurb, fields: [tags]}",
-        *overrides)
+        *overrides,
+    )
 
 
 @pytest.mark.ray
@@ -81,7 +92,7 @@ def test_click_log_with_string_ids_list_fields_and_cold_items(ray_local, tmp_pat
     users = dict(zip(data.users["raw_id"], data.users["user_id"]))
     seq = data.sequences
     u0 = users["u-0"]
-    assert seq.labels[seq.offsets[u0]:seq.offsets[u0 + 1]].tolist() == [k % 2 for k in range(8)]
+    assert seq.labels[seq.offsets[u0] : seq.offsets[u0 + 1]].tolist() == [k % 2 for k in range(8)]
     prompt = PromptBuilder.from_prepared(data).prompt(u0, 7, [0, 1], [1.0, 0.0])
     assert "The user clicked the following items in order in the past:\n['0. Thing 0', '1. Thing 1']" in prompt
     assert "star" not in prompt and "***Thing 7***" in prompt
@@ -98,28 +109,65 @@ ITEMS = "item,title\n10,Alpha\n11,Beta\n"
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("log, items, overrides, message", [
-    (LOG.replace("stars", "score"), ITEMS, [],
-     r"log\.csv: no column 'stars' \(mapped in data\.files\.interactions\)"),
-    (LOG, ITEMS, ["data.files.items.fields=[genre]"], r"items\.csv: no column 'genre' \(mapped in data\.files\.items\)"),
-    ("", ITEMS, [], r"log\.csv: empty file"),
-    (LOG, "item,title\n", [], r"items\.csv: empty file \(no rows\)"),
-    (LOG.replace("1,11,101,5", "1,11,101,five"), ITEMS, [], r"log\.csv, line 3: field 'stars' is not a number: 'five'"),
-    (LOG.replace("stars", "clicked"), ITEMS, ["data.files.interactions.rating=null", "data.files.interactions.label=clicked"],
-     r"log\.csv, line 2: field 'clicked' must be 0 or 1, got '4'"),
-    (LOG, ITEMS + "11,Gamma\n", [], r"items\.csv, line 4: field 'title': item 11 is titled 'Gamma' here but 'Beta' "
-                                    r"at .*items\.csv, line 3"),
-    (LOG.replace("2,10,102", "2,,102"), ITEMS, [], r"log\.csv, line 4: field 'item' is empty"),
-    (LOG.replace("1,11,101", "1,11,noon"), ITEMS, [], r"log\.csv, line 3: field 'ts' is not unix seconds or an ISO-8601 date: 'noon'"),
-])
+@pytest.mark.parametrize(
+    "log, items, overrides, message",
+    [
+        (
+            LOG.replace("stars", "score"),
+            ITEMS,
+            [],
+            r"log\.csv: no column 'stars' \(mapped in data\.files\.interactions\)",
+        ),
+        (
+            LOG,
+            ITEMS,
+            ["data.files.items.fields=[genre]"],
+            r"items\.csv: no column 'genre' \(mapped in data\.files\.items\)",
+        ),
+        ("", ITEMS, [], r"log\.csv: empty file"),
+        (LOG, "item,title\n", [], r"items\.csv: empty file \(no rows\)"),
+        (
+            LOG.replace("1,11,101,5", "1,11,101,five"),
+            ITEMS,
+            [],
+            r"log\.csv, line 3: field 'stars' is not a number: 'five'",
+        ),
+        (
+            LOG.replace("stars", "clicked"),
+            ITEMS,
+            ["data.files.interactions.rating=null", "data.files.interactions.label=clicked"],
+            r"log\.csv, line 2: field 'clicked' must be 0 or 1, got '4'",
+        ),
+        (
+            LOG,
+            ITEMS + "11,Gamma\n",
+            [],
+            r"items\.csv, line 4: field 'title': item 11 is titled 'Gamma' here but 'Beta' "
+            r"at .*items\.csv, line 3",
+        ),
+        (LOG.replace("2,10,102", "2,,102"), ITEMS, [], r"log\.csv, line 4: field 'item' is empty"),
+        (
+            LOG.replace("1,11,101", "1,11,noon"),
+            ITEMS,
+            [],
+            r"log\.csv, line 3: field 'ts' is not unix seconds or an ISO-8601 date: 'noon'",
+        ),
+    ],
+)
 def test_bad_input_names_file_row_and_field(ray_local, tmp_path, config, log, items, overrides, message):
     raw = tmp_path / "raw"
     write(raw / "log.csv", log)
     write(raw / "items.csv", items)
-    cfg = config("data.dataset=interactions", f"data.raw_dir={raw}", "data.k_core=0", "data.test_subsample=null",
-                 "data.split=[0.5,0.25,0.25]",
-                 "data.files.interactions={paths: [log.csv], user: user, item: item, timestamp: ts, rating: stars}",
-                 "data.files.items={paths: [items.csv], item: item, title: title}", *overrides)
+    cfg = config(
+        "data.dataset=interactions",
+        f"data.raw_dir={raw}",
+        "data.k_core=0",
+        "data.test_subsample=null",
+        "data.split=[0.5,0.25,0.25]",
+        "data.files.interactions={paths: [log.csv], user: user, item: item, timestamp: ts, rating: stars}",
+        "data.files.items={paths: [items.csv], item: item, title: title}",
+        *overrides,
+    )
     out = tmp_path / "run" / "data"
     with pytest.raises(RawDataError, match=message):
         prepare_dataset(cfg, out)

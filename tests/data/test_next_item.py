@@ -61,7 +61,7 @@ def test_prepared_next_item_splits_follow_the_ctr_split(ml100k):
         assert np.array_equal(cand[np.arange(len(rows)), rows["target_index"]], rows["item_id"])
         users = rows["user_id"].to_numpy()
         for u, row, target in zip(users[:300], cand[:300], rows["item_id"][:300]):
-            whole = set(seq.item_ids[seq.offsets[u]:seq.offsets[u + 1]])
+            whole = set(seq.item_ids[seq.offsets[u] : seq.offsets[u + 1]])
             assert len(set(row)) == cfg.candidates and (set(row) - {target}).isdisjoint(whole)
     # Every valid-split behaviour with history is a target (no subsample at this size).
     valid = data.samples("valid")

@@ -77,7 +77,10 @@ def test_item_text_and_user_profile(ml100k):
     toy = data.items[data.items["raw_id"] == 1].iloc[0]
     assert toy["title"] == "Toy Story (1995)" and toy["year"] == 1995
     assert list(toy["genres"]) == ["Animation", "Children's", "Comedy"]
-    assert toy["text"] == "Here is a movie. Its title is Toy Story (1995). The movie's genre is Animation, Children's, Comedy."
+    assert (
+        toy["text"]
+        == "Here is a movie. Its title is Toy Story (1995). The movie's genre is Animation, Children's, Comedy."
+    )
     first = data.users[data.users["raw_id"] == 1].iloc[0]
     assert first["profile_text"] == "The user is a male. His job is technician. His age is 24."
     second = data.users[data.users["raw_id"] == 2].iloc[0]
@@ -90,7 +93,9 @@ def test_rerun_is_a_noop_and_another_config_refuses(ml100k, config):
     assert prepare_dataset(config("data.test_subsample=null", "data.next_item.max_per_split=null"), ml100k) == ml100k
     assert (ml100k / "_SUCCESS.json").read_text() == marker
     with pytest.raises(StageOutputExists, match="--overwrite"):
-        prepare_dataset(config("data.test_subsample=null", "data.next_item.max_per_split=null", "data.k_core=10"), ml100k)
+        prepare_dataset(
+            config("data.test_subsample=null", "data.next_item.max_per_split=null", "data.k_core=10"), ml100k
+        )
     assert (ml100k / "_SUCCESS.json").read_text() == marker
 
 

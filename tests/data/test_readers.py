@@ -45,8 +45,11 @@ def test_ml1m_folder_decodes_codes(ray_local, raw_dir):
 def test_ml25m_folder(ray_local, raw_dir):
     source = open_source("ml-25m", str(raw_dir("ml-25m")))
     assert log_rows(source) == [
-        (1, 296, 5.0, 1147880044), (1, 306, 3.5, 1147868817), (1, 307, 3.0, 1147868828),
-        (2, 296, 0.5, 1147878820), (2, 307, 4.0, 1147879000),
+        (1, 296, 5.0, 1147880044),
+        (1, 306, 3.5, 1147868817),
+        (1, 307, 3.0, 1147868828),
+        (2, 296, 0.5, 1147878820),
+        (2, 307, 4.0, 1147879000),
     ]
     items = source.read_items(np.array([296, 306, 307])).set_index("raw_id")
     assert items.loc[306, "title"] == "American President, The (1995)"
@@ -73,15 +76,23 @@ def test_byte_ranges_cover_every_line_once(tmp_path):
     path.write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
     fmt = DelimitedFormat(",", ("user", "item", "rating", "timestamp"), header="userId,movieId,rating,timestamp")
     for n in (1, 3, 7, 64):
-        parts = [parse_delimited_range(task, fmt, LogRules(0.5, 5.0)) for task in byte_ranges(path, 10**9, min_ranges=n)]
+        parts = [
+            parse_delimited_range(task, fmt, LogRules(0.5, 5.0)) for task in byte_ranges(path, 10**9, min_ranges=n)
+        ]
         users = np.concatenate([p["user"].to_numpy() for p in parts])
         assert np.array_equal(users, np.arange(1, 501)), n
 
 
 def test_min_history_keeps_first_behaviours_out_of_the_samples(ray_local, raw_dir, tmp_path, config):
     raw = raw_dir("ml-1m")
-    cfg = config("data.dataset=ml-1m", f"data.raw_dir={raw}", "data.k_core=0", "data.min_history=1",
-                 "data.split=[0.5,0.25,0.25]", "data.test_subsample=null")
+    cfg = config(
+        "data.dataset=ml-1m",
+        f"data.raw_dir={raw}",
+        "data.k_core=0",
+        "data.min_history=1",
+        "data.split=[0.5,0.25,0.25]",
+        "data.test_subsample=null",
+    )
     data = PreparedData.load(prepare_dataset(cfg, tmp_path / "data"))
     samples = pd.concat([data.samples(s) for s in SPLITS])
     assert len(samples) == 4 and (samples["pos"] >= 1).all()  # 6 ratings, 2 users
@@ -93,8 +104,13 @@ def test_min_history_keeps_first_behaviours_out_of_the_samples(ray_local, raw_di
 
 def test_ml25m_label_is_strictly_above_three(ray_local, raw_dir, tmp_path, config):
     raw = raw_dir("ml-25m")
-    cfg = config("data.dataset=ml-25m", f"data.raw_dir={raw}", "data.k_core=0",
-                 "data.split=[0.4,0.2,0.4]", "data.test_subsample=null")
+    cfg = config(
+        "data.dataset=ml-25m",
+        f"data.raw_dir={raw}",
+        "data.k_core=0",
+        "data.split=[0.4,0.2,0.4]",
+        "data.test_subsample=null",
+    )
     data = PreparedData.load(prepare_dataset(cfg, tmp_path / "data"))
     assert data.meta["label_rule"] == "rating > 3"
     assert np.array_equal(data.sequences.labels, (data.sequences.ratings > 3.0).astype(np.int8))
@@ -104,8 +120,13 @@ def test_ml25m_label_is_strictly_above_three(ray_local, raw_dir, tmp_path, confi
 
 def test_goodreads_prepares_book_text(ray_local, raw_dir, tmp_path, config):
     raw = raw_dir("goodreads")
-    cfg = config("data.dataset=goodreads", f"data.raw_dir={raw}", "data.k_core=2",
-                 "data.split=[0.5,0.25,0.25]", "data.test_subsample=null")
+    cfg = config(
+        "data.dataset=goodreads",
+        f"data.raw_dir={raw}",
+        "data.k_core=2",
+        "data.split=[0.5,0.25,0.25]",
+        "data.test_subsample=null",
+    )
     data = PreparedData.load(prepare_dataset(cfg, tmp_path / "data"))
     assert (data.n_users, data.n_items, data.meta["n_rows"]) == (2, 2, 4)
     assert data.meta["timestamp_field"] == "date_updated"

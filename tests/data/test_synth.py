@@ -25,8 +25,10 @@ def test_sizes_and_movielens_invariants(synth):
     assert set(ratings["rating"]) <= {k / 2 for k in range(1, 11)}
     assert ratings["timestamp"].between(789_652_009, 1_574_327_703).all()
     assert ratings["userId"].is_monotonic_increasing  # ordered by user, as GroupLens ships it
-    assert all(line.split(",")[2] in {f"{k / 2:.1f}" for k in range(1, 11)}
-               for line in (synth / "ratings.csv").read_text().splitlines()[1:50])  # "4.0", not "4"
+    assert all(
+        line.split(",")[2] in {f"{k / 2:.1f}" for k in range(1, 11)}
+        for line in (synth / "ratings.csv").read_text().splitlines()[1:50]
+    )  # "4.0", not "4"
 
 
 def test_skew_is_power_law_like(synth):

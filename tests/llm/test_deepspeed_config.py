@@ -73,13 +73,17 @@ def test_a_time_ordered_few_shot_set_reaches_the_batches_shuffled():
     rows = train.iloc[epoch_rows(len(train), 0, 0, 0, 1, 8)]
     same_user = np.mean(rows["user_id"].to_numpy()[1:] == rows["user_id"].to_numpy()[:-1])
     assert same_user < 0.05
-    last_quarter = rows["label"].to_numpy()[-len(rows) // 4:].mean()
+    last_quarter = rows["label"].to_numpy()[-len(rows) // 4 :].mean()
     assert abs(last_quarter - train["label"].mean()) < 0.08
 
 
 def test_the_best_epoch_is_chosen_on_validation_not_last():
-    history = [{"epoch": 0, "val_auc": 0.61}, {"epoch": 1, "val_auc": 0.66}, {"epoch": 2, "val_auc": 0.64},
-               {"epoch": 3, "val_auc": float("nan")}]
+    history = [
+        {"epoch": 0, "val_auc": 0.61},
+        {"epoch": 1, "val_auc": 0.66},
+        {"epoch": 2, "val_auc": 0.64},
+        {"epoch": 3, "val_auc": float("nan")},
+    ]
     assert best_epoch(history)["epoch"] == 1
     with pytest.raises(ValueError):
         best_epoch([])

@@ -24,15 +24,21 @@ def rows(**columns):
 
 
 def test_recent_takes_last_k_before_pos(sequences):
-    hist = sample_histories(sequences, rows(user_id=[0, 1, 0], pos=[4, 1, 0]), get_variant("tallrec"), k_short=3, k_long=2)
+    hist = sample_histories(
+        sequences, rows(user_id=[0, 1, 0], pos=[4, 1, 0]), get_variant("tallrec"), k_short=3, k_long=2
+    )
     assert hist.short_items.tolist() == [[11, 12, 13], [-1, -1, 20], [-1, -1, -1]]
     assert hist.short_ratings.tolist() == [[2, 3, 4], [0, 0, 5], [0, 0, 0]]
     assert hist.long_items is None  # TALLRec has no gate, so no CRM history
 
 
 def test_semantic_reads_the_retrieved_indices(sequences):
-    samples = rows(user_id=[0, 1], pos=[5, 2], hist_short=[np.array([0, 2, 4]), np.array([-1, -1, 1])],
-                   hist_long=[np.array([3, 4]), np.array([0, 1])])
+    samples = rows(
+        user_id=[0, 1],
+        pos=[5, 2],
+        hist_short=[np.array([0, 2, 4]), np.array([-1, -1, 1])],
+        hist_long=[np.array([3, 4]), np.array([0, 1])],
+    )
     hist = sample_histories(sequences, samples, get_variant("reclora"), k_short=3, k_long=2)
     assert hist.short_items.tolist() == [[10, 12, 14], [-1, -1, 21]]
     assert hist.long_items.tolist() == [[13, 14], [20, 21]]

@@ -93,9 +93,10 @@ def test_ilora_layer_equals_the_naive_sum_over_its_experts(make_llama):
     layer.alpha = alpha
     out = layer(x)
     layer.alpha = None
-    experts = [(layer.lora_A[2 * k:2 * k + 2], layer.lora_B[:, 2 * k:2 * k + 2]) for k in range(4)]
+    experts = [(layer.lora_A[2 * k : 2 * k + 2], layer.lora_B[:, 2 * k : 2 * k + 2]) for k in range(4)]
     scaling = 32 / 8
     for i in range(3):
         expected = layer.base_layer(x[i]) + scaling * sum(
-            alpha[i, k] * F.linear(F.linear(x[i], a), b) for k, (a, b) in enumerate(experts))
+            alpha[i, k] * F.linear(F.linear(x[i], a), b) for k, (a, b) in enumerate(experts)
+        )
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)

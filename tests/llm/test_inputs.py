@@ -34,7 +34,7 @@ def test_training_batch_puts_the_loss_on_the_answer_only(reclora):
         answer = tokenizer("Yes." if label else "No.", add_special_tokens=False)["input_ids"]
         targets = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX].tolist()
         assert targets == answer
-        assert batch["input_ids"][i, -len(answer):].tolist() == answer  # left padded: the answer ends the row
+        assert batch["input_ids"][i, -len(answer) :].tolist() == answer  # left padded: the answer ends the row
     assert batch["crm_features"]["hist_item"].shape == (16, inputs.k_long)
 
 
@@ -48,8 +48,8 @@ def test_a_prompt_scores_the_same_alone_and_in_a_padded_batch(reclora):
         assert (batch["attention_mask"][:, -1] == 1).all()
         together[index] = p_yes(model.answer_scores(**batch, answer_ids=answer_ids)).numpy()
     for i in (0, 7):
-        one = [a[i:i + 1] for a in args]
-        (_, batch), = inputs.scoring_batches(*one, hist.take(np.array([i])), batch_size=1)
+        one = [a[i : i + 1] for a in args]
+        ((_, batch),) = inputs.scoring_batches(*one, hist.take(np.array([i])), batch_size=1)
         assert p_yes(model.answer_scores(**batch, answer_ids=answer_ids)).item() == pytest.approx(together[i], abs=1e-5)
 
 

@@ -43,8 +43,12 @@ def test_cached_prefix_equals_scoring_every_full_prompt(llama):
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
     # A one-token title is scored from the prefix's last position alone.
     one = [[[c[0]] for c in row] for row in cands]
-    torch.testing.assert_close(candidate_logliks(llama, _Collator(), prompts, one),
-                               full_prompt_logliks(llama, _Collator(), prompts, one), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        candidate_logliks(llama, _Collator(), prompts, one),
+        full_prompt_logliks(llama, _Collator(), prompts, one),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_cached_prefix_routes_each_prompts_gate_to_its_candidates(llama, randomize):
@@ -54,8 +58,9 @@ def test_cached_prefix_routes_each_prompts_gate_to_its_candidates(llama, randomi
     prompts, cands = _random_inputs(seed=5)
     crm_repr = torch.randn(3, CRM_DIM, generator=torch.Generator().manual_seed(0)) * 3
     cached = candidate_logliks(model, _Collator(), prompts, cands, crm_repr)
-    torch.testing.assert_close(cached, full_prompt_logliks(model, _Collator(), prompts, cands, crm_repr),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        cached, full_prompt_logliks(model, _Collator(), prompts, cands, crm_repr), atol=1e-4, rtol=0
+    )
     # The gate matters: another user's R_c gives other scores.
     other = candidate_logliks(model, _Collator(), prompts, cands, crm_repr.flip(0))
     assert not torch.allclose(cached, other, atol=1e-3)
@@ -77,8 +82,13 @@ def test_prompt_lists_history_and_candidates_and_training_targets_the_title():
     tokenizer = AutoTokenizer.from_pretrained(str(_tiny_random_dir()))
     items = pd.DataFrame({"item_id": range(5), "title": titles})
     users = pd.DataFrame({"user_id": [0]})
-    seqs = Sequences(offsets=np.array([0, 4]), item_ids=np.array([0, 1, 2, 3], dtype=np.int32),
-                     ratings=np.ones(4, np.float32), labels=np.ones(4, np.int8), timestamps=np.arange(4))
+    seqs = Sequences(
+        offsets=np.array([0, 4]),
+        item_ids=np.array([0, 1, 2, 3], dtype=np.int32),
+        ratings=np.ones(4, np.float32),
+        labels=np.ones(4, np.int8),
+        timestamps=np.arange(4),
+    )
     inputs = NextItemInputs(PromptBuilder("ml-100k", items, users), PromptCollator(tokenizer, 256), seqs, history=2)
     cands = np.array([[4, 3]])
     [prompt] = inputs.prompt_ids([0], [3], cands)
@@ -103,7 +113,7 @@ def _reference_greedy(llm, prompt: list[int], max_new_tokens: int, stop: set[int
         if nxt in stop:
             break
         tokens.append(nxt)
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def test_greedy_answers_with_the_cache_equal_uncached_greedy_decoding(llama):
@@ -115,7 +125,7 @@ def test_greedy_answers_with_the_cache_equal_uncached_greedy_decoding(llama):
     stop = answers[1][2]
     stopped = greedy_answers(llama, _Collator(), prompts, max_new_tokens=6, stop_ids={stop})
     assert stopped == [_reference_greedy(llama, p, 6, {stop}) for p in prompts]
-    assert stopped[1] == answers[1][:answers[1].index(stop)]
+    assert stopped[1] == answers[1][: answers[1].index(stop)]
 
 
 def test_greedy_answers_route_each_prompts_gate(llama, randomize):
@@ -125,28 +135,32 @@ def test_greedy_answers_route_each_prompts_gate(llama, randomize):
     prompts, _ = _random_inputs(n_prompts=3, seed=12)
     crm_repr = torch.randn(3, CRM_DIM, generator=torch.Generator().manual_seed(2)) * 3
     batched = greedy_answers(model, _Collator(), prompts, 5, crm_repr=crm_repr)
-    alone = [greedy_answers(model, _Collator(), [p], 5, crm_repr=crm_repr[i:i + 1])[0] for i, p in enumerate(prompts)]
+    alone = [greedy_answers(model, _Collator(), [p], 5, crm_repr=crm_repr[i : i + 1])[0] for i, p in enumerate(prompts)]
     assert batched == alone
 
 
 TITLES = ["Fargo (1996)", "Heat (1995)", "Star Wars (1977)", "Heat", "Toy Story (1995)", "Amélie (2001)"]
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Fargo (1996)", 0),                              # 1. exact
-    ('  "fargo (1996)."\nAnd another line', 0),       # 1. case, quotes, outer punctuation, first line only
-    ("Answer: Heat (1995)", 1),                       # the prompt's "Answer:" repeated
-    ("AMÉLIE (2001)", 5),                             # Unicode case folding
-    ("Fargo", 0),                                     # 2. the title less its year
-    ("Star Wars (1978)", 2),                          # 2. the same title, another year
-    ("Heat", 3),                                      # 1. before 2.: the candidate titled "Heat" itself
-    ("I think Star Wars (1977) is next", 2),          # 3. one title inside the answer
-    ("Heat (1995) is my guess", 1),                   # 3. "Heat" inside "Heat (1995)" is not a second title
-    ("Fargo (1996), Heat (1995)", -1),                # 3. two titles: invalid
-    ("Toy Stry (1995)", 4),                           # 4. fuzzy: a typo
-    ("Titanic (1997)", -1),                           # no candidate
-    ("", -1), ("\n\n", -1),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Fargo (1996)", 0),  # 1. exact
+        ('  "fargo (1996)."\nAnd another line', 0),  # 1. case, quotes, outer punctuation, first line only
+        ("Answer: Heat (1995)", 1),  # the prompt's "Answer:" repeated
+        ("AMÉLIE (2001)", 5),  # Unicode case folding
+        ("Fargo", 0),  # 2. the title less its year
+        ("Star Wars (1978)", 2),  # 2. the same title, another year
+        ("Heat", 3),  # 1. before 2.: the candidate titled "Heat" itself
+        ("I think Star Wars (1977) is next", 2),  # 3. one title inside the answer
+        ("Heat (1995) is my guess", 1),  # 3. "Heat" inside "Heat (1995)" is not a second title
+        ("Fargo (1996), Heat (1995)", -1),  # 3. two titles: invalid
+        ("Toy Stry (1995)", 4),  # 4. fuzzy: a typo
+        ("Titanic (1997)", -1),  # no candidate
+        ("", -1),
+        ("\n\n", -1),
+    ],
+)
 def test_generated_answers_are_matched_to_one_candidate_or_none(answer, expected):
     assert match_answer(answer, TITLES) == expected
 

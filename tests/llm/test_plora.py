@@ -217,7 +217,10 @@ def test_save_load_round_trips_exactly(make_llama, batch, randomize, tmp_path):
     model = PersonalizedLoRAModel(make_llama(), cfg, CRM_DIM).eval()
     randomize(model)
     save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["reclora_adapter.json", "reclora_adapter.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "reclora_adapter.json",
+        "reclora_adapter.safetensors",
+    ]
     loaded = load_adapter(make_llama(), tmp_path / "adapter").eval()
     assert loaded.lora_config == cfg and loaded.crm_dim == CRM_DIM
     saved, restored = trainable_state_dict(model), trainable_state_dict(loaded)
@@ -249,10 +252,17 @@ def test_gpt2_conv1d_and_qwen2_target_names(batch, randomize, tmp_path):
     export_user_adapter(gpt2, crm[0], tmp_path / "gpt2")
     torch.manual_seed(0)
     peft_gpt2 = PeftModel.from_pretrained(GPT2LMHeadModel(gpt2_config), tmp_path / "gpt2").eval()
-    torch.testing.assert_close(peft_gpt2(input_ids=input_ids[:1], attention_mask=mask[:1]).logits, expected, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(
+        peft_gpt2(input_ids=input_ids[:1], attention_mask=mask[:1]).logits, expected, atol=ATOL, rtol=1e-5
+    )
 
     qwen_config = Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=200
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=200,
     )
     qwen = PersonalizedLoRAModel(Qwen2ForCausalLM(qwen_config), LoRAConfig(n_meta=2), CRM_DIM)
     assert len(qwen.lora_layers()) == 4 and qwen(input_ids, mask, crm).logits.shape == (3, 9, 200)

@@ -25,10 +25,13 @@ def fake_devices(monkeypatch, *, cuda_bf16: bool, cpu_bf16: bool):
     monkeypatch.setattr(base_module, "cpu_has_native_bf16", lambda: cpu_bf16)
 
 
-@pytest.mark.parametrize("cuda_bf16, cpu_bf16, on_cuda, on_cpu", [
-    (True, True, torch.bfloat16, torch.bfloat16),    # A100/H100 node, AVX512-BF16 / AMX host
-    (False, False, torch.float16, torch.float32),    # V100 node, a CPU without native bf16
-])
+@pytest.mark.parametrize(
+    "cuda_bf16, cpu_bf16, on_cuda, on_cpu",
+    [
+        (True, True, torch.bfloat16, torch.bfloat16),  # A100/H100 node, AVX512-BF16 / AMX host
+        (False, False, torch.float16, torch.float32),  # V100 node, a CPU without native bf16
+    ],
+)
 def test_auto_is_the_native_half_precision_of_each_device(monkeypatch, cuda_bf16, cpu_bf16, on_cuda, on_cpu):
     fake_devices(monkeypatch, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
     assert resolve_dtype("auto", torch.device("cuda")) is on_cuda
@@ -83,8 +86,9 @@ def _inputs(seed=3, batch=4, length=10):
 
 
 def _plora(dtype=torch.float32):
-    model = PersonalizedLoRAModel(tiny_llama().to(dtype), LoRAConfig(r=2, n_meta=3, target_modules=["q_proj", "v_proj"]),
-                                  crm_dim=CRM_DIM)
+    model = PersonalizedLoRAModel(
+        tiny_llama().to(dtype), LoRAConfig(r=2, n_meta=3, target_modules=["q_proj", "v_proj"]), crm_dim=CRM_DIM
+    )
     randomize_lora_b(model)
     return model.eval()
 
@@ -130,8 +134,12 @@ def _training_batch(ids, mask, pos, answers):
         masks.append([0] * pad + [1] * len(real))
         labels.append([IGNORE_INDEX] * (width - len(answer)) + answer)
     mask = torch.tensor(masks)
-    return {"input_ids": torch.tensor(rows), "attention_mask": mask,
-            "position_ids": torch.clamp(mask.cumsum(1) - 1, min=0), "labels": torch.tensor(labels)}
+    return {
+        "input_ids": torch.tensor(rows),
+        "attention_mask": mask,
+        "position_ids": torch.clamp(mask.cumsum(1) - 1, min=0),
+        "labels": torch.tensor(labels),
+    }
 
 
 def test_the_answer_positions_lm_loss_equals_the_full_lm_loss():

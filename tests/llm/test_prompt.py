@@ -8,10 +8,12 @@ from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.base import answer_token_ids
 from reclora_ray.llm.prompt import PromptBuilder, build_prompt, log_length_stats, render
 
-ITEMS = pd.DataFrame({
-    "item_id": [0, 1, 2, 3],
-    "title": ["Toy Story (1995)", "Devil's Own, The (1997)", "Crying Game, The (1992)", "Titanic (1997)"],
-})
+ITEMS = pd.DataFrame(
+    {
+        "item_id": [0, 1, 2, 3],
+        "title": ["Toy Story (1995)", "Devil's Own, The (1997)", "Crying Game, The (1992)", "Titanic (1997)"],
+    }
+)
 
 
 def builder(dataset, profile=None, gender=None, **kwargs):
@@ -38,7 +40,8 @@ def test_ml100k_golden():
 
 def test_ml1m_golden_through_the_builder():
     prompts = builder("ml-1m", "The user is a female. Her job is writer. Her age is 35-44.", "F").prompts(
-        [0], [3], np.array([[-1, 0, 2]]), np.array([[0, 2.0, 3.0]]))
+        [0], [3], np.array([[-1, 0, 2]]), np.array([[0, 2.0, 3.0]])
+    )
     assert prompts == [
         "Input:\n"
         "The user is a female. Her job is writer. Her age is 35-44.\n"
@@ -99,8 +102,13 @@ def test_chat_template_and_answer_position():
 
 def test_for_samples_reads_the_sequences_and_length_stats_grow():
     offsets = np.array([0, 4])
-    sequences = Sequences(offsets, np.array([0, 1, 2, 3], np.int32), np.array([4, 5, 1, 2], np.float32),
-                          np.zeros(4, np.int8), np.arange(4))
+    sequences = Sequences(
+        offsets,
+        np.array([0, 1, 2, 3], np.int32),
+        np.array([4, 5, 1, 2], np.float32),
+        np.zeros(4, np.int8),
+        np.arange(4),
+    )
     b = builder("ml-100k", "The user is a male.", "M")
     short, long = b.for_samples(sequences, [0, 0], [3, 3], np.array([[-1, -1, 2], [0, 1, 2]]))
     assert "['0. Crying Game, The (1992) (1 star)']" in short

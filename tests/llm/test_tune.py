@@ -97,8 +97,11 @@ def plant_pickle_then_kill_a_worker(driver_pid: int, marker: Path, pwned: Path):
             planted = Path(checkpoint.path) / "engine" / "mp_rank_00_model_states.pt"
             planted.parent.mkdir(parents=True, exist_ok=True)
             planted.write_bytes(pickle.dumps({"module": Payload()}))
-            workers = [p for p in psutil.Process(driver_pid).children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            workers = [
+                p
+                for p in psutil.Process(driver_pid).children(recursive=True)
+                if "RayTrainWorker" in " ".join(p.cmdline())
+            ]
             marker.write_text(json.dumps({"pid": workers[-1].pid, "planted": str(planted)}))
             os.kill(workers[-1].pid, signal.SIGKILL)
 

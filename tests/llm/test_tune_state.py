@@ -61,10 +61,22 @@ def engine(seed: int, zero_stage: int):
     frozen = torch.nn.Linear(6, 8).requires_grad_(False)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(frozen, torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    cfg = load_config("tiny", ["tune.micro_batch=4", "tune.grad_accum=2", f"tune.zero_stage={zero_stage}",
-                               "tune.lr=1e-2", "tune.warmup_ratio=0.25"])
-    ds, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                  dist_init_required=False, config=deepspeed_config(cfg, 1, total_steps=20))
+    cfg = load_config(
+        "tiny",
+        [
+            "tune.micro_batch=4",
+            "tune.grad_accum=2",
+            f"tune.zero_stage={zero_stage}",
+            "tune.lr=1e-2",
+            "tune.warmup_ratio=0.25",
+        ],
+    )
+    ds, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        dist_init_required=False,
+        config=deepspeed_config(cfg, 1, total_steps=20),
+    )
     return ds
 
 
@@ -82,12 +94,16 @@ def train(ds, micro_batches: int, seed: int) -> list[float]:
 
 def snapshot(ds) -> dict:
     tensors = {}
-    optimizer = encode({k: v for k, v in ds.optimizer.state_dict().items() if k != "param_slice_mappings"},
-                       tensors)
+    optimizer = encode({k: v for k, v in ds.optimizer.state_dict().items() if k != "param_slice_mappings"}, tensors)
     with torch.no_grad():
         params = {n: p.detach().clone() for n, p in ds.module.named_parameters()}
-    return {"params": params, "optimizer": json.dumps(optimizer), "tensors": tensors, "lr": ds.get_lr(),
-            "steps": (ds.global_steps, ds.global_samples, ds.skipped_steps)}
+    return {
+        "params": params,
+        "optimizer": json.dumps(optimizer),
+        "tensors": tensors,
+        "lr": ds.get_lr(),
+        "steps": (ds.global_steps, ds.global_samples, ds.skipped_steps),
+    }
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -148,8 +164,11 @@ def test_a_planted_pickle_in_a_tune_checkpoint_is_refused_not_executed(process_g
     legacy = tmp_path / "legacy"
     ds.save_checkpoint(str(legacy), tag="engine", exclude_frozen_parameters=True)
     (legacy / STATE_FILE).write_text(json.dumps({"history": [{"epoch": 0, "attempt": 0}]}))
-    with pytest.raises(TuneCheckpointError, match=r"engine/mp_rank_00_model_states\.pt: refused, a tune checkpoint "
-                                                  r"holds no pickle"):
+    with pytest.raises(
+        TuneCheckpointError,
+        match=r"engine/mp_rank_00_model_states\.pt: refused, a tune checkpoint "
+        r"holds no pickle",
+    ):
         load_state(ds, legacy, rank=0, world=1)
 
     # A pickle planted beside a good checkpoint, or in place of one of its files.
@@ -201,8 +220,10 @@ class Regression:
         self.ds = ds
 
     def _xy(self, rows):
-        return (torch.tensor(rows[[f"x{i}" for i in range(6)]].to_numpy(), dtype=torch.float32),
-                torch.tensor(rows[["y"]].to_numpy(), dtype=torch.float32))
+        return (
+            torch.tensor(rows[[f"x{i}" for i in range(6)]].to_numpy(), dtype=torch.float32),
+            torch.tensor(rows[["y"]].to_numpy(), dtype=torch.float32),
+        )
 
     def loss(self, ds, rows):
         x, y = self._xy(rows)
@@ -234,23 +255,26 @@ def test_a_non_tty_tune_run_prints_periodic_one_line_progress(process_group, tmp
     assert all("\n" not in line for line in lines)
     for k, line in enumerate(lines[:8], start=1):
         assert line.startswith(f"demo epoch 0: {k}/8 micro-batches ({100 * k / 8:.0f}%), ")
-        assert f"loss {np.mean(losses[max(0, k - 10):k]):.4f}, lr " in line
+        assert f"loss {np.mean(losses[max(0, k - 10) : k]):.4f}, lr " in line
     assert " micro-batches/s, ETA " in lines[4]
     assert lines[8].startswith("demo epoch 0: 8/8 micro-batches (100%)") and lines[8].endswith(
-        f"loss {np.mean(losses):.4f}")
+        f"loss {np.mean(losses):.4f}"
+    )
     assert [r["loss"] for r in read_curves(tmp_path / CURVES_FILE)] == pytest.approx(losses)
 
     caplog.clear()
     scored = validate(ds, task, rows.iloc[:10], Progress(log, "demo epoch 0 validation", 10, "samples", 0.0))
     assert scored["error"].shape == (10,) and np.isfinite(scored["error"]).all()
     lines = [r.getMessage() for r in caplog.records if r.name == log.name]
-    assert [line.split(",")[0] for line in lines] == [f"demo epoch 0 validation: {n}/10 samples ({n * 10}%)"
-                                                      for n in (4, 8, 10, 10)]
+    assert [line.split(",")[0] for line in lines] == [
+        f"demo epoch 0 validation: {n}/10 samples ({n * 10}%)" for n in (4, 8, 10, 10)
+    ]
 
     caplog.clear()  # rate-limited as in a real run (every 30 s): a short epoch prints its end only
     train_epoch(ds, task, rows, order, 4, curves, Progress(log, "demo epoch 1", 8, "micro-batches", 30.0))
     assert [r.getMessage().split(",")[0] for r in caplog.records if r.name == log.name] == [
-        "demo epoch 1: 8/8 micro-batches (100%)"]
+        "demo epoch 1: 8/8 micro-batches (100%)"
+    ]
     curves.close()
 
 
@@ -269,8 +293,12 @@ def test_the_adapter_of_a_zero3_engine_is_saved_whole(process_group, tmp_path, z
     randomize_lora_b(model)
     expected = {k: v.clone() for k, v in trainable_state_dict(model).items()}
     cfg = load_config("tiny", [f"tune.zero_stage={zero_stage}"])
-    ds, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                  dist_init_required=False, config=deepspeed_config(cfg, 1, total_steps=4))
+    ds, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        dist_init_required=False,
+        config=deepspeed_config(cfg, 1, total_steps=4),
+    )
     save_engine_adapter(ds, tmp_path / "adapter", rank=0)
     restored = trainable_state_dict(load_adapter(tiny_llama(), tmp_path / "adapter"))
     assert restored.keys() == expected.keys()

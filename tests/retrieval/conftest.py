@@ -23,18 +23,35 @@ def write_prepared(root: Path, n_users: int = 25, n_items: int = 90, max_len: in
     years = rng.integers(1950, 2000, n_items)
     genres = [list(rng.choice(GENRES, rng.integers(1, 3), replace=False)) for _ in range(n_items)]
     titles = [f"Movie {i} ({y})" for i, y in enumerate(years)]
-    pd.DataFrame({
-        "item_id": np.arange(n_items), "raw_id": np.arange(1, n_items + 1), "title": titles,
-        "year": years, "genres": genres,
-        "text": [f"Here is a movie. Its title is {t}. The movie's genre is {', '.join(g)}." for t, g in zip(titles, genres)],
-    }).to_parquet(root / "items.parquet")
+    pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "raw_id": np.arange(1, n_items + 1),
+            "title": titles,
+            "year": years,
+            "genres": genres,
+            "text": [
+                f"Here is a movie. Its title is {t}. The movie's genre is {', '.join(g)}."
+                for t, g in zip(titles, genres)
+            ],
+        }
+    ).to_parquet(root / "items.parquet")
     genders = rng.choice(["M", "F"], n_users)
-    pd.DataFrame({
-        "user_id": np.arange(n_users), "raw_id": np.arange(1, n_users + 1), "gender": genders,
-        "age": ["25"] * n_users, "occupation": ["writer"] * n_users, "zip": ["12345"] * n_users,
-        "profile_text": [f"The user is a {'male' if g == 'M' else 'female'}. {'His' if g == 'M' else 'Her'} job is writer. "
-                         f"{'His' if g == 'M' else 'Her'} age is 25." for g in genders],
-    }).to_parquet(root / "users.parquet")
+    pd.DataFrame(
+        {
+            "user_id": np.arange(n_users),
+            "raw_id": np.arange(1, n_users + 1),
+            "gender": genders,
+            "age": ["25"] * n_users,
+            "occupation": ["writer"] * n_users,
+            "zip": ["12345"] * n_users,
+            "profile_text": [
+                f"The user is a {'male' if g == 'M' else 'female'}. {'His' if g == 'M' else 'Her'} job is writer. "
+                f"{'His' if g == 'M' else 'Her'} age is 25."
+                for g in genders
+            ],
+        }
+    ).to_parquet(root / "users.parquet")
     lengths = rng.integers(5, max_len, n_users)
     rows = []
     for u, length in enumerate(lengths):
@@ -44,14 +61,16 @@ def write_prepared(root: Path, n_users: int = 25, n_items: int = 90, max_len: in
         rows.append((u, items, ratings, (ratings >= 4).astype(np.int8), times.astype(np.int64)))
     seq = pd.DataFrame(rows, columns=["user_id", "item_ids", "ratings", "labels", "timestamps"])
     pq.write_table(pa.Table.from_pandas(seq, preserve_index=False), root / "sequences.parquet")
-    samples = pd.DataFrame({
-        "user_id": np.repeat(np.arange(n_users), lengths),
-        "item_id": np.concatenate(seq["item_ids"].to_list()),
-        "label": np.concatenate(seq["labels"].to_list()),
-        "rating": np.concatenate(seq["ratings"].to_list()),
-        "timestamp": np.concatenate(seq["timestamps"].to_list()),
-        "pos": np.concatenate([np.arange(n) for n in lengths]),
-    }).sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
+    samples = pd.DataFrame(
+        {
+            "user_id": np.repeat(np.arange(n_users), lengths),
+            "item_id": np.concatenate(seq["item_ids"].to_list()),
+            "label": np.concatenate(seq["labels"].to_list()),
+            "rating": np.concatenate(seq["ratings"].to_list()),
+            "timestamp": np.concatenate(seq["timestamps"].to_list()),
+            "pos": np.concatenate([np.arange(n) for n in lengths]),
+        }
+    ).sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
     samples.insert(0, "sample_id", np.arange(len(samples), dtype=np.int64))
     cuts = [0, int(0.8 * len(samples)), int(0.9 * len(samples)), len(samples)]
     for split, a, b in zip(("train", "valid", "test"), cuts[:-1], cuts[1:]):
@@ -64,9 +83,15 @@ def _write_embeddings(directory: Path, vectors: np.ndarray, item_ids: np.ndarray
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ids = np.arange(len(vectors)) if item_ids is None else item_ids
-    pq.write_table(pa.table({"item_id": pa.array(ids, pa.int64()),
-                             "embedding": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32()))}),
-                   directory / "item_embeddings.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": pa.array(ids, pa.int64()),
+                "embedding": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32())),
+            }
+        ),
+        directory / "item_embeddings.parquet",
+    )
     return directory
 
 

@@ -30,8 +30,9 @@ def test_ragged_duplicate_and_absent_files(tmp_path, write_embeddings):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"item_id": [0, 1], "embedding": [[1.0, 0.0], [1.0, 0.0, 0.0]]}),
-                   tmp_path / "item_embeddings.parquet")
+    pq.write_table(
+        pa.table({"item_id": [0, 1], "embedding": [[1.0, 0.0], [1.0, 0.0, 0.0]]}), tmp_path / "item_embeddings.parquet"
+    )
     with pytest.raises(EmbeddingError, match=r"row 1 \(item_id 1\) has dimension 3, row 0 has 2"):
         load_item_embeddings(tmp_path, n_items=2)
     write_embeddings(tmp_path, np.ones((3, 2), np.float32), item_ids=np.array([0, 1, 1]))
@@ -68,9 +69,12 @@ def test_mean_pooling_ignores_padding():
     np.testing.assert_allclose(alone, batched[0], rtol=1e-4, atol=1e-5)
     assert not np.allclose(batched[0], batched[1])
     last = ItemEncoder(cfg.llm, pooling="last", max_length=64)
-    np.testing.assert_allclose(last(pd.DataFrame({"item_id": [0], "text": [short]}))["embedding"][0],
-                               last(pd.DataFrame({"item_id": [0, 1], "text": [short, long]}))["embedding"][0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        last(pd.DataFrame({"item_id": [0], "text": [short]}))["embedding"][0],
+        last(pd.DataFrame({"item_id": [0, 1], "text": [short, long]}))["embedding"][0],
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.ray
@@ -85,5 +89,6 @@ def test_embed_stage_writes_unit_vectors_once(run_dir, ray_local):
     assert (out / "item_embeddings.parquet").stat().st_mtime_ns == stamp
     # A second pass projecting inside the actors gives the same vectors as the driver did.
     sampled = load_config("tiny", ["embed.concurrency=1", "embed.pca_fit_items=90"])
-    np.testing.assert_allclose(load_item_embeddings(embed_items(sampled, run_dir, overwrite=True), 90), vectors,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        load_item_embeddings(embed_items(sampled, run_dir, overwrite=True), 90), vectors, atol=1e-4
+    )

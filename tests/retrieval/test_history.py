@@ -24,7 +24,7 @@ def random_log(seed, n_users=30, n_items=400, max_len=250, d=8, integer=False):
 
 def brute_force(offsets, seq_items, emb, user, target, pos, k):
     """Sort the whole past by (similarity desc, recency desc), keep k, return chronologically."""
-    history = seq_items[offsets[user]:offsets[user] + pos]
+    history = seq_items[offsets[user] : offsets[user] + pos]
     sims = np.array([np.dot(emb[i], emb[target]) for i in history], dtype=np.float32)
     ranked = np.lexsort((-np.arange(pos), -sims))
     return np.sort(ranked[:k])
@@ -53,15 +53,18 @@ def test_short_longer_than_long_and_chunking_agree():
         np.testing.assert_array_equal(a, b)
     hist_long, hist_short = big_blocks.retrieve(users, targets, pos)
     for i in range(0, len(users), 7):
-        np.testing.assert_array_equal(unpadded(hist_short[i]),
-                                      brute_force(offsets, seq_items, emb, users[i], targets[i], pos[i], 12))
+        np.testing.assert_array_equal(
+            unpadded(hist_short[i]), brute_force(offsets, seq_items, emb, users[i], targets[i], pos[i], 12)
+        )
 
 
 def test_only_strict_past_chronological_and_complete():
     offsets, seq_items, emb, users, targets, pos = random_log(3)
     # The target item is also in the history at every position: it must never reach into pos.
     targets = seq_items[offsets[users] + np.minimum(pos, offsets[users + 1] - offsets[users] - 1)]
-    hist_long, hist_short = HistoryRetriever(offsets, seq_items, emb, k_long=20, k_short=3).retrieve(users, targets, pos)
+    hist_long, hist_short = HistoryRetriever(offsets, seq_items, emb, k_long=20, k_short=3).retrieve(
+        users, targets, pos
+    )
     for out, k in ((hist_long, 20), (hist_short, 3)):
         counts = (out >= 0).sum(1)
         np.testing.assert_array_equal(counts, np.minimum(pos, k))
@@ -71,15 +74,23 @@ def test_only_strict_past_chronological_and_complete():
             assert np.all(np.diff(kept) > 0)
             assert np.all(row[: k - len(kept)] == -1)  # left padding, like Sequences.recent
     few = pos <= 3
-    np.testing.assert_array_equal(hist_short[few], np.where(np.arange(-3, 0) + pos[few, None] >= 0,
-                                                            np.arange(-3, 0) + pos[few, None], -1))
+    np.testing.assert_array_equal(
+        hist_short[few], np.where(np.arange(-3, 0) + pos[few, None] >= 0, np.arange(-3, 0) + pos[few, None], -1)
+    )
 
 
 def test_recent_mode_is_sequences_recent():
     offsets, seq_items, emb, users, targets, pos = random_log(4)
-    sequences = Sequences(offsets, seq_items, np.zeros(len(seq_items), np.float32),
-                          np.zeros(len(seq_items), np.int8), np.zeros(len(seq_items), np.int64))
-    retriever = HistoryRetriever(offsets, seq_items, None, k_long=30, k_short=6, long_mode="recent", short_mode="recent")
+    sequences = Sequences(
+        offsets,
+        seq_items,
+        np.zeros(len(seq_items), np.float32),
+        np.zeros(len(seq_items), np.int8),
+        np.zeros(len(seq_items), np.int64),
+    )
+    retriever = HistoryRetriever(
+        offsets, seq_items, None, k_long=30, k_short=6, long_mode="recent", short_mode="recent"
+    )
     hist_long, hist_short = retriever.retrieve(users, targets, pos)
     np.testing.assert_array_equal(hist_long, sequences.recent(users, pos, 30))
     np.testing.assert_array_equal(hist_short, sequences.recent(users, pos, 6))
@@ -88,9 +99,12 @@ def test_recent_mode_is_sequences_recent():
 def test_modes_are_independent():
     offsets, seq_items, emb, users, targets, pos = random_log(5)
     both = HistoryRetriever(offsets, seq_items, emb, k_long=30, k_short=6).retrieve(users, targets, pos)
-    mixed = HistoryRetriever(offsets, seq_items, emb, k_long=30, k_short=6, long_mode="recent").retrieve(users, targets, pos)
-    recent = HistoryRetriever(offsets, seq_items, None, k_long=30, k_short=6, long_mode="recent",
-                              short_mode="recent").retrieve(users, targets, pos)
+    mixed = HistoryRetriever(offsets, seq_items, emb, k_long=30, k_short=6, long_mode="recent").retrieve(
+        users, targets, pos
+    )
+    recent = HistoryRetriever(
+        offsets, seq_items, None, k_long=30, k_short=6, long_mode="recent", short_mode="recent"
+    ).retrieve(users, targets, pos)
     np.testing.assert_array_equal(mixed[0], recent[0])
     np.testing.assert_array_equal(mixed[1], both[1])
     assert not np.array_equal(both[0], recent[0])

@@ -40,10 +40,14 @@ def test_recent_needs_no_embeddings_and_other_configs_refuse(run_dir, ray_local)
     data = PreparedData.load(run_dir / "data")
     samples = data.samples("train")
     got = load_retrieval(run_dir, "train")
-    np.testing.assert_array_equal(got.hist_long, data.sequences.recent(samples["user_id"].to_numpy(), samples["pos"].to_numpy(), 20))
+    np.testing.assert_array_equal(
+        got.hist_long, data.sequences.recent(samples["user_id"].to_numpy(), samples["pos"].to_numpy(), 20)
+    )
     with pytest.raises(StageOutputExists):
-        retrieve_histories(load_config("tiny", ["retrieve.long_mode=recent", "retrieve.short_mode=recent",
-                                                "retrieve.k_short=3"]), run_dir)
+        retrieve_histories(
+            load_config("tiny", ["retrieve.long_mode=recent", "retrieve.short_mode=recent", "retrieve.k_short=3"]),
+            run_dir,
+        )
 
 
 def test_semantic_without_embeddings_is_a_clear_error(run_dir, write_embeddings):

@@ -14,8 +14,14 @@ from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
 # Batches wait long enough to fill on a busy 2-core machine; limits small enough to hit in tests.
-SERVE_OVERRIDES = ["serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.25", "serve.max_candidates=20",
-                   "serve.max_history=50", "serve.max_body_bytes=20000", "serve.num_cpus=1"]
+SERVE_OVERRIDES = [
+    "serve.max_batch_size=8",
+    "serve.batch_wait_timeout_s=0.25",
+    "serve.max_candidates=20",
+    "serve.max_history=50",
+    "serve.max_body_bytes=20000",
+    "serve.num_cpus=1",
+]
 
 
 def free_port() -> int:

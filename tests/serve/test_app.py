@@ -12,18 +12,22 @@ def test_fixed_replicas_or_autoscaling_from_config():
     fixed = deployment_options(load_config("tiny", ["serve.num_replicas=3", "serve.num_gpus=0.5"]))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
-    scaled = deployment_options(load_config("tiny", ["serve.min_replicas=1", "serve.max_replicas=4",
-                                                     "serve.target_ongoing_requests=16"]))
+    scaled = deployment_options(
+        load_config("tiny", ["serve.min_replicas=1", "serve.max_replicas=4", "serve.target_ongoing_requests=16"])
+    )
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
     assert "num_replicas" not in scaled
 
 
-@pytest.mark.parametrize("override, words", [
-    ("serve.max_replicas=0", "max_replicas"),
-    ("serve.max_batch_size=0", "limits must be >= 1"),
-    ("serve.batch_wait_timeout_s=-1", "batch_wait_timeout_s"),
-    ("serve.forward_batch_size=0", "forward_batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("serve.max_replicas=0", "max_replicas"),
+        ("serve.max_batch_size=0", "limits must be >= 1"),
+        ("serve.batch_wait_timeout_s=-1", "batch_wait_timeout_s"),
+        ("serve.forward_batch_size=0", "forward_batch_size"),
+    ],
+)
 def test_bad_serve_config_is_refused(override, words):
     with pytest.raises(ConfigError, match=words):
         load_config("tiny", [override])
@@ -45,8 +49,9 @@ def test_validation_messages_name_the_field():
 
     with pytest.raises(ValidationError) as info:
         ScoreRequest.model_validate_json('{"user_id": 1, "candidates": [1, 2.5], "history": [{"item_id": 1}]}')
-    assert describe(info.value) == ("history.0.rating: Field required; "
-                                    "candidates.1: Value error, a catalogue id is an integer or a string")
+    assert describe(info.value) == (
+        "history.0.rating: Field required; candidates.1: Value error, a catalogue id is an integer or a string"
+    )
 
 
 def test_a_port_in_use_is_one_line_naming_it(tmp_path, caplog):
@@ -61,7 +66,8 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path, caplog):
 
 
 def test_load_shedding_options_reach_the_deployment():
-    options = deployment_options(load_config("tiny", ["serve.max_queued_requests=7", "serve.retry_after_s=3",
-                                                      "serve.health_check_period_s=2"]))
+    options = deployment_options(
+        load_config("tiny", ["serve.max_queued_requests=7", "serve.retry_after_s=3", "serve.health_check_period_s=2"])
+    )
     assert options["max_queued_requests"] == 7 and options["health_check_period_s"] == 2.0
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 3}

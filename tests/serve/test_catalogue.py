@@ -21,10 +21,17 @@ def cold_run(ml100k_csv, tmp_path_factory):
     raw = tmp_path_factory.mktemp("cold") / "raw"
     shutil.copytree(ml100k_csv, raw)
     with open(raw / "items.csv", "a") as f:
-        f.write('9001,Brand New Film (2026),2026,Drama|Sci-Fi\n')
-    cfg = load_config(str(ml100k_csv / "reclora.yaml"), [
-        "run.num_cpus=2", f"data.raw_dir={raw}", "data.cold_items=true", "retrieve.short_mode=recent",
-        "retrieve.long_mode=recent"])
+        f.write("9001,Brand New Film (2026),2026,Drama|Sci-Fi\n")
+    cfg = load_config(
+        str(ml100k_csv / "reclora.yaml"),
+        [
+            "run.num_cpus=2",
+            f"data.raw_dir={raw}",
+            "data.cold_items=true",
+            "retrieve.short_mode=recent",
+            "retrieve.long_mode=recent",
+        ],
+    )
     out = raw.parent / "run"
     prepare_dataset(cfg, RunDir(out).data)
     return cfg, out
@@ -74,13 +81,17 @@ def test_report_examples_name_catalogue_ids_and_titles(cold_run):
     data_dir = RunDir(out).data
     import pandas as pd
 
-    preds = pd.read_parquet(data_dir / "samples" / "test.parquet").head(10)[["sample_id", "user_id", "item_id", "label"]]
+    preds = pd.read_parquet(data_dir / "samples" / "test.parquet").head(10)[
+        ["sample_id", "user_id", "item_id", "label"]
+    ]
     preds["p_yes"] = np.linspace(0.9, 0.1, len(preds))
     lines = example_rows(data_dir, preds, n=4).splitlines()
     items = pd.read_parquet(data_dir / "items.parquet").set_index("item_id")
     users = pd.read_parquet(data_dir / "users.parquet").set_index("user_id")
     top = preds.iloc[0]  # a mixed-type row: the label reads back as a float
     assert lines[0] == "| user | item | title | label | P(yes) |" and len(lines) == 2 + 4
-    assert lines[2] == (f"| {users.raw_id[top.user_id]} | {items.raw_id[top.item_id]} | {items.title[top.item_id]} "
-                        f"| {int(top.label)} | 0.900 |")
+    assert lines[2] == (
+        f"| {users.raw_id[top.user_id]} | {items.raw_id[top.item_id]} | {items.title[top.item_id]} "
+        f"| {int(top.label)} | 0.900 |"
+    )
     assert lines[-1].endswith("| 0.100 |")

@@ -18,8 +18,14 @@ from tests.serve.conftest import SERVE_OVERRIDES, free_port
 pytestmark = pytest.mark.ray
 
 # Two requests scored at once, two queued: the third concurrent one onwards is shed.
-LIMITS = ["serve.max_batch_size=2", "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
-          "serve.retry_after_s=2", "serve.health_check_period_s=1", "serve.request_timeout_s=10"]
+LIMITS = [
+    "serve.max_batch_size=2",
+    "serve.max_ongoing_requests=2",
+    "serve.max_queued_requests=2",
+    "serve.retry_after_s=2",
+    "serve.health_check_period_s=1",
+    "serve.request_timeout_s=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,11 @@ def test_a_full_queue_answers_503_with_retry_after_and_healthz_keeps_answering(s
 
 
 def replica_processes() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if "ServeReplica:reclora:RecLoRAService" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(os.getpid()).children(recursive=True)
+        if "ServeReplica:reclora:RecLoRAService" in " ".join(p.cmdline())
+    ]
 
 
 def test_a_killed_replica_is_replaced_and_requests_succeed_after(shedding_service):
@@ -123,8 +132,10 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(shedding_servic
     ok_before = [o for t, o in outcomes if t < killed_at and o == 200]
     between = [o for t, o in outcomes if t >= killed_at]
     failed = [o for o in between if o != 200]
-    print(f"replica replaced after {recovered_at - killed_at:.1f} s; {len(failed)} of {len(between)} requests "
-          f"sent after the kill failed: {sorted(set(map(str, failed)))}")
+    print(
+        f"replica replaced after {recovered_at - killed_at:.1f} s; {len(failed)} of {len(between)} requests "
+        f"sent after the kill failed: {sorted(set(map(str, failed)))}"
+    )
     assert ok_before, outcomes
     # Failures while no replica runs are answers (shed, timed out) or dropped connections, never 4xx.
     assert all(o in (200, 408, 500, 502, 503, 504) or isinstance(o, str) for o in between), between

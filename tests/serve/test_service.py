@@ -36,8 +36,12 @@ def samples(tuned_run, scorer) -> pd.DataFrame:
     picked = rows.iloc[np.linspace(0, len(rows) - 1, 10).astype(int)].reset_index(drop=True)
     scored = scorer(picked)
     ids = Catalogue.from_prepared(scorer.data)
-    return picked.assign(p_yes=scored["p_yes"], gate=scored["gate"], raw_user=ids.user_raw[picked["user_id"]],
-                         raw_item=ids.item_raw[picked["item_id"]])
+    return picked.assign(
+        p_yes=scored["p_yes"],
+        gate=scored["gate"],
+        raw_user=ids.user_raw[picked["user_id"]],
+        raw_item=ids.item_raw[picked["item_id"]],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,13 @@ def post_all(client, bodies: list[dict], path: str = "/score") -> list:
 
 def as_of(sample, **extra) -> dict:
     """A request that sees exactly what the batch sample saw: the user's first `pos` behaviours."""
-    return {"user_id": sample.raw_user, "candidates": [sample.raw_item], "timestamp": int(sample.timestamp),
-            "as_of_position": int(sample.pos), **extra}
+    return {
+        "user_id": sample.raw_user,
+        "candidates": [sample.raw_item],
+        "timestamp": int(sample.timestamp),
+        "as_of_position": int(sample.pos),
+        **extra,
+    }
 
 
 def test_scores_equal_the_batch_scorer_and_supplied_history_is_appended(service, samples, scorer, catalogue):
@@ -69,8 +78,14 @@ def test_scores_equal_the_batch_scorer_and_supplied_history_is_appended(service,
     bodies = []
     for s in samples[samples["pos"] >= 3].itertuples():
         start = seqs.offsets[s.user_id] + s.pos - 3
-        history = [{"item_id": catalogue.item_raw[seqs.item_ids[i]], "rating": float(seqs.ratings[i]),
-                    "timestamp": int(seqs.timestamps[i])} for i in range(start, start + 3)]
+        history = [
+            {
+                "item_id": catalogue.item_raw[seqs.item_ids[i]],
+                "rating": float(seqs.ratings[i]),
+                "timestamp": int(seqs.timestamps[i]),
+            }
+            for i in range(start, start + 3)
+        ]
         bodies.append(as_of(s, as_of_position=int(s.pos) - 3, history=history))
     appended = np.array([r.json()["scores"][0]["p_yes"] for r in post_all(client, bodies)])
     np.testing.assert_allclose(appended, samples[samples["pos"] >= 3]["p_yes"], atol=1e-5)
@@ -96,7 +111,11 @@ def test_a_new_behaviour_changes_the_answer_and_unknown_users_are_cold_starts(se
     after = client.post("/score", json=body | {"history": [{"item_id": 10, "rating": 1.0}]}).json()
     user3 = catalogue.user(3)  # the catalogue's user 3 is the prepared data's user 2
     assert user3 == 2 and before["user_id"] == 3
-    assert after["history_length"] == before["history_length"] + 1 == scorer.data.sequences.length(np.array([user3]))[0] + 1
+    assert (
+        after["history_length"]
+        == before["history_length"] + 1
+        == scorer.data.sequences.length(np.array([user3]))[0] + 1
+    )
     assert not before["cold_start"] and before["known_user"]
     p = lambda reply: {s["item_id"]: s["p_yes"] for s in reply["scores"]}  # noqa: E731
     assert p(before) != p(after)
@@ -104,8 +123,9 @@ def test_a_new_behaviour_changes_the_answer_and_unknown_users_are_cold_starts(se
     cold = client.post("/score", json={"user_id": n_users + 7, "candidates": [10, 11]}).json()
     assert cold["cold_start"] and not cold["known_user"] and cold["history_length"] == 0
     assert all(0 < s["p_yes"] < 1 for s in cold["scores"])
-    warm = client.post("/score", json={"user_id": n_users + 7, "candidates": [10, 11],
-                                       "history": [{"item_id": 5, "rating": 5.0}]}).json()
+    warm = client.post(
+        "/score", json={"user_id": n_users + 7, "candidates": [10, 11], "history": [{"item_id": 5, "rating": 5.0}]}
+    ).json()
     assert not warm["cold_start"] and not warm["known_user"] and warm["history_length"] == 1
     # A known user replayed before any behaviour is a cold start too.
     assert client.post("/score", json={"user_id": 3, "candidates": [10], "as_of_position": 0}).json()["cold_start"]
@@ -149,13 +169,15 @@ def test_gate_weights_and_exported_peft_adapter_reproduce_the_user(service, samp
         zf.extractall(tmp_path)
         (adapter_dir,) = {name.split("/")[0] for name in zf.namelist()}
     assert adapter_dir == f"reclora-user{s.raw_user}-item{s.raw_item}"
-    assert sorted(p.name for p in (tmp_path / adapter_dir).iterdir()) == ["adapter_config.json",
-                                                                         "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / adapter_dir).iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     base, _ = load_base(serve_config.llm, device="cpu")
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / adapter_dir)).eval()
     row = samples.iloc[[-1]].reset_index(drop=True)
     users, items, stamps = row["user_id"].to_numpy(), row["item_id"].to_numpy(), row["timestamp"].to_numpy()
-    (_, batch), = scorer.inputs.scoring_batches(users, items, stamps, scorer.inputs.histories(row), 1)
+    ((_, batch),) = scorer.inputs.scoring_batches(users, items, stamps, scorer.inputs.histories(row), 1)
     with torch.no_grad():
         logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
     collator = scorer.inputs.collator
@@ -179,10 +201,17 @@ BAD_SCORE_BODIES = [
     (b'{"user_id": 12, "candidates": [1, 99999, "sku-5"]}', 404, "[99999, 'sku-5']"),
     (b'{"user_id": 12, "candidates": [1], "history": [{"item_id": 77777, "rating": 4}]}', 404, "[77777]"),
     (b'{"user_id": 12, "candidates": [1], "history": [{"item_id": 7, "rating": 9}]}', 422, "history.0.rating"),
-    (b'{"user_id": 12, "candidates": [1], "history": [{"item_id": 7, "rating": 4, "timestamp": 9},'
-     b' {"item_id": 8, "rating": 4, "timestamp": 3}]}', 422, "oldest first"),
-    (b'{"user_id": 12, "candidates": [1], "history": [' + b",".join([b'{"item_id": 7, "rating": 4}'] * 51) + b"]}",
-     422, "max_history=50"),
+    (
+        b'{"user_id": 12, "candidates": [1], "history": [{"item_id": 7, "rating": 4, "timestamp": 9},'
+        b' {"item_id": 8, "rating": 4, "timestamp": 3}]}',
+        422,
+        "oldest first",
+    ),
+    (
+        b'{"user_id": 12, "candidates": [1], "history": [' + b",".join([b'{"item_id": 7, "rating": 4}'] * 51) + b"]}",
+        422,
+        "max_history=50",
+    ),
     (b'{"user_id": 12, "candidates": [1], "as_of_position": 100000}', 422, "as_of_position"),
     (b'{"user_id": 12, "candidates": [1], "pad": "' + b"x" * 20000 + b'"}', 413, "max_body_bytes=20000"),
 ]
@@ -194,15 +223,21 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_replica_lives_on(servic
     for body, status, words in BAD_SCORE_BODIES:
         reply = client.post("/score", content=body, headers={"content-type": "application/json"})
         assert (reply.status_code, words in reply.json()["detail"]) == (status, True), (body[:80], reply.text)
-    for path, status, words in [("/users/12/adapter", 422, "item_id"),
-                                ("/users/12/adapter?item_id=99999", 404, "['99999']"),
-                                ("/users/12/adapter?item_id=1&as_of_position=-2", 422, "as_of_position")]:
+    for path, status, words in [
+        ("/users/12/adapter", 422, "item_id"),
+        ("/users/12/adapter?item_id=99999", 404, "['99999']"),
+        ("/users/12/adapter?item_id=1&as_of_position=-2", 422, "as_of_position"),
+    ]:
         reply = client.get(path)
         assert (reply.status_code, words in reply.json()["detail"]) == (status, True), (path, reply.text)
     reply = client.post("/users/12/adapter/export", json={"item_id": 99999})
     assert reply.status_code == 404 and "[99999]" in reply.json()["detail"]
     stranger = client.get("/users/someone-new/adapter?item_id=1")  # an unknown user is a new user, not an error
-    assert stranger.status_code == 200 and not stranger.json()["known_user"] and stranger.json()["user_id"] == "someone-new"
+    assert (
+        stranger.status_code == 200
+        and not stranger.json()["known_user"]
+        and stranger.json()["user_id"] == "someone-new"
+    )
     reply = client.post("/users/12/adapter/export", json={})
     assert reply.status_code == 422 and "item_id" in reply.json()["detail"]
     health = client.get("/healthz")
@@ -226,8 +261,20 @@ def test_export_adapter_command_writes_the_services_adapter_and_a_merged_model(s
     with zipfile.ZipFile(io.BytesIO(served.content)) as zf:
         zf.extractall(tmp_path / "served")
         (name,) = {n.split("/")[0] for n in zf.namelist()}
-    base_args = ["export-adapter", "--config", "tiny", *(a for o in TINY_OVERRIDES for a in ("--set", o)),
-                 "--run", str(tuned_run), "--user", str(s.raw_user), "--item", str(s.raw_item), "--timestamp", str(stamp)]
+    base_args = [
+        "export-adapter",
+        "--config",
+        "tiny",
+        *(a for o in TINY_OVERRIDES for a in ("--set", o)),
+        "--run",
+        str(tuned_run),
+        "--user",
+        str(s.raw_user),
+        "--item",
+        str(s.raw_item),
+        "--timestamp",
+        str(stamp),
+    ]
     assert cli_main([*base_args, "--out", str(tmp_path / "cli")]) == 0
     served_tensors = load_file(tmp_path / "served" / name / "adapter_model.safetensors")
     cli_tensors = load_file(tmp_path / "cli" / "adapter_model.safetensors")
@@ -246,7 +293,8 @@ def test_export_adapter_command_writes_the_services_adapter_and_a_merged_model(s
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     input_ids = torch.arange(3, 40).reshape(1, -1)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids).logits, peft_model(input_ids=input_ids).logits,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            merged(input_ids=input_ids).logits, peft_model(input_ids=input_ids).logits, atol=1e-4, rtol=0
+        )
     assert cli_main([*base_args[:-4], "--item", "no-such-item", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()

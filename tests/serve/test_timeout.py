@@ -37,6 +37,7 @@ def test_a_request_past_the_timeout_is_answered_408(timing_out_service):
     assert reply.status_code == 408, (reply.status_code, reply.text)
     assert "timed out after 1.0s" in reply.text
     # A caller may still ask for more time per request, which Serve honours over the default.
-    slow = client.post("/score", json={"user_id": 1, "candidates": [1, 2, 3]},
-                       headers={"x-request-timeout-seconds": "20"})
+    slow = client.post(
+        "/score", json={"user_id": 1, "candidates": [1, 2, 3]}, headers={"x-request-timeout-seconds": "20"}
+    )
     assert slow.status_code == 200 and len(slow.json()["scores"]) == 3

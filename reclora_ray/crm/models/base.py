@@ -183,8 +183,9 @@ class CRM(nn.Module):
         return self.head(self.represent(batch)).squeeze(-1)
 
 
-def attention_pool(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
+def attention_pool(
+    attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Target attention (B, D) over (B, K, D) with a padding mask; rows with no key give zeros."""
     empty = ~mask.any(1)
     key_padding = ~mask.clone()

@@ -16,8 +16,13 @@ class GRU4Rec(CRM):
     def __init__(self, spec, cfg, tables=None):
         super().__init__(spec, cfg, tables)
         g = cfg.gru4rec
-        self.gru = nn.GRU(self.embedding.item_dim, g.gru_hidden, num_layers=g.gru_layers, batch_first=True,
-                          dropout=cfg.dropout if g.gru_layers > 1 else 0.0)
+        self.gru = nn.GRU(
+            self.embedding.item_dim,
+            g.gru_hidden,
+            num_layers=g.gru_layers,
+            batch_first=True,
+            dropout=cfg.dropout if g.gru_layers > 1 else 0.0,
+        )
         self._build_head(self.embedding.profile_dim + g.gru_hidden)
 
     def represent(self, batch: Batch) -> torch.Tensor:

@@ -21,8 +21,14 @@ class SASRec(CRM):
             raise ConfigError(f"crm.sasrec.heads: {s.heads} does not divide attention_size {s.attention_size}")
         self.project = nn.Linear(self.embedding.item_dim, s.attention_size)
         self.position = nn.Embedding(spec.history_len, s.attention_size)
-        layer = nn.TransformerEncoderLayer(s.attention_size, s.heads, dim_feedforward=s.attention_size,
-                                           dropout=cfg.dropout, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            s.attention_size,
+            s.heads,
+            dim_feedforward=s.attention_size,
+            dropout=cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, s.attention_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(s.attention_size)
         causal = torch.triu(torch.ones(spec.history_len, spec.history_len, dtype=torch.bool), diagonal=1)

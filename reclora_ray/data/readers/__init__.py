@@ -61,6 +61,20 @@ def open_source(dataset: str, raw_dir: str | None, data: DataConfig | None = Non
     return source
 
 
-__all__ = ["DelimitedFormat", "GoodReads", "LogRules", "ML1M", "ML25M", "ML100K", "PackagedML100K", "RawDataError",
-           "Source", "byte_ranges", "open_source", "packaged_ml100k_dir", "parse_delimited_range",
-           "quiet_ray_data_errors", "unwrap_raw_data_error"]
+__all__ = [
+    "DelimitedFormat",
+    "GoodReads",
+    "LogRules",
+    "ML1M",
+    "ML25M",
+    "ML100K",
+    "PackagedML100K",
+    "RawDataError",
+    "Source",
+    "byte_ranges",
+    "open_source",
+    "packaged_ml100k_dir",
+    "parse_delimited_range",
+    "quiet_ray_data_errors",
+    "unwrap_raw_data_error",
+]

@@ -28,6 +28,8 @@ from reclora_ray.data.text import year_from_title
 LOG_COLUMNS = ("user", "item", "rating", "timestamp")
 TARGET_CHUNK_BYTES = 64 << 20
 GENDERS = {"M": "male", "F": "female"}
+
+
 def require_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
@@ -90,11 +92,11 @@ class DelimitedFormat:
         table = pcsv.read_csv(
             io.BytesIO(data),
             read_options=pcsv.ReadOptions(column_names=list(self.columns), use_threads=False),
-            parse_options=pcsv.ParseOptions(delimiter="\t" if len(self.delimiter) > 1 else self.delimiter,
-                                            quote_char=False),
+            parse_options=pcsv.ParseOptions(
+                delimiter="\t" if len(self.delimiter) > 1 else self.delimiter, quote_char=False
+            ),
             convert_options=pcsv.ConvertOptions(
-                column_types={"user": pa.int64(), "item": pa.int64(), "rating": pa.float32(),
-                              "timestamp": pa.int64()},
+                column_types={"user": pa.int64(), "item": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()},
                 include_columns=list(LOG_COLUMNS),
             ),
         )
@@ -183,9 +185,11 @@ def read_delimited_log(path: Path, fmt: DelimitedFormat, blocks: int | None, rul
     if path.stat().st_size == 0:
         raise RawDataError(f"{path}: the file is empty")
     tasks = byte_ranges(path, TARGET_CHUNK_BYTES, min_ranges=blocks or 1)
-    return raising_original_errors(ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt, rules), batch_size=1, batch_format="pyarrow"
-    ))
+    return raising_original_errors(
+        ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            lambda batch: parse_delimited_range(batch.to_pylist()[0], fmt, rules), batch_size=1, batch_format="pyarrow"
+        )
+    )
 
 
 # --------------------------------------------------------------------------- gzipped JSON lines
@@ -201,8 +205,9 @@ def json_line_chunks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[tuple[i
                 block = f.read(chunk_bytes)
             except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
                 at = line + rest.count(b"\n")
-                raise RawDataError(f"{path}, line {at}: not a complete gzip file "
-                                   f"(truncated, or not gzipped): {exc}") from None
+                raise RawDataError(
+                    f"{path}, line {at}: not a complete gzip file (truncated, or not gzipped): {exc}"
+                ) from None
             if not block:
                 break
             block = rest + block
@@ -217,8 +222,9 @@ def json_line_chunks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[tuple[i
         yield line, rest
 
 
-def parse_json_lines(path: str, first_line: int, data: bytes, schema: pa.Schema,
-                     required: tuple[str, ...] | None = None) -> pa.Table:
+def parse_json_lines(
+    path: str, first_line: int, data: bytes, schema: pa.Schema, required: tuple[str, ...] | None = None
+) -> pa.Table:
     """The fields of `schema` from whole JSON lines; `required` ones (default: all) must be set."""
     required = schema.names if required is None else required
     try:
@@ -245,7 +251,9 @@ def _first_bad_json_line(path: str, first_line: int, data: bytes, schema: pa.Sch
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return f"{path}, line {first_line + index}: not UTF-8 text (byte {raw[exc.start]:#x} at position {exc.start})"
+            return (
+                f"{path}, line {first_line + index}: not UTF-8 text (byte {raw[exc.start]:#x} at position {exc.start})"
+            )
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -275,16 +283,19 @@ def json_files_dataset(paths: list[Path], parse: Callable[[str], Iterator[pa.Tab
     import ray
 
     items = [{"path": str(p)} for p in paths]
-    return raising_original_errors(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        lambda batch: parse(batch["path"][0].as_py()), batch_size=1, batch_format="pyarrow"
-    ))
+    return raising_original_errors(
+        ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            lambda batch: parse(batch["path"][0].as_py()), batch_size=1, batch_format="pyarrow"
+        )
+    )
 
 
 # --------------------------------------------------------------------------- small files
 
 
-def read_rows(path: Path, delimiter: str, n_fields: int | tuple[int, ...], encoding: str = "latin-1",
-              header: str | None = None) -> list[list[str]]:
+def read_rows(
+    path: Path, delimiter: str, n_fields: int | tuple[int, ...], encoding: str = "latin-1", header: str | None = None
+) -> list[list[str]]:
     """Every line of a small delimited file, split, checking the field count per line."""
     require_file(path)
     counts = (n_fields,) if isinstance(n_fields, int) else n_fields
@@ -303,7 +314,9 @@ def read_rows(path: Path, delimiter: str, n_fields: int | tuple[int, ...], encod
             if fields in ([], [""]):
                 continue
             if len(fields) not in counts:
-                raise RawDataError(f"{path}, line {number}: expected {n_fields} fields separated by {delimiter!r}, got {len(fields)}")
+                raise RawDataError(
+                    f"{path}, line {number}: expected {n_fields} fields separated by {delimiter!r}, got {len(fields)}"
+                )
             rows.append(fields + [str(number)])  # the line number rides along for later errors
     return rows
 
@@ -313,8 +326,9 @@ def decoded_lines(f, path: Path, encoding: str) -> Iterator[str]:
         try:
             yield raw.decode(encoding)
         except UnicodeDecodeError as exc:
-            raise RawDataError(f"{path}, line {number}: not {encoding} text "
-                               f"(byte {raw[exc.start]:#x} at position {exc.start})") from None
+            raise RawDataError(
+                f"{path}, line {number}: not {encoding} text (byte {raw[exc.start]:#x} at position {exc.start})"
+            ) from None
 
 
 def parse_int(value: str, path: Path, line: str, name: str) -> int:

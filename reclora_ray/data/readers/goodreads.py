@@ -17,11 +17,33 @@ from reclora_ray.data.checks import LogRules, RawDataError, check_log_block, lin
 from reclora_ray.data.readers.base import Source, json_files_dataset, json_line_chunks, parse_json_lines, to_int64
 
 # GoodReads shelves that say where a book sits on a user's shelf, not what it is about.
-NON_GENRE_SHELVES = frozenset({
-    "to-read", "currently-reading", "read", "favorites", "favourites", "owned", "books-i-own",
-    "owned-books", "default", "library", "to-buy", "wish-list", "wishlist", "kindle", "ebook",
-    "ebooks", "my-books", "my-library", "home-library", "i-own", "own", "audiobook", "audiobooks",
-})
+NON_GENRE_SHELVES = frozenset(
+    {
+        "to-read",
+        "currently-reading",
+        "read",
+        "favorites",
+        "favourites",
+        "owned",
+        "books-i-own",
+        "owned-books",
+        "default",
+        "library",
+        "to-buy",
+        "wish-list",
+        "wishlist",
+        "kindle",
+        "ebook",
+        "ebooks",
+        "my-books",
+        "my-library",
+        "home-library",
+        "i-own",
+        "own",
+        "audiobook",
+        "audiobooks",
+    }
+)
 
 
 GOODREADS_GENRES_PER_BOOK = 3
@@ -43,12 +65,14 @@ def parse_goodreads_interactions(path: str, rules: LogRules) -> Iterator[pa.Tabl
                 f"{path}, line {first_line + index}: field 'date_updated' is not a date like "
                 f"'Thu Dec 17 11:29:36 -0800 2015': {table['date_updated'][index]}"
             )
-        parsed = pa.table({
-            "user": table["user_id"],
-            "item": to_int64(table["book_id"], path, first_line, "book_id"),
-            "rating": pc.cast(table["rating"], pa.float32()),
-            "timestamp": pc.cast(stamps, pa.int64()),
-        })
+        parsed = pa.table(
+            {
+                "user": table["user_id"],
+                "item": to_int64(table["book_id"], path, first_line, "book_id"),
+                "rating": pc.cast(table["rating"], pa.float32()),
+                "timestamp": pc.cast(stamps, pa.int64()),
+            }
+        )
         parsed = check_log_block(parsed, path, lines_from(first_line), rules, fields)
         yield parsed.filter(pc.greater(parsed["rating"], 0))  # 0 = shelved without a rating
 
@@ -83,8 +107,10 @@ class GoodReads(Source):
         return self.required_files() + ([authors] if authors.is_file() else [])
 
     def read_log(self, blocks: int | None):
-        return json_files_dataset(self._glob("goodreads_interactions*.json.gz"),
-                                  functools.partial(parse_goodreads_interactions, rules=self.rules))
+        return json_files_dataset(
+            self._glob("goodreads_interactions*.json.gz"),
+            functools.partial(parse_goodreads_interactions, rules=self.rules),
+        )
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         wanted = pa.array(raw_ids, type=pa.int64())
@@ -96,11 +122,15 @@ class GoodReads(Source):
         return books[["raw_id", "title", "year", "genres", "authors"]]
 
 
-GOODREADS_BOOK_SCHEMA = pa.schema([
-    ("book_id", pa.string()), ("title", pa.string()), ("publication_year", pa.string()),
-    ("authors", pa.list_(pa.struct([("author_id", pa.string())]))),
-    ("popular_shelves", pa.list_(pa.struct([("count", pa.string()), ("name", pa.string())]))),
-])
+GOODREADS_BOOK_SCHEMA = pa.schema(
+    [
+        ("book_id", pa.string()),
+        ("title", pa.string()),
+        ("publication_year", pa.string()),
+        ("authors", pa.list_(pa.struct([("author_id", pa.string())]))),
+        ("popular_shelves", pa.list_(pa.struct([("count", pa.string()), ("name", pa.string())]))),
+    ]
+)
 
 
 def _goodreads_books(path: str, wanted: pa.Array) -> pd.DataFrame:
@@ -111,13 +141,19 @@ def _goodreads_books(path: str, wanted: pa.Array) -> pd.DataFrame:
         keep = pc.is_in(book_ids, value_set=wanted)
         table = table.filter(keep)  # only now do the kept books become Python objects
         years = pd.to_numeric(pd.Series(table["publication_year"].to_pylist(), dtype="string"), errors="coerce")
-        frames.append(pd.DataFrame({
-            "raw_id": book_ids.filter(keep).to_numpy(),
-            "title": table["title"].to_pylist(),
-            "year": years.astype("Int64"),
-            "genres": [_shelf_genres(s or []) for s in table["popular_shelves"].to_pylist()],
-            "author_ids": [[a["author_id"] for a in (authors or [])] for authors in table["authors"].to_pylist()],
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "raw_id": book_ids.filter(keep).to_numpy(),
+                    "title": table["title"].to_pylist(),
+                    "year": years.astype("Int64"),
+                    "genres": [_shelf_genres(s or []) for s in table["popular_shelves"].to_pylist()],
+                    "author_ids": [
+                        [a["author_id"] for a in (authors or [])] for authors in table["authors"].to_pylist()
+                    ],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 

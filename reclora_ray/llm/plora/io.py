@@ -82,7 +82,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT!r} v{VERSION}")
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT!r} v{VERSION}"
+        )
     return meta
 
 
@@ -103,11 +105,15 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike) -> Perso
     expected = model.adapter_state_dict()
     if set(saved) != set(expected):
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        raise ValueError(f"{weights_path}: tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(
+            f"{weights_path}: tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     with torch.no_grad():
         for name, param in expected.items():
             if saved[name].shape != param.shape:
-                raise ValueError(f"{weights_path}: {name} has shape {tuple(saved[name].shape)}, the model needs {tuple(param.shape)}")
+                raise ValueError(
+                    f"{weights_path}: {name} has shape {tuple(saved[name].shape)}, the model needs {tuple(param.shape)}"
+                )
             param.copy_(saved[name])
     return model
 

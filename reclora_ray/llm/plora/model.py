@@ -38,7 +38,9 @@ def wrap_lora_layers(
             f"its Linear layers are named {linear_names}"
         )
     gated = cfg.variant == "plora"
-    r, n_meta = {"plora": (cfg.r, cfg.n_meta), "lora": (cfg.r, 1), "lora_same_params": (cfg.r * cfg.n_meta, 1)}[cfg.variant]
+    r, n_meta = {"plora": (cfg.r, cfg.n_meta), "lora": (cfg.r, 1), "lora_same_params": (cfg.r * cfg.n_meta, 1)}[
+        cfg.variant
+    ]
     layers = {}
     for name, module in targets:
         if isinstance(module, PLoRALinear):
@@ -80,7 +82,9 @@ class PersonalizedLoRAModel(nn.Module):
     and runs the HF model; extra keyword arguments (e.g. logits_to_keep=1 for scoring) pass through.
     """
 
-    def __init__(self, base_model: nn.Module, lora_config: LoRAConfig, crm_dim: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, base_model: nn.Module, lora_config: LoRAConfig, crm_dim: int, dtype: torch.dtype = torch.float32
+    ):
         super().__init__()
         self.lora_config = dataclasses.replace(lora_config, target_modules=list(lora_config.target_modules))
         self.crm_dim = crm_dim
@@ -89,7 +93,9 @@ class PersonalizedLoRAModel(nn.Module):
         self.lora_layer_names = list(layers)
         self.gated = self.lora_config.variant == "plora"
         shared = self.gated and self.lora_config.gate == "shared"
-        self.gate = _make_gate(self.lora_config, crm_dim).to(device=_device_of(base_model), dtype=dtype) if shared else None
+        self.gate = (
+            _make_gate(self.lora_config, crm_dim).to(device=_device_of(base_model), dtype=dtype) if shared else None
+        )
 
     # ----------------------------------------------------------------- structure
 
