@@ -27,10 +27,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # One cluster image per CUDA line of reclora_ray/gpu.py (V100: cu126; A100/H100/L40S: cu130):
 #   make images REGISTRY=registry.example.com/team   (then docker push each tag)
