@@ -2,8 +2,9 @@
 stages: rows read by the workers, scored by an actor pool, written as Parquet shards into the
 stage's staged output, metrics computed over the shards by the workers (`predictions.py`).
 
-The driver never holds the rows: it lists row ranges (a split's Parquet row groups), and reads at
-most the sample_id column when the LLM rows score a fixed subsample of the split.
+The driver never holds the rows: it lists row ranges (a split's Parquet row groups, cut so every
+actor of the pool gets work), and reads at most the sample_id column when the LLM rows score a
+fixed subsample of the split.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class SplitRows(NamedTuple):
 def split_rows(
     samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None, min_ranges: int = 8, readers: int = 2
 ):
-    """A Ray Dataset of a split's rows, read by the workers range by range (at least `min_ranges`
-    ranges where the split has as many rows: give an actor pool several blocks per actor).
+    """A split's rows as a lazy Ray Dataset, read by the workers range by range (at least
+    `min_ranges` ranges where the split has as many rows: an actor pool gets several blocks per
+    actor), with their count.
 
     The reads take no CPU, at most `readers` at a time: on one CPU each they would be fused into
     the scoring actors, which then bundle `batch_size` one-row range items into one call and score
