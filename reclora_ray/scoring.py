@@ -24,6 +24,7 @@ from reclora_ray.runtime import init_ray
 from reclora_ray.stages import StageRun
 
 log = logging.getLogger(__name__)
+CALLS_PER_ACTOR = 4  # at least this many ranges and calls per actor of a scoring pool
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -88,14 +89,12 @@ class SplitRows(NamedTuple):
     n_rows: int
 
 
-def split_rows(
-    samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None, min_ranges: int = 8, readers: int = 2
-):
-    """A split's rows as a lazy Ray Dataset, read by the workers range by range (at least
-    `min_ranges` ranges where the split has as many rows: an actor pool gets several blocks per
-    actor), with their count.
+def split_rows(samples: Path, retrieval: Path | None = None, keep: np.ndarray | None = None, actors: int = 2):
+    """A split's rows as a lazy Ray Dataset, read by the workers range by range, with their count:
+    at least CALLS_PER_ACTOR ranges per actor of the `actors`-actor pool that will score them,
+    where the split has as many rows.
 
-    The reads take no CPU, at most `readers` at a time: on one CPU each they would be fused into
+    The reads take no CPU, at most `actors` at a time: on one CPU each they would be fused into
     the scoring actors, which then bundle `batch_size` one-row range items into one call and score
     the whole split on one actor, or wait for CPUs the actors hold.
 
@@ -113,7 +112,7 @@ def split_rows(
             raise ValueError(
                 f"the retrieval output {retrieval} does not match {samples}; re-run `reclora retrieve --overwrite`"
             )
-    ranges = row_ranges(samples, min_ranges)
+    ranges = row_ranges(samples, CALLS_PER_ACTOR * actors)
     if not ranges:
         raise ValueError(f"{samples} holds no rows to score")
     n_rows = len(keep) if keep is not None else ranges[-1][1]
@@ -123,7 +122,7 @@ def split_rows(
             batch_size=1,
             batch_format="numpy",
             num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=readers),
+            compute=ray.data.TaskPoolStrategy(size=actors),
             fn_kwargs={
                 "samples": str(samples),
                 "retrieval": None if retrieval is None else str(retrieval),
@@ -171,10 +170,10 @@ def _plain_block(frame: pd.DataFrame, data_dir: str | None) -> pa.Table:
 
 
 def call_rows(n_rows: int, max_rows: int, actors: int) -> int:
-    """Rows per actor call: at most `max_rows`, and few enough that the split makes at least four
-    calls per actor (Ray Data bundles small blocks up to a call's rows: 200 rows in calls of 128
-    would go 128 to one actor and 72 to the other)."""
-    return max(1, min(max_rows, -(-n_rows // (4 * actors))))
+    """Rows per actor call: at most `max_rows`, and few enough that the split makes at least
+    CALLS_PER_ACTOR calls per actor (Ray Data bundles small blocks up to a call's rows: 200 rows
+    in calls of 128 would go 128 to one actor and 72 to the other)."""
+    return max(1, min(max_rows, -(-n_rows // (CALLS_PER_ACTOR * actors))))
 
 
 def score_with(

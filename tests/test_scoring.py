@@ -61,7 +61,7 @@ def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, t
 
     path = _split(tmp_path / "test.parquet", 640, 640)
     keep = np.arange(0, 640, 2)
-    rows = split_rows(path, keep=keep, min_ranges=8)
+    rows = split_rows(path, keep=keep, actors=2)
     assert rows.n_rows == len(keep) and rows.dataset.materialize().num_blocks() == 8
     scored = rows.dataset.map_batches(
         Pid,

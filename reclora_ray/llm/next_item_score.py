@@ -280,9 +280,7 @@ def next_item_summary(staged: Path) -> dict:
 
 def _score_next(actor, ctor_kwargs: dict, stage: StageRun, num_gpus: float, info: dict) -> dict:
     cfg, out = stage.cfg, stage.out
-    rows = split_rows(
-        split_path(stage.run, "test"), min_ranges=4 * cfg.score.concurrency, readers=cfg.score.concurrency
-    )
+    rows = split_rows(split_path(stage.run, "test"), actors=cfg.score.concurrency)
     metrics = score_with(
         actor,
         ctor_kwargs,

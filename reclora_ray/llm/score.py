@@ -178,7 +178,7 @@ def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
     samples = run.data / "samples" / "test.parquet"
     retrieval = retrieval_dir(run) / "test.parquet" if variant.needs_retrieval else None
     keep = subsample_ids(samples, cfg.score.llm_subsample, cfg.run.seed) if subsample else None
-    return split_rows(samples, retrieval, keep, min_ranges=4 * cfg.score.concurrency, readers=cfg.score.concurrency)
+    return split_rows(samples, retrieval, keep, actors=cfg.score.concurrency)
 
 
 def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) -> Path:
