@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from reclora_ray.crm.features import FeatureEncoder, FeatureSpec
 from reclora_ray.data.prepared import PreparedData, PreparedDataError, Sequences
-from reclora_ray.retrieval.history import lists_to_padded
+from reclora_ray.retrieval.history import history_indices
 from reclora_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,8 @@ def retrieval_path(run: RunDir, split: str) -> Path:
     return run.retrieval / f"{split}.parquet"
 
 
-def retrieved_history(
-    run: RunDir, split: str, k: int, start: int, stop: int, expect_sample_ids: np.ndarray
-) -> np.ndarray:
-    """hist_long of rows [start, stop) (retrieval contract: same row order as the samples file),
-    as an (n, k) index array, -1 left padded, most recent last.
+def retrieved_history(run: RunDir, split: str, start: int, stop: int, expect_sample_ids: np.ndarray) -> pa.ChunkedArray:
+    """hist_long of rows [start, stop) (retrieval contract: same row order as the samples file).
 
     The one place the CRM reads retrieval output; it reads row ranges so a split is never loaded
     whole (`reclora_ray.retrieval.retrieve.load_retrieval` returns whole splits).
@@ -76,19 +73,16 @@ def retrieved_history(
             f"{path}: row {start + bad} has sample_id {sample_ids[bad] if len(sample_ids) else None}, "
             f"the samples file has {expect_sample_ids[bad]}; the retrieval output is stale, re-run `reclora retrieve`"
         )
-    return lists_to_padded(table.column("hist_long"), k, truncate=True)
+    return table.column("hist_long")
 
 
-def crm_history_indices(
-    run: RunDir, split: str, spec: FeatureSpec, sequences: Sequences, rows: pa.Table, start: int
-) -> np.ndarray:
+def crm_history_indices(run: RunDir, split: str, spec: FeatureSpec, rows: pa.Table, start: int) -> np.ndarray:
     """(n, K) indices into each sample's user sequence: retrieved (long) or the most recent K."""
-    user_ids = rows.column("user_id").to_numpy()
-    if spec.history == "recent":
-        return sequences.recent(user_ids, rows.column("pos").to_numpy(), spec.history_len)
-    return retrieved_history(
-        run, split, spec.history_len, start, start + rows.num_rows, rows.column("sample_id").to_numpy()
-    )
+    retrieved = None
+    if spec.history != "recent":
+        stop = start + rows.num_rows
+        retrieved = retrieved_history(run, split, start, stop, rows.column("sample_id").to_numpy())
+    return history_indices(rows.column("pos").to_numpy(), spec.history_len, retrieved)
 
 
 def encode_rows(
@@ -97,7 +91,7 @@ def encode_rows(
     """The encoded batch (plus label and sample_id) of rows [start, stop) of a split."""
     path = run.data / "samples" / f"{split}.parquet"
     rows = read_rows(path, start, stop, SAMPLE_READ_COLUMNS)
-    indices = crm_history_indices(run, split, spec, sequences, rows, start)
+    indices = crm_history_indices(run, split, spec, rows, start)
     user_ids = rows.column("user_id").to_numpy()
     batch = FeatureEncoder(spec).encode(
         user_ids,

@@ -46,6 +46,12 @@ class PreparedDataError(ValueError):
     """A prepared directory that is missing, incomplete or inconsistent; names the file."""
 
 
+def recent_indices(pos: np.ndarray, k: int) -> np.ndarray:
+    """The last min(pos, k) indices before each pos, ascending, -1 padded on the left: (n, k) int32."""
+    idx = np.asarray(pos, dtype=np.int64)[:, None] + np.arange(-k, 0, dtype=np.int64)[None, :]
+    return np.where(idx >= 0, idx, -1).astype(np.int32)
+
+
 @dataclass
 class Sequences:
     """Every user's chronological behaviours, CSR: user u owns [offsets[u], offsets[u+1])."""
@@ -62,9 +68,7 @@ class Sequences:
     def recent(self, user_ids: np.ndarray, pos: np.ndarray, k: int) -> np.ndarray:
         """Indices (into each user's sequence) of the last k behaviours before pos, -1 padded
         on the left, chronological: shape (n, k)."""
-        steps = np.arange(-k, 0, dtype=np.int64)
-        idx = np.asarray(pos, dtype=np.int64)[:, None] + steps[None, :]
-        return np.where(idx >= 0, idx, -1).astype(np.int32)
+        return recent_indices(pos, k)
 
     def gather(self, user_ids: np.ndarray, indices: np.ndarray, field: str = "item_ids") -> np.ndarray:
         """Values of `field` at per-user sequence indices (n, k); -1 indices give -1 / 0."""

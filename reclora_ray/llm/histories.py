@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from reclora_ray.data.prepared import Sequences
+from reclora_ray.retrieval.history import history_indices
 from reclora_ray.rundir import RunDir
 from reclora_ray.variants import Variant
 
@@ -35,23 +36,22 @@ class Histories:
         )
 
 
-def history_indices(sequences: Sequences, rows: pd.DataFrame, mode: str, k: int, column: str) -> np.ndarray:
-    """(B, k) indices into each user's sequence: the retrieved `column` or the last k before pos."""
-    if mode == "recent":
-        return sequences.recent(rows["user_id"].to_numpy(), rows["pos"].to_numpy(), k).astype(np.int64)
-    if mode != "semantic":
+def history_indices_of(rows: pd.DataFrame, mode: str, k: int, column: str) -> np.ndarray:
+    """(B, k) indices into each user's sequence for prepared samples (columns pos[, `column`]):
+    the retrieved `column` or the last k before pos (`retrieval.history.history_indices`)."""
+    if mode not in ("semantic", "recent"):
         raise ValueError(f"unknown history mode {mode!r}; expected 'semantic' or 'recent'")
-    if column not in rows:
-        raise ValueError(
-            f"semantic histories need the retrieval output column {column!r}; run `reclora retrieve` first"
-        )
-    indices = np.stack(rows[column].to_numpy()).astype(np.int64)
-    if indices.shape[1] != k:
-        raise ValueError(
-            f"{column} holds {indices.shape[1]} behaviours per sample but the config asks for {k}; "
-            "re-run `reclora retrieve --overwrite` with this config"
-        )
-    return indices
+    retrieved = None
+    if mode == "semantic":
+        if column not in rows:
+            raise ValueError(
+                f"semantic histories need the retrieval output column {column!r}; run `reclora retrieve` first"
+            )
+        retrieved = np.stack(rows[column].to_numpy())
+    try:
+        return history_indices(rows["pos"].to_numpy(), k, retrieved)
+    except ValueError as err:
+        raise ValueError(f"{column}: {err}; re-run `reclora retrieve --overwrite` with this config") from None
 
 
 def sample_histories(
@@ -66,11 +66,9 @@ def sample_histories(
             sequences.gather(users, indices, "ratings").astype(np.float32),
         )
 
-    short = gather(history_indices(sequences, rows, variant.short_mode, k_short, "hist_short"))
+    short = gather(history_indices_of(rows, variant.short_mode, k_short, "hist_short"))
     long = (
-        gather(history_indices(sequences, rows, variant.long_mode, k_long, "hist_long"))
-        if variant.uses_crm
-        else (None, None)
+        gather(history_indices_of(rows, variant.long_mode, k_long, "hist_long")) if variant.uses_crm else (None, None)
     )
     return Histories(*short, *long)
 

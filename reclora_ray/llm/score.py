@@ -24,7 +24,7 @@ import torch
 from reclora_ray.config import Config
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.collate import p_yes
-from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices
+from reclora_ray.llm.histories import Histories, fixed_subsample, history_indices_of
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
 from reclora_ray.rundir import RunDir
@@ -124,7 +124,7 @@ class CRMScorer:
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         rows = rows.reset_index(drop=True)
         users, seqs = rows["user_id"].to_numpy(), self.data.sequences
-        indices = history_indices(seqs, rows, self.long_mode, self.k_long, "hist_long")
+        indices = history_indices_of(rows, self.long_mode, self.k_long, "hist_long")
         batch = self.encoder.encode(
             users,
             rows["item_id"].to_numpy(),

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from reclora_ray.data.prepared import recent_indices
+
 MODES = ("semantic", "recent")
 MAX_CHUNK_TARGETS = 256  # targets scored together: bounds the work wasted on the masked future
 
@@ -144,13 +146,6 @@ def _latest_of_tied(scores: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
     return greater | (tied & (from_right <= need))
 
 
-def recent_indices(pos: np.ndarray, k: int) -> np.ndarray:
-    """The last min(pos, k) indices before pos, ascending, -1 padded on the left: (n, k),
-    the same as `Sequences.recent`."""
-    idx = np.asarray(pos, dtype=np.int64)[:, None] + np.arange(-k, 0)[None, :]
-    return np.where(idx >= 0, idx, -1).astype(np.int32)
-
-
 def padded_to_lists(padded: np.ndarray) -> pa.ListArray:
     """A -1-padded (n, k) matrix as an Arrow list<int32> column (no Python objects)."""
     valid = padded >= 0
@@ -159,21 +154,39 @@ def padded_to_lists(padded: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded[valid].astype(np.int32)))
 
 
-def lists_to_padded(column: pa.ChunkedArray | pa.ListArray, k: int, truncate: bool = False) -> np.ndarray:
+def history_indices(pos: np.ndarray, k: int, retrieved=None) -> np.ndarray:
+    """(n, k) int64 indices into each sample's user sequence, chronological, -1 padded on the left:
+    the retrieved ones when `retrieved` is given (a retrieval-output column: Arrow lists, or the
+    (n, k) matrix they pad to), else the last k behaviours before pos.
+
+    The one rule for which behaviours a sample reads: the CRM's batches, the LLM's prompts and
+    R_c, and CRM scoring all take their histories from here.
+    """
+    if retrieved is None:
+        return recent_indices(pos, k).astype(np.int64)
+    if isinstance(retrieved, (pa.Array, pa.ChunkedArray)):
+        return lists_to_padded(retrieved, k).astype(np.int64)
+    retrieved = np.asarray(retrieved)
+    if retrieved.ndim != 2 or retrieved.shape[1] != k:
+        raise ValueError(
+            f"the retrieved histories hold {retrieved.shape[-1]} behaviours per sample, the config asks for {k}"
+        )
+    return retrieved.astype(np.int64)
+
+
+def lists_to_padded(column: pa.ChunkedArray | pa.ListArray, k: int) -> np.ndarray:
     """The inverse of `padded_to_lists`: (n, k) int32, each list right-aligned, -1 padded on the
-    left. A list longer than k is an error, or with `truncate` keeps its last k values (the most
-    recent: a CRM reading fewer behaviours than were retrieved). Slices keep their offsets."""
+    left; a list longer than k is an error. Slices keep their offsets."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    if not truncate and len(lengths) and lengths.max(initial=0) > k:
+    if len(lengths) and lengths.max(initial=0) > k:
         raise ValueError(f"a history list holds {lengths.max()} entries, more than k={k}")
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
     n = len(lengths)
     out = np.full((n, k), -1, dtype=np.int32)
-    take = np.minimum(lengths, k)
-    row = np.repeat(np.arange(n), take)
-    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)  # 0..take-1 per row
-    out[row, k - np.repeat(take, take) + within] = values[np.repeat(offsets[:-1] + lengths - take, take) + within]
+    row = np.repeat(np.arange(n), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # 0..len-1 per row
+    out[row, k - np.repeat(lengths, lengths) + within] = values[np.repeat(offsets[:-1], lengths) + within]
     return out

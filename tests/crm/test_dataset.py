@@ -9,7 +9,6 @@ import pytest
 from reclora_ray.crm.dataset import encode_rows, iter_split, read_rows
 from reclora_ray.crm.features import build_features
 from reclora_ray.data.prepared import PreparedData, PreparedDataError
-from reclora_ray.retrieval.history import lists_to_padded
 from reclora_ray.rundir import RunDir
 from tests.crm.conftest import with_crm
 
@@ -26,12 +25,6 @@ def test_read_rows_spans_row_groups(prepared):
     for start, stop in [(0, 5), (690, 1410), (1399, 1400), (len(whole) - 3, len(whole))]:
         part = read_rows(path, start, stop, ["sample_id", "pos"]).to_pandas()
         pd.testing.assert_frame_equal(part, whole.iloc[start:stop][["sample_id", "pos"]].reset_index(drop=True))
-
-
-def test_pad_lists_keeps_the_last_k_right_aligned():
-    lists = pa.array([[1, 2, 3, 4], [], [7], [8, 9]], type=pa.list_(pa.int32()))
-    assert lists_to_padded(lists, 3, truncate=True).tolist() == [[2, 3, 4], [-1, -1, -1], [-1, -1, 7], [-1, 8, 9]]
-    assert lists_to_padded(lists.slice(2), 2, truncate=True).tolist() == [[-1, 7], [8, 9]]  # a slice keeps its offsets
 
 
 def test_long_history_follows_the_retrieval_file(prepared, crm_cfg):

@@ -1,8 +1,9 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from reclora_ray.data.prepared import Sequences
-from reclora_ray.retrieval.history import HistoryRetriever, lists_to_padded, padded_to_lists
+from reclora_ray.retrieval.history import HistoryRetriever, history_indices, lists_to_padded, padded_to_lists
 
 
 def random_log(seed, n_users=30, n_items=400, max_len=250, d=8, integer=False):
@@ -128,3 +129,20 @@ def test_list_round_trip():
     np.testing.assert_array_equal(lists_to_padded(column, 3), padded)
     with pytest.raises(ValueError, match="more than k=2"):
         lists_to_padded(column, 2)
+
+
+def test_history_indices_is_one_rule_for_lists_matrices_and_recent():
+    lists = pa.array([[1, 2, 3], [], [7], [8, 9]], type=pa.list_(pa.int32()))
+    padded = [[1, 2, 3], [-1, -1, -1], [-1, -1, 7], [-1, 8, 9]]
+    assert history_indices(np.array([5, 0, 9, 10]), 3, lists).tolist() == padded  # the CRM's row ranges
+    assert history_indices(np.array([9, 10]), 2, lists.slice(2)).tolist() == [
+        [-1, 7],
+        [8, 9],
+    ]  # a slice keeps its offsets
+    assert history_indices(np.array([5, 0, 9, 10]), 3, np.array(padded)).tolist() == padded  # the LLM's joined columns
+    recent = history_indices(np.array([5, 0, 2]), 3)  # no retrieved histories: the last k before pos
+    assert recent.tolist() == [[2, 3, 4], [-1, -1, -1], [-1, 0, 1]] and recent.dtype == np.int64
+    with pytest.raises(ValueError, match="hold 3 behaviours per sample, the config asks for 2"):
+        history_indices(np.array([5]), 2, np.array([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="more than k=2"):
+        history_indices(np.array([5]), 2, lists[:1])
