@@ -44,17 +44,13 @@ OVERRIDES = ["run.num_cpus=2", "crm.num_workers=1", "crm.cpus_per_worker=1", "sc
 
 
 def build_run(run: Path) -> None:
+    """The tiny run's prepare, embed, retrieve and SIM CRM, through the stage table."""
     from reclora_ray.config import load_config
-    from reclora_ray.crm.train import pretrain_crm
-    from reclora_ray.data.prepare import prepare_dataset
-    from reclora_ray.retrieval.embed import embed_items
-    from reclora_ray.retrieval.retrieve import retrieve_histories
+    from reclora_ray.stages import execute
 
     cfg = load_config("tiny", OVERRIDES)
-    prepare_dataset(cfg, run / "data")
-    embed_items(cfg, run)
-    retrieve_histories(cfg, run)
-    pretrain_crm(cfg, run)
+    for stage in ("prepare", "embed", "retrieve", "pretrain-crm"):
+        execute(stage, cfg, run)
 
 
 def synthesize_split(run: Path, rows: int) -> None:

@@ -33,14 +33,11 @@ from reclora_ray.rundir import RunDir  # noqa: E402
 
 
 def build_upstream(cfg, out: Path) -> None:
-    from reclora_ray.data.prepare import prepare_dataset
-    from reclora_ray.retrieval.embed import embed_items
-    from reclora_ray.retrieval.retrieve import retrieve_histories
+    """prepare, embed and retrieve through the stage table: each skips itself when up to date."""
+    from reclora_ray.stages import execute
 
-    if not (out / "data").exists():
-        prepare_dataset(cfg, out / "data")
-    embed_items(cfg, out)
-    retrieve_histories(cfg, out)
+    for stage in ("prepare", "embed", "retrieve"):
+        execute(stage, cfg, out)
 
 
 def main() -> None:
