@@ -2,10 +2,13 @@
 
 A scoring stage streams its rows through the actor pool and writes them with Ray Data straight
 into its staged output (`<score dir>/predictions/*.parquet`, renamed into place with the rest of
-the stage's output, so a half-written one is never seen); its metrics are then computed by Ray
-Data over those shards, each worker summarizing its own blocks (`binary_metrics_of`,
-`mean_metrics_of`): the driver holds a few numbers per block, never the rows, so a 10M-row
-test split costs the driver what a 1,000-row one does.
+the stage's output, so a half-written one is never seen); its metrics are then computed from those
+shards (`binary_metrics_of`, `mean_metrics_of`, `sums_of`, `unique_strings`). Beyond
+LOCAL_ROWS predictions, Ray Data computes them, each worker summarizing its own blocks: the
+driver holds a few numbers per block, never the rows, so a 10M-row test split costs the driver
+what a 1,000-row one does. Up to LOCAL_ROWS the driver reads the few columns a metric needs
+itself (at most a few MB), with the same summaries, instead of starting a Ray Data job whose
+start-up costs seconds (most of a small split's scoring time).
 
 Run directories written before hold one `predictions.parquet` per output; `read_predictions`
 reads either form, sorted by sample_id as the single file always was.
@@ -28,6 +31,7 @@ LEGACY_FILE = "predictions.parquet"  # one file (run directories from before the
 # Rows per part file (Ray Data's hint; at most twice this): a file per actor batch would leave
 # thousands of small files.
 ROWS_PER_SHARD = 100_000
+LOCAL_ROWS = 100_000  # up to this many predictions the driver computes their metrics itself
 
 
 def predictions_path(score_dir: Path) -> Path | None:
@@ -82,14 +86,34 @@ def write_predictions(ds, out_dir: Path) -> Path:
     return path
 
 
+def shard_rows(out_dir: Path) -> int:
+    """How many predictions an output holds (from the files' footers)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(out_dir))
+
+
 def read_shards(out_dir: Path, columns: list[str]):
     import ray.data
 
     return ray.data.read_parquet(str(Path(out_dir) / SHARDS)).select_columns(columns)  # projected at read time
 
 
+def _small_batch(out_dir: Path, columns: list[str]) -> dict[str, np.ndarray] | None:
+    """The columns of an output of at most LOCAL_ROWS predictions as one numpy batch, the form
+    Ray Data hands `map_batches(batch_format="numpy")`; None for a larger output."""
+    if shard_rows(out_dir) > LOCAL_ROWS:
+        return None
+    from ray.data.block import BlockAccessor
+
+    tables = [pq.read_table(f, columns=columns) for f in shard_files(out_dir)]
+    return BlockAccessor.for_block(pa.concat_tables(tables, promote_options="default")).to_batch_format("numpy")
+
+
 def _one_row(stats: dict) -> dict:
     return {key: np.asarray([value]) for key, value in stats.items()}
+
+
+def _scalars(row: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
 def _binary_block(batch: dict) -> dict:
@@ -100,45 +124,58 @@ def _binary_block(batch: dict) -> dict:
     return _one_row(stats)
 
 
-def binary_metrics_of(ds) -> dict[str, float]:
-    """AUC, LogLoss and n of a Ray Dataset with label and p_yes, equal to `binary_metrics` on all
-    its rows: a distributed sort by p_yes, one summary per sorted block, merged on the driver."""
+def binary_metrics_of(out_dir: Path) -> dict[str, float]:
+    """AUC, LogLoss and n of an output's predictions (label, p_yes), equal to `binary_metrics` on
+    all its rows: one summary of all rows, or beyond LOCAL_ROWS a distributed sort by p_yes, one
+    summary per sorted block, merged on the driver."""
+    batch = _small_batch(out_dir, ["label", "p_yes"])
+    if batch is not None:
+        return combine_binary_stats([_scalars(_binary_block(batch))])
     summaries = (
-        ds.select_columns(["label", "p_yes"])
+        read_shards(out_dir, ["label", "p_yes"])
         .sort("p_yes")
         .map_batches(_binary_block, batch_size=None, batch_format="numpy")
         .take_all()
     )
-    return combine_binary_stats([{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()} for s in summaries])
+    return combine_binary_stats([_scalars(s) for s in summaries])
 
 
-def sums_of(ds, per_row: Callable[[dict], dict[str, np.ndarray]]) -> dict[str, float]:
-    """Sums of per-row values over a Ray Dataset (`per_row`: numpy batch -> {name: (rows,)}), summed
-    per block by the workers and merged on the driver; {name: sum} and n (rows)."""
+def sums_of(out_dir: Path, columns: list[str], per_row: Callable[[dict], dict[str, np.ndarray]]) -> dict[str, float]:
+    """Sums of per-row values over an output's predictions (`per_row`: numpy batch of `columns` ->
+    {name: (rows,)}), beyond LOCAL_ROWS summed per block by the workers and merged on the driver;
+    {name: sum} and n (rows)."""
 
     def sums(batch: dict) -> dict:
         rows = per_row(batch)
         return _one_row({"n": len(next(iter(batch.values())))} | {k: float(np.sum(v)) for k, v in rows.items()})
 
-    parts = ds.map_batches(sums, batch_size=None, batch_format="numpy").take_all()
+    batch = _small_batch(out_dir, columns)
+    if batch is not None:
+        parts = [{k: v[0] for k, v in sums(batch).items()}] if len(batch[columns[0]]) else []
+    else:
+        parts = read_shards(out_dir, columns).map_batches(sums, batch_size=None, batch_format="numpy").take_all()
     if not parts:
         return {"n": 0}
     return {k: float(sum(p[k] for p in parts)) for k in parts[0] if k != "n"} | {"n": int(sum(p["n"] for p in parts))}
 
 
-def mean_metrics_of(ds, per_row: Callable[[dict], dict[str, np.ndarray]]) -> dict[str, float]:
-    """Means of per-row metrics over a Ray Dataset (see `sums_of`): {name: mean} and n."""
-    totals = sums_of(ds, per_row)
+def mean_metrics_of(out_dir: Path, columns: list[str], per_row: Callable[[dict], dict[str, np.ndarray]]) -> dict:
+    """Means of per-row metrics over an output's predictions (see `sums_of`): {name: mean} and n."""
+    totals = sums_of(out_dir, columns, per_row)
     n = totals.pop("n")
     if n == 0:
         raise ValueError("cannot compute metrics on zero rows")
     return {k: v / n for k, v in totals.items()} | {"n": n}
 
 
-def unique_strings(ds, column: str) -> list[str]:
-    """The distinct values of a (low-cardinality) column, per block then merged."""
+def unique_strings(out_dir: Path, column: str) -> list[str]:
+    """The distinct values of a (low-cardinality) column of an output's predictions."""
 
     def distinct(batch: dict) -> dict:
         return {column: np.asarray(sorted({str(v) for v in batch[column]}), dtype=object)}
 
-    return sorted({str(r[column]) for r in ds.map_batches(distinct, batch_size=None, batch_format="numpy").take_all()})
+    batch = _small_batch(out_dir, [column])
+    if batch is not None:
+        return sorted(distinct(batch)[column].tolist())
+    parts = read_shards(out_dir, [column]).map_batches(distinct, batch_size=None, batch_format="numpy").take_all()
+    return sorted({str(r[column]) for r in parts})

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
+from reclora_ray import predictions
 from reclora_ray.metrics import EPS, binary_block_stats, binary_metrics, combine_binary_stats
 from reclora_ray.predictions import LEGACY_FILE, SHARDS, has_predictions, read_predictions, scored_outputs
 
@@ -84,3 +85,32 @@ def test_read_predictions_reads_shards_and_the_single_file_sorted_by_sample_id(t
     assert list(read_predictions(shards, ["label", "p_yes"]).columns) == ["label", "p_yes"]
     with pytest.raises(FileNotFoundError, match="holds no predictions"):
         read_predictions(tmp_path / "scores" / "empty")
+
+
+@pytest.mark.ray
+def test_small_outputs_are_summarized_on_the_driver_with_the_figures_ray_data_gives(ray_local, tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    (tmp_path / SHARDS).mkdir()
+    for k, part in enumerate(np.array_split(rng.permutation(300), 4)):
+        frame = _frame(part).assign(p_yes=np.round(rng.random(len(part)), 2), dtype=["bfloat16", "float32"][k % 2])
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        scores = pa.FixedSizeListArray.from_arrays(pa.array(rng.random(len(part) * 3)), 3)
+        pq.write_table(table.append_column("scores", scores), tmp_path / SHARDS / f"part-{k}.parquet")
+    assert predictions.shard_rows(tmp_path) == 300
+
+    def figures():
+        top = lambda batch: {"top": np.argmax(np.stack(batch["scores"]), axis=1) == batch["label"]}  # noqa: E731
+        return (
+            predictions.binary_metrics_of(tmp_path),
+            predictions.mean_metrics_of(tmp_path, ["scores", "label"], top),
+            predictions.unique_strings(tmp_path, "dtype"),
+        )
+
+    local = figures()  # 300 rows <= LOCAL_ROWS: read on the driver, no Ray Data job
+    monkeypatch.setattr(predictions, "LOCAL_ROWS", 0)
+    by_workers = figures()
+    frame = read_predictions(tmp_path)
+    assert local[0] == pytest.approx(by_workers[0], rel=1e-12) == binary_metrics(frame["label"], frame["p_yes"])
+    expected_top = np.mean(np.argmax(np.stack(frame["scores"]), axis=1) == frame["label"])
+    assert local[1] == pytest.approx(by_workers[1], rel=1e-12) == {"top": expected_top, "n": 300}
+    assert local[2] == by_workers[2] == ["bfloat16", "float32"]

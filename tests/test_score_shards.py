@@ -24,6 +24,7 @@ pytestmark = pytest.mark.ray
 
 def test_a_split_is_scored_into_shards_and_its_metrics_equal_sklearns(ray_local, tiny_run, monkeypatch):
     monkeypatch.setattr(predictions, "ROWS_PER_SHARD", 48)  # a file per 48 rows at least, not 100,000
+    monkeypatch.setattr(predictions, "LOCAL_ROWS", 0)  # the metrics by Ray Data, as for a large split
     cfg = tiny_config("score.batch_size=8", "score.concurrency=1", "score.zero_shot=false")
     run = RunDir(tiny_run)
     test = pd.read_parquet(run.data / "samples" / "test.parquet")
@@ -49,6 +50,10 @@ def test_a_split_is_scored_into_shards_and_its_metrics_equal_sklearns(ray_local,
     assert metrics["n"] == len(test)
     assert metrics["auc"] == pytest.approx(roc_auc_score(preds["label"], p), abs=1e-12)
     assert metrics["logloss"] == pytest.approx(log_loss(preds["label"], p), rel=1e-12)
+    monkeypatch.setattr(predictions, "LOCAL_ROWS", len(test))  # read on the driver: the same figures
+    local = predictions.binary_metrics_of(out)
+    assert local["n"] == metrics["n"] and local["auc"] == metrics["auc"]
+    assert local["logloss"] == pytest.approx(metrics["logloss"], rel=1e-12)
     # The same rows and values as the CRM scorer on the whole frame in this process.
     from reclora_ray.llm.score import CRMScorer
 

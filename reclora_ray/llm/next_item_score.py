@@ -268,13 +268,13 @@ def generation_metrics(counts: dict) -> dict:
 
 
 def next_item_summary(staged: Path) -> dict:
-    """HR@k, NDCG@k, MRR and n over the written predictions, by the workers; the generate-and-match
+    """HR@k, NDCG@k, MRR and n over the written predictions (`predictions.mean_metrics_of`); the generate-and-match
     figures where the predictions carry answers."""
-    from reclora_ray.predictions import mean_metrics_of, read_shards, shard_files, sums_of
+    from reclora_ray.predictions import mean_metrics_of, shard_files, sums_of
 
-    metrics = mean_metrics_of(read_shards(staged, ["scores", "target_index"]), ranking_rows)
+    metrics = mean_metrics_of(staged, ["scores", "target_index"], ranking_rows)
     if "matched" in pq.read_schema(shard_files(staged)[0]).names:
-        metrics |= generation_metrics(sums_of(read_shards(staged, ["matched", "target_index"]), generation_rows))
+        metrics |= generation_metrics(sums_of(staged, ["matched", "target_index"], generation_rows))
     return metrics
 
 

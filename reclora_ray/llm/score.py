@@ -137,13 +137,13 @@ class CRMScorer:
 
 
 def ctr_summary(staged: Path) -> dict:
-    """AUC, LogLoss and n of written predictions, computed by the workers, and the LLM's dtype as
-    the actors resolved it (their `dtype` column)."""
-    from reclora_ray.predictions import binary_metrics_of, read_shards, shard_files, unique_strings
+    """AUC, LogLoss and n of written predictions, and the LLM's dtype as the actors resolved it
+    (their `dtype` column)."""
+    from reclora_ray.predictions import binary_metrics_of, shard_files, unique_strings
 
-    metrics = binary_metrics_of(read_shards(staged, ["label", "p_yes"]))
+    metrics = binary_metrics_of(staged)
     if "dtype" in pq.read_schema(shard_files(staged)[0]).names:
-        metrics["dtype"] = ", ".join(unique_strings(read_shards(staged, ["dtype"]), "dtype"))
+        metrics["dtype"] = ", ".join(unique_strings(staged, "dtype"))
     return metrics
 
 
