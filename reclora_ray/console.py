@@ -39,6 +39,8 @@ _NOISE = (
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
 PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often
+REPEAT_WINDOW_S = 120.0  # one of our lines said again by another worker this soon is not shown again
+_CLOCK = re.compile(r"^\d\d:\d\d:\d\d ")  # the time our FORMAT starts a line with
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -83,8 +85,10 @@ class _NoiseFilter(logging.Filter):
 
 
 def _filtered(handle):
+    repeats = RepeatedLines()
+
     def emit(batch: dict) -> None:
-        lines = worker_lines_to_show(batch["lines"], batch.get("actor_name") or "")
+        lines = repeats.first_time(worker_lines_to_show(batch["lines"], batch.get("actor_name") or ""))
         if lines:
             handle({**batch, "lines": lines})
 
@@ -107,6 +111,29 @@ def worker_lines_to_show(lines: list[str], actor: str = "") -> list[str]:
         if keep and not any(noise in line for noise in _NOISE):
             shown.append(line)
     return shown
+
+
+class RepeatedLines:
+    """Drops our loggers' lines that a worker already printed within `window_s`, whatever their
+    time: N workers loading the same model say the same thing N times. (Ray's own deduplication
+    holds such lines back and prints them late, under the next stage, as "[repeated Nx]".)
+    Warnings and tracebacks are always shown."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S):
+        self.window_s, self.seen = window_s, {}
+
+    def first_time(self, lines: list[str]) -> list[str]:
+        now = time.monotonic()
+        self.seen = {text: at for text, at in self.seen.items() if now - at < self.window_s}
+        shown = []
+        for line in lines:
+            text = _CLOCK.sub("", line, count=1)
+            if OURS in line and not _ALERT.search(text):
+                if text in self.seen:
+                    continue
+                self.seen[text] = now
+            shown.append(line)
+        return shown
 
 
 def setup_worker_logging() -> None:
@@ -168,8 +195,8 @@ class Progress:
             self.bar.update(n)
             if extra:
                 self.bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
-        elif self.active and now - self.last >= self.every_s:
-            self.last = now
+        elif self.active and now - self.last >= self.every_s and (self.total is None or self.done < self.total):
+            self.last = now  # (the last unit's line is close()'s)
             self.log.info("%s", self.line(now, extra))
 
     def close(self, **extra: float) -> None:

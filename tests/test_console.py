@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from reclora_ray.console import Progress, stage_line, worker_lines_to_show
+from reclora_ray.console import Progress, RepeatedLines, stage_line, worker_lines_to_show
 
 
 def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
@@ -66,3 +66,32 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     assert len(caplog.records) == 1
     Progress(log, "rank 1", total=10, every_s=0.0, active=False).update(5)
     assert len(caplog.records) == 1
+    caplog.clear()
+    whole = Progress(log, "epoch 1", total=2, every_s=0.0)
+    whole.update(1)
+    whole.update(1, loss=0.4)  # the last unit: close() says it, once
+    whole.close(loss=0.5)
+    assert [r.getMessage().split(", ")[0] for r in caplog.records] == [
+        "epoch 1: 1/2 steps (50%)",
+        "epoch 1: 2/2 steps (100%)",
+    ]
+    assert caplog.records[-1].getMessage().endswith("loss 0.5000")
+
+
+def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():
+    loaded = "INFO reclora_ray.base_model: loaded smollm2-packaged (/cache/smollm2, float32 (llm.dtype auto)) on cpu"
+    warning = "WARNING reclora_ray.llm.collate: 1 prompt(s) longer than 510 tokens were cut from the left"
+    repeats = RepeatedLines(window_s=3600)
+    assert repeats.first_time([f"01:25:25 {loaded}", f"01:25:25 {warning}"]) == [
+        f"01:25:25 {loaded}",
+        f"01:25:25 {warning}",
+    ]
+    # the second worker, a few seconds later: the same line is dropped, the warning shown
+    assert repeats.first_time([f"01:25:27 {loaded}", f"01:25:27 {warning}", "Traceback (most recent call last):"]) == [
+        f"01:25:27 {warning}",
+        "Traceback (most recent call last):",
+    ]
+    assert repeats.first_time(["01:25:28 INFO reclora_ray.llm.tune: epoch 0: 4/16 micro-batches"]) != []
+    later = RepeatedLines(window_s=0.0)  # past the window the line is news again (the next stage's load)
+    assert later.first_time([f"01:25:25 {loaded}"]) == [f"01:25:25 {loaded}"]
+    assert later.first_time([f"01:29:45 {loaded}"]) == [f"01:29:45 {loaded}"]
