@@ -38,7 +38,9 @@ _NOISE = (
 )
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
-PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often
+PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often,
+PROGRESS_STEP = 0.1  # and once the loop is another tenth done,
+PROGRESS_QUIET_S = 300.0  # or this long after the last line
 REPEAT_WINDOW_S = 120.0  # one of our lines said again by another worker this soon is not shown again
 _CLOCK = re.compile(r"^\d\d:\d\d:\d\d ")  # the time our FORMAT starts a line with
 
@@ -164,8 +166,9 @@ def stage_line(log: logging.Logger, name: str) -> Iterator[None]:
 
 class Progress:
     """Rate and ETA of a long loop: a tqdm bar on a terminal; elsewhere (a log file, a Ray
-    worker's output forwarded to the driver) one log line at most every `every_s` seconds and
-    one at the end."""
+    worker's output forwarded to the driver) one log line at most every `every_s` seconds, when
+    another PROGRESS_STEP of the total is done (or `quiet_s` passed), and one at the end: an
+    hour-long loop says about ten lines, not a hundred."""
 
     def __init__(
         self,
@@ -175,10 +178,12 @@ class Progress:
         unit: str = "steps",
         every_s: float = PROGRESS_EVERY_S,
         active: bool = True,
+        quiet_s: float = PROGRESS_QUIET_S,
     ):
         self.log, self.what, self.total, self.unit, self.every_s, self.active = log, what, total, unit, every_s, active
+        self.quiet_s = quiet_s
         self.done, self.started = 0, time.perf_counter()
-        self.last = self.started
+        self.last, self.last_done = self.started, 0
         self.warm = None  # (time, done) at the first update: the rate leaves out a pipeline's warm-up
         self.bar = None
         if active and sys.stderr.isatty():
@@ -195,9 +200,18 @@ class Progress:
             self.bar.update(n)
             if extra:
                 self.bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
-        elif self.active and now - self.last >= self.every_s and (self.total is None or self.done < self.total):
-            self.last = now  # (the last unit's line is close()'s)
+        elif self.active and self._due(now):
+            self.last, self.last_done = now, self.done
             self.log.info("%s", self.line(now, extra))
+
+    def _due(self, now: float) -> bool:
+        if now - self.last < self.every_s:
+            return False
+        if self.total is None:
+            return True
+        if self.done >= self.total:
+            return False  # the last unit's line is close()'s
+        return self.done - self.last_done >= PROGRESS_STEP * self.total or now - self.last >= self.quiet_s
 
     def close(self, **extra: float) -> None:
         if self.bar is not None:

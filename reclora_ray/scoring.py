@@ -10,6 +10,8 @@ fixed subsample of the split.
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -18,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reclora_ray.console import Progress
 from reclora_ray.predictions import write_predictions
 from reclora_ray.rundir import write_json_atomic
 from reclora_ray.runtime import init_ray
@@ -176,6 +179,75 @@ def call_rows(n_rows: int, max_rows: int, actors: int) -> int:
     return max(1, min(max_rows, -(-n_rows // (CALLS_PER_ACTOR * actors))))
 
 
+# --------------------------------------------------------------------------- progress
+
+
+class RowCounter:
+    """Rows scored so far, reported by the pool's actors (a zero-CPU Ray actor)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def total(self) -> int:
+        return self.rows
+
+
+def counted(actor: type) -> type:
+    """`actor` (a Ray Data callable class) that also reports each call's rows to a RowCounter
+    (its `counter` constructor argument), so the driver can show the pool's progress: the
+    predictions themselves reach the writer only at the end on a small split."""
+
+    class Counted(actor):
+        def __init__(self, counter, **kwargs):
+            super().__init__(**kwargs)
+            self._counter = counter
+
+        def __call__(self, rows):
+            out = super().__call__(rows)
+            self._counter.add.remote(len(rows))
+            return out
+
+    Counted.__name__ = Counted.__qualname__ = actor.__name__  # Ray names the operator after it
+    return Counted
+
+
+@contextmanager
+def scoring_progress(what: str, total: int, counter, every_s: float = 5.0):
+    """console.Progress lines of the rows `counter` has counted, polled every `every_s` seconds
+    by a driver thread while the pool scores."""
+    import ray
+
+    progress = Progress(log, what, total, "rows")
+    done, stop = [0], threading.Event()
+
+    def poll() -> None:
+        rows = ray.get(counter.total.remote())
+        if rows > done[0]:
+            progress.update(rows - done[0])
+            done[0] = rows
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            try:
+                poll()
+            except Exception:  # the counter gone with a failing stage: the stage reports that
+                return
+
+    thread = threading.Thread(target=watch, name="scoring-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+        stop.set()
+        thread.join()
+        poll()
+        progress.close()
+    finally:
+        stop.set()
+
+
 def score_with(
     actor,
     ctor_kwargs: dict,
@@ -193,14 +265,16 @@ def score_with(
     as Parquet shards, then metrics.json = summarize(staged dir) | info (the marker and resolved
     config: `stage.write`). `data_dir`: add the catalogue ids (user_raw_id, item_raw_id) of the
     prepared data beside the dense ones."""
+    import ray
     import ray.data
 
     cfg = stage.cfg
     init_ray(cfg)
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
     per_call = call_rows(rows.n_rows, max_call_rows, cfg.score.concurrency)
     scored = rows.dataset.map_batches(
-        actor,
-        fn_constructor_kwargs=ctor_kwargs,
+        counted(actor),
+        fn_constructor_kwargs={"counter": counter, **ctor_kwargs},
         batch_size=per_call,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
@@ -213,7 +287,11 @@ def score_with(
         fn_kwargs={"data_dir": None if data_dir is None else str(data_dir)},
     )
     with stage.write() as tmp:
-        write_predictions(scored, tmp)
+        try:
+            with scoring_progress(f"scoring {stage.out.name}", rows.n_rows, counter):
+                write_predictions(scored, tmp)
+        finally:
+            ray.kill(counter)
         metrics = summarize(tmp) | info
         write_json_atomic(tmp / "metrics.json", metrics)
     return metrics

@@ -76,6 +76,13 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
         "epoch 1: 2/2 steps (100%)",
     ]
     assert caplog.records[-1].getMessage().endswith("loss 0.5000")
+    caplog.clear()
+    long = Progress(log, "epoch 2", total=1000, every_s=0.0)
+    for _ in range(1000):
+        long.update(1)
+    long.close()
+    # a line per tenth (10%, 20%, ... 90%) and the end's: not 1,000
+    assert [r.getMessage().split(" ")[2] for r in caplog.records] == [f"{n}/1000" for n in range(100, 1001, 100)]
 
 
 def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():

@@ -1,5 +1,6 @@
 """Reading a split for scoring: row ranges that give every actor of a pool work, read back whole."""
 
+import logging
 import os
 import time
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reclora_ray.scoring import call_rows, read_slice, row_ranges, split_rows
+from reclora_ray.scoring import RowCounter, call_rows, counted, read_slice, row_ranges, scoring_progress, split_rows
 
 
 def _split(path, n: int, row_group_size: int):
@@ -71,3 +72,34 @@ def test_a_one_row_group_split_is_scored_by_every_actor_of_the_pool(ray_local, t
     ).to_pandas()
     assert sorted(scored["sample_id"]) == keep.tolist()
     assert scored["pid"].nunique() == 2
+
+
+@pytest.mark.ray
+def test_the_pools_rows_are_counted_for_the_progress_line(ray_local, tmp_path, caplog):
+    import ray
+    import ray.data
+
+    class Echo:  # a callable class with constructor arguments, like the scorers
+        def __init__(self, tag):
+            self.tag = tag
+
+        def __call__(self, batch):
+            return batch.assign(tag=self.tag)
+
+    path = _split(tmp_path / "test.parquet", 300, 100)
+    rows = split_rows(path, actors=1)
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    scored = rows.dataset.map_batches(
+        counted(Echo),
+        fn_constructor_kwargs={"counter": counter, "tag": "x"},
+        batch_size=call_rows(rows.n_rows, 128, actors=1),
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    assert counted(Echo).__name__ == "Echo"  # Ray names the operator MapBatches(Echo)
+    caplog.set_level(logging.INFO, logger="reclora_ray.scoring")
+    with scoring_progress("scoring test", rows.n_rows, counter, every_s=0.05):
+        frame = scored.to_pandas()
+    assert len(frame) == 300 and set(frame["tag"]) == {"x"}
+    assert ray.get(counter.total.remote()) == 300
+    assert caplog.records[-1].getMessage().startswith("scoring test: 300/300 rows (100%)")
