@@ -103,3 +103,28 @@ def test_the_pools_rows_are_counted_for_the_progress_line(ray_local, tmp_path, c
     assert len(frame) == 300 and set(frame["tag"]) == {"x"}
     assert ray.get(counter.total.remote()) == 300
     assert caplog.records[-1].getMessage().startswith("scoring test: 300/300 rows (100%)")
+
+
+def test_the_score_stages_start_our_ray_before_ray_data_would_start_its_own(monkeypatch, tmp_path):
+    """Building the split's Dataset starts a default Ray when none runs (all interfaces, its
+    console chatter, no token): a standalone `reclora score` must start ours first."""
+    from reclora_ray.llm import next_item_score, score
+    from reclora_ray.rundir import RunDir
+    from reclora_ray.variants import get_variant
+    from tests.conftest import tiny_config
+
+    calls = []
+    for module in (score, next_item_score):
+        monkeypatch.setattr(module, "init_ray", lambda cfg: calls.append("init_ray"))
+        monkeypatch.setattr(module, "split_rows", lambda *a, **k: calls.append("split_rows") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        score.ctr_test_rows(tiny_config(), RunDir(tmp_path), get_variant("tallrec"), subsample=False)
+    assert calls == ["init_ray", "split_rows"]
+    calls.clear()
+
+    class Stage:
+        cfg, out, run = tiny_config(), tmp_path, RunDir(tmp_path)
+
+    with pytest.raises(ZeroDivisionError):
+        next_item_score._score_next(None, {}, Stage, 0, {})
+    assert calls == ["init_ray", "split_rows"]

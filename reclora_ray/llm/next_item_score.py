@@ -30,6 +30,7 @@ from reclora_ray.llm.next_item import NextItemInputs, candidate_logliks, greedy_
 from reclora_ray.llm.prompt import PromptBuilder
 from reclora_ray.ranking import per_row_metrics, target_ranks
 from reclora_ray.rundir import RunDir
+from reclora_ray.runtime import init_ray
 from reclora_ray.scoring import score_with, split_rows, subsample_ids
 from reclora_ray.stages import StageRun
 from reclora_ray.variants import Variant, crm_name, get_variant
@@ -280,6 +281,7 @@ def next_item_summary(staged: Path) -> dict:
 
 def _score_next(actor, ctor_kwargs: dict, stage: StageRun, num_gpus: float, info: dict) -> dict:
     cfg, out = stage.cfg, stage.out
+    init_ray(cfg)  # ours, before Ray Data builds the dataset (which would start a default Ray)
     rows = split_rows(split_path(stage.run, "test"), actors=cfg.score.concurrency)
     metrics = score_with(
         actor,

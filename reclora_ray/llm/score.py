@@ -28,6 +28,7 @@ from reclora_ray.llm.histories import Histories, fixed_subsample, history_indice
 from reclora_ray.llm.inputs import InputBuilder, to_device
 from reclora_ray.llm.model import causal_lm
 from reclora_ray.rundir import RunDir
+from reclora_ray.runtime import init_ray
 from reclora_ray.scoring import score_with, split_rows, subsample_ids
 from reclora_ray.stages import StageRun
 from reclora_ray.variants import crm_name, get_variant
@@ -175,6 +176,7 @@ def ctr_test_rows(cfg: Config, run: RunDir, variant, subsample: bool):
     `llm_test_rows`' fixed subsample when `subsample`."""
     from reclora_ray.retrieval.retrieve import retrieval_dir
 
+    init_ray(cfg)  # ours, before Ray Data builds the dataset (which would start a default Ray)
     samples = run.data / "samples" / "test.parquet"
     retrieval = retrieval_dir(run) / "test.parquet" if variant.needs_retrieval else None
     keep = subsample_ids(samples, cfg.score.llm_subsample, cfg.run.seed) if subsample else None
