@@ -11,7 +11,6 @@ where the last run stopped; `--overwrite` redoes stages whose config changed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -64,10 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def headline(report: Path) -> str:
+    """A report's opening (its title, the comparison table and what the table means), up to its
+    first plot or section: what `reclora run` prints at the end, the rest being in the file."""
+    lines = report.read_text().splitlines()
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.startswith(("![", "## "))), len(lines))
+    return "\n".join(lines[:end]).rstrip()
+
+
 def main(args: argparse.Namespace) -> int:
-    print(
-        json.dumps(
-            run_task(config_from_args(args), args.out, args.task, overwrite=args.overwrite), indent=2, default=str
-        )
-    )
+    run_task(config_from_args(args), args.out, args.task, overwrite=args.overwrite)
+    run = RunDir.of(args.out)
+    report = run.next_item / "report.md" if args.task == "next-item" else run.report
+    if report.is_file():
+        print(f"{headline(report)}\n\nThe whole report, with its plots: {report}")
     return 0

@@ -1,5 +1,6 @@
 """`reclora run` end to end on the tiny config: every stage, the report, and a no-op re-run."""
 
+import argparse
 import json
 
 import pandas as pd
@@ -49,3 +50,19 @@ def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local,
     }
     assert run_pipeline(cfg, str(tiny_run)) == metrics  # everything done: nothing is redone
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_reclora_run_ends_with_the_reports_table_not_the_metrics_json(tmp_path, capsys, monkeypatch):
+    from reclora_ray import pipeline
+
+    report = tmp_path / "report.md"
+    report.write_text(
+        "# RecLoRA run report\n\n| Model | AUC |\n|---|---|\n| SIM | 0.77 |\n\n![ROC curves](roc.png)\n\n## Notes\n- x\n"
+    )
+    assert pipeline.headline(report) == "# RecLoRA run report\n\n| Model | AUC |\n|---|---|\n| SIM | 0.77 |"
+    monkeypatch.setattr(pipeline, "run_task", lambda *a, **k: {"models": {"sim": {"auc": 0.77}}})
+    args = argparse.Namespace(config="tiny", overrides=[], out=str(tmp_path), task="ctr", overwrite=False)
+    assert pipeline.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# RecLoRA run report") and "| SIM | 0.77 |" in printed and "Notes" not in printed
+    assert printed.rstrip().endswith(f"with its plots: {report}") and '"auc"' not in printed
