@@ -1,6 +1,7 @@
 """Batch scoring on Ray Data, shared by the CTR (`llm/score.py`) and next-item (`llm/next_item_score.py`)
 stages: rows read by the workers, scored by an actor pool, written as Parquet shards into the
-stage's staged output, metrics computed over the shards by the workers (`predictions.py`).
+stage's staged output, metrics computed over the shards (`predictions.py`), and the pool's
+progress shown on the driver as it goes.
 
 The driver never holds the rows: it lists row ranges (a split's Parquet row groups, cut so every
 actor of the pool gets work), and reads at most the sample_id column when the LLM rows score a
@@ -215,8 +216,8 @@ def counted(actor: type) -> type:
 
 
 @contextmanager
-def scoring_progress(what: str, total: int, counter, every_s: float = 5.0):
-    """console.Progress lines of the rows `counter` has counted, polled every `every_s` seconds
+def scoring_progress(what: str, total: int, counter, poll_s: float = 5.0):
+    """console.Progress lines of the rows `counter` has counted, polled every `poll_s` seconds
     by a driver thread while the pool scores."""
     import ray
 
@@ -230,7 +231,7 @@ def scoring_progress(what: str, total: int, counter, every_s: float = 5.0):
             done[0] = rows
 
     def watch() -> None:
-        while not stop.wait(every_s):
+        while not stop.wait(poll_s):
             try:
                 poll()
             except Exception:  # the counter gone with a failing stage: the stage reports that

@@ -98,7 +98,7 @@ def test_the_pools_rows_are_counted_for_the_progress_line(ray_local, tmp_path, c
     )
     assert counted(Echo).__name__ == "Echo"  # Ray names the operator MapBatches(Echo)
     caplog.set_level(logging.INFO, logger="reclora_ray.scoring")
-    with scoring_progress("scoring test", rows.n_rows, counter, every_s=0.05):
+    with scoring_progress("scoring test", rows.n_rows, counter, poll_s=0.05):
         frame = scored.to_pandas()
     assert len(frame) == 300 and set(frame["tag"]) == {"x"}
     assert ray.get(counter.total.remote()) == 300
