@@ -66,12 +66,14 @@ def read_predictions(score_dir: Path, columns: list[str] | None = None) -> pd.Da
     if not files:
         raise FileNotFoundError(f"{score_dir} holds no predictions ({SHARDS}/ or {LEGACY_FILE})")
     read = columns if columns is None or "sample_id" in columns else [*columns, "sample_id"]
-    tables = [pq.read_table(f, columns=read) for f in files]
-    frame = (
-        pa.concat_tables(tables, promote_options="default").to_pandas() if len(tables) > 1 else tables[0].to_pandas()
-    )
-    frame = frame.sort_values("sample_id", kind="stable", ignore_index=True)
+    frame = _read_files(files, read).to_pandas().sort_values("sample_id", kind="stable", ignore_index=True)
     return frame if columns is None or "sample_id" in columns else frame[columns]
+
+
+def _read_files(files: list[Path], columns: list[str] | None) -> pa.Table:
+    """The named columns (all when None) of an output's part files, as one table."""
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
 # --------------------------------------------------------------------------- Ray Data side
@@ -104,8 +106,7 @@ def _small_batch(out_dir: Path, columns: list[str]) -> dict[str, np.ndarray] | N
         return None
     from ray.data.block import BlockAccessor
 
-    tables = [pq.read_table(f, columns=columns) for f in shard_files(out_dir)]
-    return BlockAccessor.for_block(pa.concat_tables(tables, promote_options="default")).to_batch_format("numpy")
+    return BlockAccessor.for_block(_read_files(shard_files(out_dir), columns)).to_batch_format("numpy")
 
 
 def _one_row(stats: dict) -> dict:
@@ -151,7 +152,7 @@ def sums_of(out_dir: Path, columns: list[str], per_row: Callable[[dict], dict[st
 
     batch = _small_batch(out_dir, columns)
     if batch is not None:
-        parts = [{k: v[0] for k, v in sums(batch).items()}] if len(batch[columns[0]]) else []
+        parts = [_scalars(sums(batch))] if len(batch[columns[0]]) else []
     else:
         parts = read_shards(out_dir, columns).map_batches(sums, batch_size=None, batch_format="numpy").take_all()
     if not parts:

@@ -98,7 +98,8 @@ def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():
         f"01:25:27 {warning}",
         "Traceback (most recent call last):",
     ]
-    assert repeats.first_time(["01:25:28 INFO reclora_ray.llm.tune: epoch 0: 4/16 micro-batches"]) != []
+    progress = "01:25:28 INFO reclora_ray.llm.tune: epoch 0: 4/16 micro-batches"
+    assert repeats.first_time([progress]) == [progress]  # another line of ours: shown
     later = RepeatedLines(window_s=0.0)  # past the window the line is news again (the next stage's load)
     assert later.first_time([f"01:25:25 {loaded}"]) == [f"01:25:25 {loaded}"]
     assert later.first_time([f"01:29:45 {loaded}"]) == [f"01:29:45 {loaded}"]
