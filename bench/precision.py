@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reclora_ray.base_model import dtype_name, resolve_dtype  # noqa: E402
+from reclora_ray.base_model import dtype_name, resolve_dtype, use_training_attention  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
 from reclora_ray.llm.histories import load_samples  # noqa: E402
 from reclora_ray.llm.inputs import InputBuilder, to_device  # noqa: E402
-from reclora_ray.llm.model import build_model, training_loss  # noqa: E402
+from reclora_ray.llm.model import build_model, causal_lm, training_loss  # noqa: E402
 from reclora_ray.llm.score import Scorer, llm_test_rows  # noqa: E402
 from reclora_ray.metrics import binary_metrics  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
@@ -62,6 +62,7 @@ def time_scoring(scorer: Scorer, rows) -> float:
 def time_tuning(cfg, run, data, variant, rows, steps: int) -> float:
     torch.manual_seed(0)
     model, tokenizer, spec = build_model(cfg, run, variant)
+    use_training_attention(causal_lm(model.llm), torch.device("cpu"))  # as the tuning workers do
     inputs = InputBuilder(cfg, data, variant, tokenizer, spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.tune.lr)
@@ -92,6 +93,17 @@ def time_embedding(cfg, data, n_items: int) -> float:
     for i in range(0, len(items), cfg.embed.batch_size):
         encoder(items.iloc[i : i + cfg.embed.batch_size])
     return len(items) / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 instruction sets, as /proc/cpuinfo gives them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in info]
+    return f"{name} ({', '.join(flags) or 'no bf16 instructions'})"
 
 
 def main() -> None:
@@ -126,6 +138,7 @@ def main() -> None:
         rates["embedding"][name] = time_embedding(cfg, data, args.items)
         log.info("%s: %s", name, {k: round(v[name], 2) for k, v in rates.items()})
     result = {
+        "cpu": cpu_model(),
         "cpu_bf16_dtype": resolved,
         "threads": 1,
         "prompts": len(rows),

@@ -161,9 +161,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from reclora_ray.base_model import dtype_name, resolve_dtype
+    from reclora_ray.base_model import dtype_name, resolve_dtype, use_training_attention
     from reclora_ray.console import setup_worker_logging
-    from reclora_ray.llm.model import build_model
+    from reclora_ray.llm.model import build_model, causal_lm
     from reclora_ray.llm.plora import unwrap
 
     setup_worker_logging()  # also where Ray's setup hook did not run (a job's cluster): our lines are shown
@@ -178,6 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
+    use_training_attention(causal_lm(model.llm), device)
     if cfg.tune.gradient_checkpointing:
         unwrap(model.llm).activation_checkpointing_enable()
     task = loop_config.get("task", CTRTask)(cfg, data, variant, model, tokenizer, crm_spec, device)

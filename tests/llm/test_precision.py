@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reclora_ray import base_model as base_module
-from reclora_ray.base_model import resolve_dtype
+from reclora_ray.base_model import resolve_dtype, use_training_attention
 from reclora_ray.config import ConfigError, LoRAConfig, load_config
 from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import IGNORE_INDEX
@@ -187,3 +187,25 @@ def test_lora_a_starts_as_peft_does_per_meta_lora():
     for block in ours.lora_A.detach().view(16, 8, d_in):  # each meta-LoRA on its own, like PEFT's A
         assert block.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert torch.count_nonzero(ours.lora_B) == 0
+
+
+def test_training_on_a_cpu_uses_eager_attention_with_the_same_loss_and_gradients():
+    ids, mask, pos, crm = _inputs()
+    batch = _training_batch(ids, mask, pos, [[YES, 5], [NO, 5], [YES, 5, 2], [NO]])
+    results = {}
+    for kernel in ("sdpa", "eager"):
+        model = _plora().train()
+        base = model.base_model
+        base.set_attn_implementation("sdpa")
+        if kernel == "eager":
+            use_training_attention(base, torch.device("cpu"))
+        assert base.config._attn_implementation == kernel
+        loss = training_loss(model, batch, crm, "lm", (YES, NO))
+        loss.backward()
+        results[kernel] = (loss.detach(), model.gate.fc1.weight.grad.clone())
+    torch.testing.assert_close(results["eager"], results["sdpa"], atol=1e-5, rtol=1e-4)
+
+    gpu_model = tiny_llama()
+    gpu_model.set_attn_implementation("sdpa")
+    use_training_attention(gpu_model, torch.device("cuda"))
+    assert gpu_model.config._attn_implementation == "sdpa"  # a GPU keeps its own kernel
