@@ -44,3 +44,10 @@ def ranking_metrics(scores, target_index, ks=KS) -> dict[str, float]:
     """Means of per_row_metrics, and n."""
     rows = per_row_metrics(target_ranks(scores, target_index), ks)
     return {name: float(values.mean()) for name, values in rows.items()} | {"n": int(len(scores))}
+
+
+def chance_metrics(candidates: int, ks=KS) -> dict[str, float]:
+    """What a random order of `candidates` scores in expectation (the target equally likely at
+    every rank): HR@k = k / C, MRR = H_C / C; the floor a ranking table is read against."""
+    rows = per_row_metrics(np.arange(1, candidates + 1), ks)
+    return {name: float(values.mean()) for name, values in rows.items()}

@@ -71,10 +71,12 @@ def test_generate_and_match_on_a_fixed_subsample(ray_local, tiny_run):
         np.isnan(metrics["gen_hr@1"]) if not valid.any() else metrics["gen_hr@1"] == pytest.approx(hits / valid.sum())
     )
 
-    summary = write_next_item_report(run)
+    summary = write_next_item_report(run, candidates=cfg.data.next_item.candidates)
+    assert summary["chance"]["hr@1"] == pytest.approx(1 / cfg.data.next_item.candidates)
     assert set(summary["generate"]) == {"zero-shot"}  # the CRM writes no answers
     assert summary["generate"]["zero-shot"]["gen_n"] == 6
     report = (run.root / "next-item" / "report.md").read_text()
+    assert f"| Chance (a random order) | {1 / cfg.data.next_item.candidates:.4f} |" in report
     assert "## Generate and match" in report and "| Zero-shot LLM |" in report.split("## Generate and match")[1]
     assert json.loads((run.root / "next-item" / "metrics.json").read_text())["generate"] == json.loads(
         json.dumps(summary["generate"])

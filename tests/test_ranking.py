@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from reclora_ray.ranking import ranking_metrics, target_ranks
+from reclora_ray.ranking import chance_metrics, ranking_metrics, target_ranks
 
 
 def test_ranks_and_metrics_by_hand():
@@ -26,3 +26,13 @@ def test_bad_input_is_refused():
         target_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
     with pytest.raises(ValueError, match="target_index outside"):
         target_ranks(np.ones((1, 3)), np.array([3]))
+
+
+def test_chance_is_the_mean_of_random_orders():
+    chance = chance_metrics(20)
+    assert chance["hr@1"] == pytest.approx(1 / 20) and chance["hr@10"] == pytest.approx(10 / 20)
+    assert chance["mrr"] == pytest.approx(sum(1 / k for k in range(1, 21)) / 20)
+    assert chance["ndcg@10"] == pytest.approx(sum(1 / math.log2(k + 1) for k in range(1, 11)) / 20)
+    rng = np.random.default_rng(0)  # and what random scores actually get
+    sampled = ranking_metrics(rng.random((20_000, 20)), rng.integers(0, 20, 20_000))
+    assert sampled["ndcg@10"] == pytest.approx(chance["ndcg@10"], abs=0.01)

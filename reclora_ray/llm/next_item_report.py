@@ -16,7 +16,7 @@ import pandas as pd
 from reclora_ray import storage
 from reclora_ray.metrics import bootstrap_mean
 from reclora_ray.predictions import read_predictions, scored_outputs
-from reclora_ray.ranking import per_row_metrics, target_ranks
+from reclora_ray.ranking import chance_metrics, per_row_metrics, target_ranks
 from reclora_ray.report import DISPLAY, _order
 from reclora_ray.rundir import RunDir, write_json_atomic
 
@@ -112,9 +112,12 @@ def _fmt(m: dict, c: str) -> str:
     return f"{m[c]:.4f}"
 
 
-def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
+def write_next_item_report(run: RunDir, notes: list[str] | None = None, candidates: int | None = None) -> dict:
+    """`candidates` (the task's C) adds the expected figures of a random order as the table's last row."""
     summary = summarize(per_row(run))
     summary["generate"] = generation(run)
+    if candidates:
+        summary["chance"] = chance_metrics(candidates) | {"candidates": candidates}
     lines = [
         "# Next-item ranking report",
         "",
@@ -124,10 +127,17 @@ def write_next_item_report(run: RunDir, notes: list[str] | None = None) -> dict:
     for name in sorted(summary["models"], key=_order):
         m = summary["models"][name]
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(_fmt(m, c) for c in COLUMNS) + f" | {m['n']} |")
+    if "chance" in summary:
+        chance = summary["chance"]
+        lines.append("| Chance (a random order) | " + " | ".join(f"{chance[c]:.4f}" for c in COLUMNS) + " | – |")
     lines += [
         "",
-        "20 candidates per test sequence (the next item and 19 never-seen items, fixed by the seed); "
-        "95% CIs by bootstrap over users.",
+        (
+            f"{candidates} candidates per test sequence (the next item and {candidates - 1}"
+            if candidates
+            else "Candidates per test sequence: the next item and"
+        )
+        + " never-seen items, fixed by the seed; 95% CIs by bootstrap over users.",
         "",
     ]
     if summary["paired"]:
@@ -161,4 +171,4 @@ def run_stage(cfg, run: RunDir, key=None, overwrite: bool = False, timings: dict
         "of each candidate's title (one shared prefix pass); CRMs read the recent history, gates get no target",
         "stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in (timings or {}).items()),
     ]
-    return write_next_item_report(run, notes)
+    return write_next_item_report(run, notes, candidates=n.candidates)
