@@ -8,9 +8,10 @@ Prompt (iLoRA's code; books read where movies are watched), rendered like the CT
 
 A candidate's score is the mean log-probability of its title's tokens after the prompt. The
 prompt runs once (one prefix pass for a batch of prompts, left-padded, positions counting real
-tokens only); its key/value cache is repeated for the C candidates and the C continuations run
-in one batch on top of it: a prompt costs one prefix plus C short continuations, not C full
-forwards. `full_prompt_logliks` is the plain form (every prompt + candidate as its own
+tokens only); the C titles then run laid end to end as one continuation on top of its key/value
+cache, a block-diagonal causal mask keeping each title to the prompt and its own tokens: a
+prompt costs one prefix plus one short continuation, not C full forwards, and its cache is
+never copied. `full_prompt_logliks` is the plain form (every prompt + candidate as its own
 sequence), kept as the reference and the benchmark's baseline.
 
 Generate-and-match (iLoRA's reported form, `greedy_answers` + `match_answer`): the LLM writes an
@@ -28,7 +29,7 @@ import torch
 
 from reclora_ray.data.prepared import Sequences
 from reclora_ray.llm.collate import IGNORE_INDEX, PromptCollator
-from reclora_ray.llm.model import last_positions
+from reclora_ray.llm.model import causal_lm, last_positions
 from reclora_ray.llm.prompt import PromptBuilder, render
 
 # iLoRA's prompt words per dataset: (past participle, noun, verb).
@@ -112,8 +113,9 @@ def candidate_logliks(
 ) -> torch.Tensor:
     """(B, C) length-normalised log-likelihoods of each prompt's C candidates, one prefix pass.
 
-    `llm`: a HF causal LM or a PersonalizedLoRAModel (then `crm_repr` (B, d_c) routes its gate;
-    each continuation row reads its prompt's gate weights)."""
+    `llm`: a HF causal LM or a PersonalizedLoRAModel (then `crm_repr` (B, d_c) routes its gate).
+    The C continuations of a prompt run as one sequence on top of its key/value cache, each
+    title seeing the prompt and its own earlier tokens only (a block-diagonal causal mask)."""
     n_cand = {len(c) for c in candidate_ids}
     if len(n_cand) != 1:
         raise ValueError(f"every prompt needs the same number of candidates; got {sorted(n_cand)}")
@@ -121,36 +123,62 @@ def candidate_logliks(
     if min(len(t) for c in candidate_ids for t in c) == 0:
         raise ValueError("a candidate title tokenizes to nothing")
     device = next(llm.parameters()).device
+    n_prompts = len(prompt_ids)
     prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
     out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n_cand)
-    first_logits = out.logits[:, -1, :].repeat_interleave(n_cand, dim=0)  # predicts each title's first token
+    first_logits = out.logits[:, -1, :]  # predicts each title's first token
 
-    flat = [t for c in candidate_ids for t in c]
-    width = max(len(t) for t in flat)
-    cont = torch.full((len(flat), width), collator.pad_id, dtype=torch.long)
-    cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
-    for i, tokens in enumerate(flat):
-        cont[i, : len(tokens)] = torch.tensor(tokens)
-        cont_mask[i, : len(tokens)] = 1
-    cont, cont_mask = cont.to(device), cont_mask.to(device)
-    prompt_len = prefix["attention_mask"].sum(-1).repeat_interleave(n_cand)
-    position_ids = prompt_len[:, None] + torch.arange(width, device=device)[None, :]
-    attention_mask = torch.cat([prefix["attention_mask"].repeat_interleave(n_cand, dim=0), cont_mask], dim=1)
-    repr_rows = None if crm_repr is None else crm_repr.repeat_interleave(n_cand, dim=0)
-    logits = first_logits[:, None, :]
-    if width > 1:  # the continuation's last token predicts nothing that is scored
+    width = max(len(t) for c in candidate_ids for t in c)
+    titles = torch.full((n_prompts, n_cand, width), collator.pad_id, dtype=torch.long)
+    title_mask = torch.zeros((n_prompts, n_cand, width), dtype=torch.long)
+    for b, cands in enumerate(candidate_ids):
+        for c, tokens in enumerate(cands):
+            titles[b, c, : len(tokens)] = torch.tensor(tokens)
+            title_mask[b, c, : len(tokens)] = 1
+    titles, title_mask = titles.to(device), title_mask.to(device)
+    logits = first_logits[:, None, None, :].expand(-1, n_cand, 1, -1)
+    if width > 1:  # the titles' last tokens predict nothing that is scored
+        fed = width - 1
+        offset = torch.arange(fed, device=device)
+        position_ids = prefix["attention_mask"].sum(-1)[:, None, None] + offset  # (B, 1, fed)
         rest = llm(
-            input_ids=cont[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
-            cache=cache,
+            input_ids=titles[:, :, :fed].reshape(n_prompts, n_cand * fed),
+            attention_mask=_continuation_mask(llm, prefix["attention_mask"], n_cand, fed),
+            position_ids=position_ids.expand(-1, n_cand, -1).reshape(n_prompts, n_cand * fed),
+            cache=out.past_key_values,
             use_cache=True,
-            **_llm_kwargs(repr_rows),
+            **_llm_kwargs(crm_repr),
         )
-        logits = torch.cat([logits, rest.logits], dim=1)
-    return _mean_token_logprob(logits, cont, cont_mask).view(len(prompt_ids), n_cand)
+        logits = torch.cat([logits, rest.logits.view(n_prompts, n_cand, fed, -1)], dim=2)
+    flat = n_prompts * n_cand
+    return _mean_token_logprob(
+        logits.reshape(flat, width, -1), titles.view(flat, width), title_mask.view(flat, width)
+    ).view(n_prompts, n_cand)
+
+
+def _continuation_mask(llm, prefix_mask: torch.Tensor, n_cand: int, fed: int) -> torch.Tensor:
+    """(B, 1, C*fed, P + C*fed) attention mask of C continuations laid end to end after a
+    left-padded prefix: each sees the prompt's real tokens and its own earlier tokens."""
+    cand = torch.arange(n_cand, device=prefix_mask.device).repeat_interleave(fed)
+    pos = torch.arange(fed, device=prefix_mask.device).repeat(n_cand)
+    own = (cand[:, None] == cand[None, :]) & (pos[None, :] <= pos[:, None])
+    n_q = n_cand * fed
+    mask = torch.cat(
+        [
+            prefix_mask.bool()[:, None, None, :].expand(-1, 1, n_q, -1),
+            own[None, None].expand(prefix_mask.shape[0], 1, -1, -1),
+        ],
+        dim=-1,
+    )
+    attention = causal_lm(llm).config._attn_implementation
+    if attention == "sdpa":
+        return mask
+    if attention == "eager":  # adds the mask to the scores
+        dtype = next(llm.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"candidate scoring needs sdpa or eager attention (a custom 4D mask); the model uses {attention!r}"
+    )
 
 
 @torch.inference_mode()

@@ -35,7 +35,9 @@ def _random_inputs(n_prompts=3, n_cand=5, seed=3):
     return prompts, cands
 
 
-def test_cached_prefix_equals_scoring_every_full_prompt(llama):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask; an additive one
+def test_cached_prefix_equals_scoring_every_full_prompt(llama, attention):
+    llama.set_attn_implementation(attention)
     prompts, cands = _random_inputs()
     cached = candidate_logliks(llama, _Collator(), prompts, cands)
     full = full_prompt_logliks(llama, _Collator(), prompts, cands)
@@ -64,6 +66,27 @@ def test_cached_prefix_routes_each_prompts_gate_to_its_candidates(llama, randomi
     # The gate matters: another user's R_c gives other scores.
     other = candidate_logliks(model, _Collator(), prompts, cands, crm_repr.flip(0))
     assert not torch.allclose(cached, other, atol=1e-3)
+
+
+def _with_attention(name: str) -> torch.nn.Module:
+    model = torch.nn.Linear(1, 1)
+    model.config = type("Config", (), {"_attn_implementation": name})()
+    return model
+
+
+def test_titles_laid_end_to_end_see_the_prompt_and_their_own_tokens_only():
+    from reclora_ray.llm.next_item import _continuation_mask
+
+    prefix_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    mask = _continuation_mask(_with_attention("sdpa"), prefix_mask, n_cand=2, fed=2)
+    assert mask.shape == (2, 1, 4, 3 + 4)
+    assert not mask[0, 0, :, 0].any() and mask[0, 0, :, 1:3].all()  # the prompt's padding is never seen
+    own = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[1, 0, :, 3:], own)
+    additive = _continuation_mask(_with_attention("eager"), prefix_mask, n_cand=2, fed=2)
+    assert torch.equal(additive == 0, mask)
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        _continuation_mask(_with_attention("flash_attention_2"), prefix_mask, n_cand=2, fed=2)
 
 
 def test_unequal_candidate_counts_are_refused(llama):
