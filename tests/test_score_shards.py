@@ -3,6 +3,7 @@ actors is read, scored and written by the workers as several Parquet shards, and
 workers compute over the shards equal sklearn's on all the predictions."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -65,12 +66,14 @@ def test_a_split_is_scored_into_shards_and_its_metrics_equal_sklearns(ray_local,
     )
 
 
-def test_llm_rows_score_the_fixed_subsample_and_the_report_reads_the_shards(ray_local, tiny_run, monkeypatch):
+def test_llm_rows_score_the_fixed_subsample_and_the_report_reads_the_shards(ray_local, tiny_run, monkeypatch, caplog):
     monkeypatch.setattr(predictions, "ROWS_PER_SHARD", 16)
     cfg = tiny_config("score.batch_size=8", "score.llm_subsample=40", "score.zero_shot=true", "tune.variants=[]")
     run = RunDir(tiny_run)
     score_crm(cfg, run)
+    caplog.set_level(logging.INFO, logger="reclora_ray.llm.score")
     out = score_variant(cfg, run, "zero-shot")
+    assert "scoring zero-shot on 40 test samples (score.llm_subsample 40)" in caplog.text  # the rows it scores
     assert len(shard_files(out)) >= 2
     preds = read_predictions(out)
     test = pd.read_parquet(run.data / "samples" / "test.parquet")

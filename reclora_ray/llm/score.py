@@ -190,15 +190,14 @@ def score_variant(cfg: Config, run: RunDir, name: str, overwrite: bool = False) 
     run, out = stage.run, stage.out
     if stage.up_to_date(overwrite):
         return out
+    rows = ctr_test_rows(cfg, run, variant, subsample=True)
     log.info(
-        "scoring %s on the test samples%s",
-        variant.name,
-        f" (a fixed subsample of {cfg.score.llm_subsample})" if cfg.score.llm_subsample else "",
+        "scoring %s on %d test samples (score.llm_subsample %s)", variant.name, rows.n_rows, cfg.score.llm_subsample
     )
     _score_ctr(
         Scorer,
         {"cfg": cfg, "run": run.resolved(), "variant_name": variant.name},
-        ctr_test_rows(cfg, run, variant, subsample=True),
+        rows,
         stage,
         cfg.score.num_gpus,
         {"model": variant.name, "variant": variant.description},
