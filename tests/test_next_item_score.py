@@ -77,6 +77,8 @@ def test_generate_and_match_on_a_fixed_subsample(ray_local, tiny_run):
     assert summary["generate"]["zero-shot"]["gen_n"] == 6
     report = (run.root / "next-item" / "report.md").read_text()
     assert f"| Chance (a random order) | {1 / cfg.data.next_item.candidates:.4f} |" in report
+    n_cand = cfg.data.next_item.candidates
+    assert f"{n_cand} candidates per test sequence: the next item and {n_cand - 1} never-seen items" in report
     assert "## Generate and match" in report and "| Zero-shot LLM |" in report.split("## Generate and match")[1]
     assert json.loads((run.root / "next-item" / "metrics.json").read_text())["generate"] == json.loads(
         json.dumps(summary["generate"])

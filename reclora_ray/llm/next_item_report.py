@@ -133,11 +133,11 @@ def write_next_item_report(run: RunDir, notes: list[str] | None = None, candidat
     lines += [
         "",
         (
-            f"{candidates} candidates per test sequence (the next item and {candidates - 1}"
+            f"{candidates} candidates per test sequence: the next item and {candidates - 1}"
             if candidates
             else "Candidates per test sequence: the next item and"
         )
-        + " never-seen items, fixed by the seed; 95% CIs by bootstrap over users.",
+        + " never-seen items, fixed by the seed. 95% CIs by bootstrap over users.",
         "",
     ]
     if summary["paired"]:
