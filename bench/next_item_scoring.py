@@ -3,13 +3,14 @@
 For the same test sequences (prompt + 20 candidate titles, from OUT/data/next_item/test.parquet),
 timed in one run (median over --rounds, the order alternated):
 
-  shared     `candidate_logliks`: one prefix pass per batch of prompts, its KV cache repeated for
-             the 20 continuations, which run in one batch on top of it
+  shared     `candidate_logliks`: one prefix pass per batch of prompts; the 20 titles then run
+             laid end to end as one continuation on its KV cache (a block-diagonal mask)
   separate   `full_prompt_logliks`: each prompt + candidate as its own full sequence (the 20 of a
              prompt batched together): 20 forwards of the whole prompt's worth of tokens
 
 max_abs_diff checks that both give the same length-normalised log-likelihoods. The model is
 random weights of a real shape (--shape, the offline tiny tokenizer) or any `llm.model` (--model).
+--attention auto is what the scoring stage uses (eager on a CPU, the model's own kernel elsewhere).
 
     python bench/next_item_scoring.py --data runs/quickstart/data --layers 4         # CPU
     python bench/next_item_scoring.py --data OUT/data --device cuda --dtype bfloat16 --batch-size 16 --prompts 256
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapes import LLAMA_SHAPES, random_llama  # noqa: E402
 
-from reclora_ray.base_model import load_base  # noqa: E402
+from reclora_ray.base_model import load_base, use_cpu_eager_attention  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
 from reclora_ray.llm.collate import PromptCollator  # noqa: E402
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2, help="prompts per prefix pass")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "eager"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -80,6 +82,10 @@ def main() -> None:
             device=device,
             pad_token_id=tokenizer.pad_token_id,
         )
+    if args.attention == "auto":
+        use_cpu_eager_attention(model, device)
+    else:
+        model.set_attn_implementation(args.attention)
     inputs = NextItemInputs(
         PromptBuilder.from_prepared(data, tokenizer),
         PromptCollator(tokenizer, cfg.llm.max_length),
@@ -120,6 +126,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model or f"random {args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
         "dtype": args.dtype,
+        "attention": model.config._attn_implementation,
         "sequences": len(prompts),
         "candidates": int(candidates.shape[1]),
         "batch_size": args.batch_size,

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reclora_ray.base_model import dtype_name, resolve_dtype, use_training_attention  # noqa: E402
+from reclora_ray.base_model import dtype_name, resolve_dtype, use_cpu_eager_attention  # noqa: E402
 from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.data.prepared import PreparedData  # noqa: E402
 from reclora_ray.llm.histories import load_samples  # noqa: E402
@@ -62,7 +62,7 @@ def time_scoring(scorer: Scorer, rows) -> float:
 def time_tuning(cfg, run, data, variant, rows, steps: int) -> float:
     torch.manual_seed(0)
     model, tokenizer, spec = build_model(cfg, run, variant)
-    use_training_attention(causal_lm(model.llm), torch.device("cpu"))  # as the tuning workers do
+    use_cpu_eager_attention(causal_lm(model.llm), torch.device("cpu"))  # as the tuning workers do
     inputs = InputBuilder(cfg, data, variant, tokenizer, spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.tune.lr)

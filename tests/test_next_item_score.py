@@ -9,9 +9,17 @@ import pytest
 
 from reclora_ray.crm.train import pretrain_crm
 from reclora_ray.data.prepared import PreparedData
+from reclora_ray.llm.model import causal_lm
 from reclora_ray.llm.next_item import match_answer
 from reclora_ray.llm.next_item_report import write_next_item_report
-from reclora_ray.llm.next_item_score import NOT_GENERATED, score_next_item, score_next_item_crm, split_path
+from reclora_ray.llm.next_item_score import (
+    NOT_GENERATED,
+    NextItemScorer,
+    load_rows,
+    score_next_item,
+    score_next_item_crm,
+    split_path,
+)
 from reclora_ray.predictions import read_predictions
 from reclora_ray.rundir import RunDir, StageOutputExists, identity
 from reclora_ray.scoring import subsample_ids
@@ -83,3 +91,15 @@ def test_generate_and_match_on_a_fixed_subsample(ray_local, tiny_run):
     assert json.loads((run.root / "next-item" / "metrics.json").read_text())["generate"] == json.loads(
         json.dumps(summary["generate"])
     )
+
+
+def test_the_cpu_scorer_uses_eager_attention_with_the_same_scores(tiny_run):
+    cfg = tiny_config("score.next_item.generate=0", "score.batch_size=4")
+    run = RunDir(tiny_run)
+    scorer = NextItemScorer(cfg, run, "zero-shot", None)
+    llm = causal_lm(scorer.model.llm)
+    assert llm.config._attn_implementation == "eager"
+    rows = load_rows(run, "test").head(6)
+    eager = scorer.scores(rows)
+    llm.set_attn_implementation("sdpa")
+    np.testing.assert_allclose(scorer.scores(rows), eager, atol=1e-5)

@@ -181,13 +181,15 @@ class NextItemScorer:
         adapter: Path | None,
         generate_ids: np.ndarray | bool | None = None,
     ):
-        from reclora_ray.llm.model import build_model
+        from reclora_ray.base_model import use_cpu_eager_attention
+        from reclora_ray.llm.model import build_model, causal_lm
         from reclora_ray.llm.score import scoring_device
 
         self.variant = get_variant(variant_name)
         self.device = scoring_device(cfg.score.num_gpus)
         data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
         self.model, tokenizer, spec = build_model(cfg, run, self.variant, adapter, device=self.device)
+        use_cpu_eager_attention(causal_lm(self.model.llm), self.device)
         self.model.eval()
         self.inputs, self.features = model_inputs(cfg, data, tokenizer, self.variant, spec)
         self.batch_size = cfg.score.batch_size

@@ -161,7 +161,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from reclora_ray.base_model import dtype_name, resolve_dtype, use_training_attention
+    from reclora_ray.base_model import dtype_name, resolve_dtype, use_cpu_eager_attention
     from reclora_ray.console import setup_worker_logging
     from reclora_ray.llm.model import build_model, causal_lm
     from reclora_ray.llm.plora import unwrap
@@ -178,7 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     data = PreparedData.load(run.data, expect_dataset=cfg.data.dataset)
     model, tokenizer, crm_spec = build_model(cfg, run, variant, device=device)
-    use_training_attention(causal_lm(model.llm), device)
+    use_cpu_eager_attention(causal_lm(model.llm), device)
     if cfg.tune.gradient_checkpointing:
         unwrap(model.llm).activation_checkpointing_enable()
     task = loop_config.get("task", CTRTask)(cfg, data, variant, model, tokenizer, crm_spec, device)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reclora_ray import base_model as base_module
-from reclora_ray.base_model import resolve_dtype, use_training_attention
+from reclora_ray.base_model import resolve_dtype, use_cpu_eager_attention
 from reclora_ray.config import ConfigError, LoRAConfig, load_config
 from reclora_ray.llm.base import use_chat_template
 from reclora_ray.llm.collate import IGNORE_INDEX
@@ -198,7 +198,7 @@ def test_training_on_a_cpu_uses_eager_attention_with_the_same_loss_and_gradients
         base = model.base_model
         base.set_attn_implementation("sdpa")
         if kernel == "eager":
-            use_training_attention(base, torch.device("cpu"))
+            use_cpu_eager_attention(base, torch.device("cpu"))
         assert base.config._attn_implementation == kernel
         loss = training_loss(model, batch, crm, "lm", (YES, NO))
         loss.backward()
@@ -207,5 +207,5 @@ def test_training_on_a_cpu_uses_eager_attention_with_the_same_loss_and_gradients
 
     gpu_model = tiny_llama()
     gpu_model.set_attn_implementation("sdpa")
-    use_training_attention(gpu_model, torch.device("cuda"))
+    use_cpu_eager_attention(gpu_model, torch.device("cuda"))
     assert gpu_model.config._attn_implementation == "sdpa"  # a GPU keeps its own kernel
