@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-PACKAGED_CONFIGS = ("quickstart", "tiny", "ml-1m", "ml-1m-1gpu", "ml-25m", "goodreads")
+PACKAGED_CONFIGS = ("quickstart", "quickstart-next-item", "tiny", "ml-1m", "ml-1m-1gpu", "ml-25m", "goodreads")
 DATASETS = ("ml-100k", "ml-1m", "ml-25m", "goodreads", "interactions")
 
 
