@@ -221,11 +221,15 @@ class Progress:
 
     def line(self, now: float, extra: dict) -> str:
         warm_at, warm_done = self.warm or (self.started, 0)
+        if warm_done < self.done < 2 * warm_done:  # the first update held most of the work: its wait counts
+            warm_at, warm_done = self.started, 0
         rate = (self.done - warm_done) / (now - warm_at) if now > warm_at and self.done > warm_done else None
         parts = [f"{self.what}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
-        parts.append(f"{rate:.1f} {self.unit}/s" if rate is not None else f"{now - self.started:.0f} s")
+        parts.append(
+            f"{rate:,.{0 if rate >= 100 else 1}f} {self.unit}/s" if rate is not None else f"{now - self.started:.0f} s"
+        )
         if self.total and rate and self.done < self.total:
             parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
         parts += [f"{k} {_number(v)}" for k, v in extra.items()]

@@ -83,6 +83,14 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     long.close()
     # a line per tenth (10%, 20%, ... 90%) and the end's: not 1,000
     assert [r.getMessage().split(" ")[2] for r in caplog.records] == [f"{n}/1000" for n in range(100, 1001, 100)]
+    caplog.clear()
+    blocks = Progress(log, "test", total=10_000, unit="samples", every_s=3600.0)
+    time.sleep(0.05)  # the wait for the first block, which holds most of the split
+    blocks.update(9_900)
+    blocks.update(100)
+    blocks.close()
+    rate = caplog.records[-1].getMessage().split(", ")[1]  # the whole wall, not the last block's instant
+    assert rate.endswith(" samples/s") and float(rate.split()[0].replace(",", "")) < 10_000 / 0.05
 
 
 def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():
