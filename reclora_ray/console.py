@@ -49,6 +49,8 @@ def setup_logging(verbose: bool = False) -> None:
     """Our loggers at INFO (DEBUG with --verbose); Ray's console output quiet unless verbose."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # init_ray reads it, possibly in another module's call
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt=DATEFMT)
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # a log file: no colour escapes in Ray's worker prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not verbose:
         # Tune's new output engine prints an experiment banner even at verbose=0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

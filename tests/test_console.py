@@ -1,11 +1,20 @@
 """The console: which forwarded worker lines are shown, stage lines, one-line progress."""
 
 import logging
+import os
+import sys
 import time
 
 import pytest
 
-from reclora_ray.console import Progress, RepeatedLines, stage_line, worker_lines_to_show
+from reclora_ray.console import (
+    VERBOSE_ENV,
+    Progress,
+    RepeatedLines,
+    setup_logging,
+    stage_line,
+    worker_lines_to_show,
+)
 
 
 def test_forwarded_worker_output_keeps_ours_warnings_and_tracebacks_only():
@@ -111,3 +120,12 @@ def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():
     later = RepeatedLines(window_s=0.0)  # past the window the line is news again (the next stage's load)
     assert later.first_time([f"01:25:25 {loaded}"]) == [f"01:25:25 {loaded}"]
     assert later.first_time([f"01:29:45 {loaded}"]) == [f"01:29:45 {loaded}"]
+
+
+def test_a_console_that_is_not_a_terminal_gets_no_colour_escapes(monkeypatch):
+    for name in ("RAY_COLOR_PREFIX", "RAY_AIR_NEW_OUTPUT", VERBOSE_ENV):  # restored after the test
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    setup_logging()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray prints "(RayTrainWorker pid=1)" without ANSI codes
