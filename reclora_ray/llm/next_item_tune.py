@@ -1,36 +1,29 @@
 """Tuning on the next-item task: the answer is the target's title, the loss on its tokens only.
 
-The same Ray Train + DeepSpeed loop as `reclora tune` (reclora_ray/llm/tune.py's
-train_loop_per_worker, with NextItemTask for what differs: its DeepSpeed config, shuffle,
-checkpoints without pickle, resume and progress lines, and its few-shot sample):
-each worker runs an engine over the trainable gate and LoRA parameters; every epoch is validated
-(HR@1 over the 20 candidates, by candidate likelihood) and checkpointed, a killed worker resumes
-from the last checkpoint. The few-shot set is drawn from OUT/data/next_item/train.parquet; the
-adapter (and its curves.jsonl) lands in OUT/next-item/adapter/<variant>/.
+The same stage as `reclora tune` (tune.fit_adapter and its Ray Train + DeepSpeed loop, with
+NextItemTask for what differs): each worker runs an engine over the trainable gate and LoRA
+parameters; every epoch is validated (HR@1 over the 20 candidates, by candidate likelihood) and
+checkpointed, a killed worker resumes from the last checkpoint, and the epoch with the best
+validation HR@1 is kept. The few-shot set is drawn from OUT/data/next_item/train.parquet; the
+adapter (with train_metrics.json and curves.jsonl) lands in OUT/next-item/adapter/<variant>/.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from reclora_ray.config import Config
-from reclora_ray.curves import curves_config, keep_curves
 from reclora_ray.llm.histories import fixed_subsample
 from reclora_ray.llm.next_item_score import load_rows
-from reclora_ray.llm.tune import few_shot_sample, train_loop_per_worker
-from reclora_ray.llm.tune_state import read_state
-from reclora_ray.rundir import RunDir, write_json_atomic
-from reclora_ray.runtime import init_ray
+from reclora_ray.llm.tune import few_shot_sample, fit_adapter
+from reclora_ray.rundir import RunDir
 from reclora_ray.stages import StageRun
 from reclora_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
-
-SCORE_KEY = "val_hr1"
 
 
 class NextItemTask:
@@ -38,6 +31,8 @@ class NextItemTask:
     loss on the target title's tokens, validated by HR@1 over the 20 candidates."""
 
     valid_unit = "sequences"
+    score_key = "val_hr1"  # the validation figure that picks the epoch kept
+    purpose = " for next-item ranking"
     empty = {"ranks": np.zeros(0, dtype=np.int64)}
 
     def __init__(self, cfg: Config, data, variant, model, tokenizer, crm_spec, device):
@@ -70,84 +65,30 @@ class NextItemTask:
         from reclora_ray.ranking import per_row_metrics
 
         valid = per_row_metrics(scored["ranks"])
-        return {SCORE_KEY: float(valid["hr@1"].mean()), "val_ndcg10": float(valid["ndcg@10"].mean())}
+        return {"val_hr1": float(valid["hr@1"].mean()), "val_ndcg10": float(valid["ndcg@10"].mean()), "dtype": dtype}
 
     def curve(self, metrics: dict) -> dict:
-        return {"hr1": metrics[SCORE_KEY], "ndcg10": metrics["val_ndcg10"], "train_loss": metrics["train_loss"]}
+        return {"hr1": metrics["val_hr1"], "ndcg10": metrics["val_ndcg10"], "train_loss": metrics["train_loss"]}
 
     def summary(self, metrics: dict) -> str:
         return (
             f"next-item epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, "
-            f"valid HR@1 {metrics[SCORE_KEY]:.4f}, NDCG@10 {metrics['val_ndcg10']:.4f}"
+            f"valid HR@1 {metrics['val_hr1']:.4f}, NDCG@10 {metrics['val_ndcg10']:.4f}"
         )
 
 
 def tune_next_item(cfg: Config, run: RunDir, variant_name: str, overwrite: bool = False) -> Path:
     """Tune one variant on the next-item task -> OUT/next-item/adapter/<variant> (skipped when done)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     variant = get_variant(variant_name)
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
     stage = StageRun("tune-next-item", cfg, run, variant.name)
-    cfg, run, out, fp = stage.cfg, stage.run, stage.out, stage.fingerprint
     if stage.up_to_date(overwrite):
-        return out
+        return stage.out
+    cfg, run = stage.cfg, stage.run
     train = few_shot_sample(load_rows(run, "train"), cfg.tune.few_shot, cfg.run.seed)
     valid = fixed_subsample(load_rows(run, "valid"), cfg.tune.valid_subsample, cfg.run.seed)
-    world = cfg.tune.num_workers
-    total_steps = max(1, (len(train) // world) // cfg.tune.micro_batch // cfg.tune.grad_accum) * cfg.tune.epochs
-    log.info(
-        "tuning %s on the next-item task: %d few-shot sequences, %d validation sequences, %d optimizer steps",
-        variant.name,
-        len(train),
-        len(valid),
-        total_steps,
-    )
-
-    init_ray(cfg)
-    storage = run.train_storage(out)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        # As tune.py: each worker takes its share of a new permutation of the fixed set every epoch.
-        train_loop_config={
-            "cfg": cfg,
-            "variant": variant.name,
-            "run": run.resolved(),
-            "task": NextItemTask,
-            "total_steps": total_steps,
-            "train": ray.put(train),
-            "valid": ray.put(valid),
-            "curves": curves_config(cfg.tracking, storage, run.root, f"tune-next-item-{variant.name}"),
-        },
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
-        run_config=RunConfig(
-            name=f"tune-{fp}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
-            ),
-        ),
-    )
-    result = trainer.fit()
-    best_checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
-    with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
-        shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
-        history = read_state(Path(ckpt_dir))["history"]
-        summary = {
-            "best_epoch": best["epoch"],
-            f"best_{SCORE_KEY}": best[SCORE_KEY],
-            "few_shot": len(train),
-            "history": history,
-        }
-        write_json_atomic(tmp / "train_metrics.json", summary)
-        keep_curves(storage, tmp)
-    shutil.rmtree(storage, ignore_errors=True)
-    log.info("next-item %s: best epoch %d (valid HR@1 %.4f) -> %s", variant.name, best["epoch"], best[SCORE_KEY], out)
-    return out
+    return fit_adapter(stage, variant, train, valid, NextItemTask)
 
 
 def run_stage(cfg: Config, run: RunDir, key: str, overwrite: bool = False) -> Path:

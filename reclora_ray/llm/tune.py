@@ -8,8 +8,8 @@ is validated (AUC on a fixed validation subsample) and checkpointed (trainable p
 optimizer state, the schedule and the step counters, as safetensors + JSON: tune_state.py; nothing
 in a checkpoint is unpickled); a failed run resumes from its last checkpoint. The best epoch's
 adapter lands in OUT/adapter/<variant>/. Rank 0 shows the rate and ETA of each epoch's
-micro-batches and of its validation (console.Progress). The loop is task-agnostic: the CTR task
-is CTRTask below, the next-item task next_item_tune.NextItemTask.
+micro-batches and of its validation (console.Progress). fit_adapter and the loop are
+task-agnostic: the CTR task is CTRTask below, the next-item task next_item_tune.NextItemTask.
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ class CTRTask:
     config, shuffling, resume, checkpoints and progress are the loop's."""
 
     valid_unit = "samples"
+    score_key = "val_auc"  # the validation figure that picks the epoch kept
+    purpose = ""  # what the tuning line says the variant is tuned for, after its description
     empty = {"labels": np.zeros(0), "probs": np.zeros(0, dtype=np.float32)}
 
     def __init__(self, cfg: Config, data: PreparedData, variant: Variant, model, tokenizer, crm_spec, device):
@@ -278,35 +280,45 @@ def tune_variant(
     """Tune one variant; returns OUT/adapter/<variant> (skipped when already done).
 
     `callbacks`: extra Ray Train `UserCallback`s (run on the Ray Train controller)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     variant = get_variant(variant_name)
     if variant.adapter is None:
         raise ValueError(f"variant {variant.name!r} has nothing to tune")
     stage = StageRun("tune", cfg, run, variant.name)  # its config: the variant's own lr (ilora)
-    cfg, run, out, fp = stage.cfg, stage.run, stage.out, stage.fingerprint
     if stage.up_to_date(overwrite):
-        return out
-
+        return stage.out
+    cfg, run = stage.cfg, stage.run
     train = few_shot_sample(load_samples(run, "train", variant), cfg.tune.few_shot, cfg.run.seed)
     valid = fixed_subsample(load_samples(run, "valid", variant), cfg.tune.valid_subsample, cfg.run.seed)
+    return fit_adapter(stage, variant, train, valid, CTRTask, callbacks)
+
+
+def fit_adapter(stage: StageRun, variant: Variant, train, valid, task=CTRTask, callbacks: list | None = None) -> Path:
+    """Tune `variant` on the few-shot rows `train` for one task (CTRTask, next_item_tune.NextItemTask)
+    on Ray Train, validating on `valid` every epoch; the best epoch's adapter by the task's
+    validation figure (`task.score_key`, never a test figure) -> stage.out, with train_metrics.json."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, run, out, fp = stage.cfg, stage.run, stage.out, stage.fingerprint
     world = cfg.tune.num_workers
     micro_batches = (len(train) // world) // cfg.tune.micro_batch  # per rank and epoch (epoch_rows)
     if micro_batches < cfg.tune.grad_accum:
         raise ValueError(
-            f"tune.few_shot={len(train)} samples give each of {world} worker(s) {micro_batches} "
+            f"tune.few_shot={len(train)} {task.valid_unit} give each of {world} worker(s) {micro_batches} "
             f"micro-batches of {cfg.tune.micro_batch}, fewer than tune.grad_accum={cfg.tune.grad_accum}: "
             "not one optimizer step; raise tune.few_shot or lower the batch settings"
         )
     total_steps = micro_batches // cfg.tune.grad_accum * cfg.tune.epochs
     log.info(
-        "tuning %s (%s) on %d few-shot samples, %d validation samples, %d worker(s), %d optimizer steps",
+        "tuning %s (%s)%s on %d few-shot %s, %d validation %s, %d worker(s), %d optimizer steps",
         variant.name,
         variant.description,
+        task.purpose,
         len(train),
+        task.valid_unit,
         len(valid),
+        task.valid_unit,
         world,
         total_steps,
     )
@@ -322,10 +334,11 @@ def tune_variant(
             "cfg": cfg,
             "variant": variant.name,
             "run": run.resolved(),
+            "task": task,
             "total_steps": total_steps,
             "train": ray.put(train),
             "valid": ray.put(valid),
-            "curves": curves_config(cfg.tracking, storage, run.root, f"tune-{variant.name}"),
+            "curves": curves_config(cfg.tracking, storage, run.root, f"{stage.stage.name}-{variant.name}"),
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.tune.use_gpu),
         run_config=RunConfig(
@@ -334,14 +347,14 @@ def tune_variant(
             callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute=task.score_key, checkpoint_score_order="max"
             ),
         ),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         history = read_state(Path(ckpt_dir))["history"]
-    best = best_epoch(history)
+    best = best_epoch(history, task.score_key)
     best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
@@ -349,7 +362,7 @@ def tune_variant(
             tmp / "train_metrics.json",
             {
                 "best_epoch": best["epoch"],
-                "best_val_auc": best["val_auc"],
+                f"best_{task.score_key}": best[task.score_key],
                 "few_shot": len(train),
                 "valid": len(valid),
                 "dtype": best["dtype"],
@@ -358,16 +371,18 @@ def tune_variant(
         )
         keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
-    log.info("best epoch %d (valid AUC %.4f) -> %s", best["epoch"], best["val_auc"], out)
+    log.info(
+        "%s: best epoch %d (%s %.4f) -> %s", variant.name, best["epoch"], task.score_key, best[task.score_key], out
+    )
     return out
 
 
-def best_epoch(history: list[dict]) -> dict:
-    """The epoch kept: the highest validation AUC (never the last, never a test figure); an
-    epoch without an AUC (one class in the validation sample) loses to any with one."""
+def best_epoch(history: list[dict], key: str = "val_auc") -> dict:
+    """The epoch kept: the highest validation figure `key` (never the last, never a test figure);
+    an epoch without one (an AUC of a validation sample with one class) loses to any with one."""
     if not history:
         raise ValueError("no epoch was validated")
-    return max(history, key=lambda h: -math.inf if math.isnan(h["val_auc"]) else h["val_auc"])
+    return max(history, key=lambda h: -math.inf if math.isnan(h[key]) else h[key])
 
 
 def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
