@@ -44,8 +44,8 @@ def test_next_item_pipeline_tunes_scores_and_reports(ray_local, tiny_run):
 
     trained = json.loads((run.next_item_adapter("reclora") / "train_metrics.json").read_text())
     assert trained["few_shot"] == 48 and np.isfinite(trained["history"][0]["train_loss"])
-    # The CTR task's stage (tune.fit_adapter): the epoch kept by validation HR@1, the dtype recorded.
-    best = max(trained["history"], key=lambda h: h["val_hr1"])
+    # The stage both tasks share (tune.fit_adapter): the epoch kept by validation HR@1, the dtype recorded.
+    best = max(trained["history"], key=lambda h: (h["val_hr1"], h["epoch"]))
     assert (trained["best_epoch"], trained["best_val_hr1"]) == (best["epoch"], best["val_hr1"])
     assert trained["dtype"] == "float32" and trained["valid"] > 0
     curves = read_curves(run.next_item_adapter("reclora") / CURVES_FILE)

@@ -354,8 +354,9 @@ def fit_adapter(stage: StageRun, variant: Variant, train, valid, task=CTRTask, c
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         history = read_state(Path(ckpt_dir))["history"]
-    best = best_epoch(history, task.score_key)
-    best_checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
+    kept = {m["epoch"]: c for c, m in result.best_checkpoints}  # Ray's num_to_keep best
+    best = best_epoch([h for h in history if h["epoch"] in kept], task.score_key)
+    best_checkpoint = kept[best["epoch"]]
     with best_checkpoint.as_directory() as ckpt_dir, stage.write({"variant": variant.name}) as tmp:
         shutil.copytree(Path(ckpt_dir) / "adapter", tmp, dirs_exist_ok=True)
         write_json_atomic(
@@ -372,17 +373,24 @@ def fit_adapter(stage: StageRun, variant: Variant, train, valid, task=CTRTask, c
         keep_curves(storage, tmp)
     shutil.rmtree(storage, ignore_errors=True)
     log.info(
-        "%s: best epoch %d (%s %.4f) -> %s", variant.name, best["epoch"], task.score_key, best[task.score_key], out
+        "%s%s: best epoch %d (%s %.4f) -> %s",
+        variant.name,
+        task.purpose,
+        best["epoch"],
+        task.score_key,
+        best[task.score_key],
+        out,
     )
     return out
 
 
 def best_epoch(history: list[dict], key: str = "val_auc") -> dict:
-    """The epoch kept: the highest validation figure `key` (never the last, never a test figure);
-    an epoch without one (an AUC of a validation sample with one class) loses to any with one."""
+    """The epoch kept: the highest validation figure `key` (never a test figure), the latest of
+    tied ones (as Ray Train keeps the latest checkpoints of a tie); an epoch without one (an AUC
+    of a validation sample with one class) loses to any with one."""
     if not history:
         raise ValueError("no epoch was validated")
-    return max(history, key=lambda h: -math.inf if math.isnan(h[key]) else h[key])
+    return max(history, key=lambda h: (-math.inf if math.isnan(h[key]) else h[key], h["epoch"]))
 
 
 def few_shot_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

@@ -87,6 +87,10 @@ def test_the_best_epoch_is_chosen_on_validation_not_last():
     assert best_epoch(history)["epoch"] == 1
     with pytest.raises(ValueError):
         best_epoch([])
+    # A tie goes to the latest epoch, whose checkpoint Ray keeps (num_to_keep=2 of three tied).
+    tied = [{"epoch": e, "val_hr1": 0.3} for e in range(3)]
+    assert best_epoch(tied, "val_hr1")["epoch"] == 2
+    assert best_epoch([{"epoch": e, "val_auc": float("nan")} for e in range(3)])["epoch"] == 2
 
 
 def test_few_shot_sample_is_uniform_fixed_and_bounded():
