@@ -9,7 +9,8 @@ then --requests POST /score requests from --concurrency concurrent clients, each
 known user and --candidates distinct random items; --with-history of them also carry two new
 behaviours (the lifelong path). Latency is per request, send to full answer. The server is
 stopped (SIGTERM, which shuts Serve and Ray down) at the end. A 503 with Retry-After is load
-shed on purpose (serve.max_queued_requests): counted as "shed", not as an error. A probe polls
+shed on purpose (serve.max_queued_requests): counted as "shed", not as an error; that client waits
+Retry-After seconds and sends its next request (the shed one is not retried). A probe polls
 GET /healthz every 0.5 s during the load ("healthz_p99_ms").
 Last line: {"rps", "candidates_per_s", "p50_ms", "p99_ms", "errors", "shed", "shed_share", ...}.
 """
@@ -126,6 +127,7 @@ async def send_all(url: str, bodies: list[dict], concurrency: int) -> dict:
                 continue
             if reply.status_code == 503 and "retry-after" in reply.headers:
                 shed.append(time.perf_counter() - started)
+                await asyncio.sleep(float(reply.headers["retry-after"]))  # a polite client waits, then goes on
                 continue
             if reply.status_code != 200 or len(reply.json()["scores"]) != len(body["candidates"]):
                 errors.append(f"{reply.status_code}: {reply.text[:200]}")
@@ -225,6 +227,7 @@ def main() -> int:
             for size, n in after["batch_requests_histogram"].items()
             if n > before["batch_requests_histogram"].get(size, 0)
         },
+        "torch_threads": after.get("torch_threads"),
         "model_version": health["model_version"],
         "config": args.config,
         "overrides": args.set,

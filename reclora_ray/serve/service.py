@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -62,6 +63,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 @serve.ingress(api)
 class RecLoRAService:
     def __init__(self, cfg: Config, out: str):
+        if cfg.serve.num_gpus == 0:  # a CPU replica computes on as many threads as it reserves CPUs
+            torch.set_num_threads(max(1, int(cfg.serve.num_cpus)))
         self.limits = cfg.serve
         self.online = OnlineScorer(cfg, out, cfg.serve.variant)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclora-model")
@@ -243,4 +246,5 @@ class RecLoRAService:
             "max_batch_requests": max(self.batch_sizes, default=0),
             "mean_batch_requests": requests / batches if batches else 0.0,
             "batch_requests_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "torch_threads": torch.get_num_threads(),
         }

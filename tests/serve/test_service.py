@@ -144,6 +144,7 @@ def test_concurrent_requests_from_many_users_are_batched(service):
     assert after["candidates"] - before["candidates"] == 48
     assert after["batches"] - before["batches"] < 16
     assert after["max_batch_requests"] >= max(sizes)
+    assert after["torch_threads"] == 1  # serve.num_cpus of the CPU replica
 
 
 def test_gate_weights_and_exported_peft_adapter_reproduce_the_user(service, samples, scorer, serve_config, tmp_path):
