@@ -39,7 +39,7 @@ _NOISE = (
 # Ray actors whose own failures do not fail a run (the cleaner only tidies up after a dead controller).
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
 PROGRESS_EVERY_S = 30.0  # one-line progress updates, at most this often,
-PROGRESS_STEP = 0.1  # and once the loop is another tenth done,
+PROGRESS_STEP = 0.2  # and once the loop is another fifth done,
 PROGRESS_QUIET_S = 300.0  # or this long after the last line
 REPEAT_WINDOW_S = 120.0  # one of our lines said again by another worker this soon is not shown again
 _CLOCK = re.compile(r"^\d\d:\d\d:\d\d ")  # the time our FORMAT starts a line with
@@ -54,6 +54,7 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:
         # Tune's new output engine prints an experiment banner even at verbose=0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager"
 
 
 def is_verbose() -> bool:

@@ -57,16 +57,16 @@ def test_stage_lines_say_how_long_and_how_it_ended(caplog):
 def test_progress_lines_carry_rate_eta_and_extras(caplog):
     log = logging.getLogger("reclora_ray.test")
     caplog.set_level(logging.INFO)
-    progress = Progress(log, "epoch 0", total=10, every_s=0.0)
+    progress = Progress(log, "epoch 0", total=5, every_s=0.0)
     progress.update(1)  # the first step (after a data pipeline's warm-up) starts the rate's clock
     time.sleep(0.01)
     progress.update(3, loss=0.5, lr=2e-5)
     progress.close()
     first, second, last = (r.getMessage() for r in caplog.records)
-    assert first.startswith("epoch 0: 1/10 steps (10%), ") and first.endswith(" s") and "ETA" not in first
-    assert second.startswith("epoch 0: 4/10 steps (40%), ") and " steps/s, ETA " in second
+    assert first.startswith("epoch 0: 1/5 steps (20%), ") and first.endswith(" s") and "ETA" not in first
+    assert second.startswith("epoch 0: 4/5 steps (80%), ") and " steps/s, ETA " in second
     assert second.endswith("loss 0.5000, lr 2.00e-05")  # a small learning rate keeps its digits
-    assert last.startswith("epoch 0: 4/10 steps (40%)")
+    assert last.startswith("epoch 0: 4/5 steps (80%)")
     caplog.clear()
     quiet = Progress(log, "epoch 0", total=10, every_s=3600.0)  # rate-limited: nothing until the end
     quiet.update(3)
@@ -90,8 +90,8 @@ def test_progress_lines_carry_rate_eta_and_extras(caplog):
     for _ in range(1000):
         long.update(1)
     long.close()
-    # a line per tenth (10%, 20%, ... 90%) and the end's: not 1,000
-    assert [r.getMessage().split(" ")[2] for r in caplog.records] == [f"{n}/1000" for n in range(100, 1001, 100)]
+    # a line per fifth (20%, 40%, 60%, 80%) and the end's: not 1,000
+    assert [r.getMessage().split(" ")[2] for r in caplog.records] == [f"{n}/1000" for n in range(200, 1001, 200)]
     caplog.clear()
     blocks = Progress(log, "test", total=10_000, unit="samples", every_s=3600.0)
     time.sleep(0.05)  # the wait for the first block, which holds most of the split
@@ -122,10 +122,12 @@ def test_a_line_every_worker_prints_is_shown_once_and_warnings_always():
     assert later.first_time([f"01:29:45 {loaded}"]) == [f"01:29:45 {loaded}"]
 
 
-def test_a_console_that_is_not_a_terminal_gets_no_colour_escapes(monkeypatch):
+def test_a_console_that_is_not_a_terminal_gets_no_colour_escapes_nor_matplotlib_info(monkeypatch):
     for name in ("RAY_COLOR_PREFIX", "RAY_AIR_NEW_OUTPUT", VERBOSE_ENV):  # restored after the test
         monkeypatch.setenv(name, "unset")
         monkeypatch.delenv(name)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(logging.getLogger("matplotlib"), "level", logging.NOTSET)
     setup_logging()
     assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray prints "(RayTrainWorker pid=1)" without ANSI codes
+    assert logging.getLogger("matplotlib").getEffectiveLevel() == logging.WARNING  # its INFO lines are not ours

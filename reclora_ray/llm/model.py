@@ -157,7 +157,7 @@ def build_model(
 ):
     """(RecLoRAModel, tokenizer, CRM feature spec or None): the base LLM, with a fresh adapter or
     the one in adapter_dir, and the frozen CRM when the variant's gate reads R_c."""
-    from reclora_ray.base_model import load_base
+    from reclora_ray.base_model import dtype_name, load_base, resolve_dtype
     from reclora_ray.crm import load_crm
     from reclora_ray.llm.plora import PersonalizedLoRAModel, load_adapter
 
@@ -174,11 +174,16 @@ def build_model(
         llm = PersonalizedLoRAModel(base, variant.lora_config(cfg.lora), crm_dim=crm.d_c if crm else 0)
     model = RecLoRAModel(llm, crm)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = dtype_name(resolve_dtype(cfg.llm.dtype, torch.device(device)))
     log.info(
-        "%s: %s + %s, %d trainable parameters",
+        "%s: %s (%s%s%s) on %s + %s, %s trainable parameters",
         variant.name,
         cfg.llm.model,
+        dtype,
+        ", llm.dtype auto" if cfg.llm.dtype == "auto" else "",
+        ", 8-bit" if cfg.llm.load_in_8bit else "",
+        device,
         f"CRM {crm_name(cfg, variant)}" if crm else "no CRM",
-        n_train,
+        f"{n_train:,}",
     )
     return model, tokenizer, (crm.spec if crm else None)

@@ -145,7 +145,7 @@ def candidate_logliks(
             input_ids=titles[:, :, :fed].reshape(n_prompts, n_cand * fed),
             attention_mask=_continuation_mask(llm, prefix["attention_mask"], n_cand, fed),
             position_ids=position_ids.expand(-1, n_cand, -1).reshape(n_prompts, n_cand * fed),
-            cache=out.past_key_values,
+            cache=out.cache,
             use_cache=True,
             **_llm_kwargs(crm_repr),
         )
@@ -229,7 +229,7 @@ def greedy_answers(
     device = next(llm.parameters()).device
     prefix = {k: v.to(device) for k, v in collator.pad(prompt_ids).items()}
     out = llm(**prefix, use_cache=True, logits_to_keep=last_positions(1), **_llm_kwargs(crm_repr))
-    cache, mask = out.past_key_values, prefix["attention_mask"]
+    cache, mask = out.cache, prefix["attention_mask"]
     position = mask.sum(-1)  # the next token's position: real tokens only, as in the prompt
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
