@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from ray import serve
 from ray.serve import Application
 
@@ -37,12 +38,22 @@ from reclora_ray.variants import get_variant
 log = logging.getLogger(__name__)
 
 APP_NAME = "reclora"
+MODEL_DEPLOYMENT = "RecLoRAModel"  # reclora_ray.serve.service reads its replicas' state by this name
+# The ingress computes nothing and holds no model: many requests at once, no CPU reserved. The
+# model deployment's limits (deployment_options) decide what is admitted, queued or shed.
+INGRESS_OPTIONS = {
+    "name": "RecLoRAService",
+    "num_replicas": 1,
+    "max_ongoing_requests": 1024,
+    "ray_actor_options": {"num_cpus": 0},
+}
 
 
 def deployment_options(cfg: Config) -> dict:
+    """The model deployment's: its replicas, their resources and how many requests they admit."""
     s = cfg.serve
     options = {
-        "name": "RecLoRAService",
+        "name": MODEL_DEPLOYMENT,
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
@@ -62,20 +73,26 @@ def deployment_options(cfg: Config) -> dict:
 
 def build(cfg: Config, out: str | Path) -> Application:
     """The Serve application for run directory `out`, after checking it holds what is served."""
-    from reclora_ray.serve.service import RecLoRAService
+    from reclora_ray.serve.service import RecLoRAModel, RecLoRAService
 
     run = RunDir(Path(out).resolve())
     variant = get_variant(cfg.serve.variant)
     if not (run.data / "meta.json").is_file():
         raise PreparedDataError(f"{run.data} holds no prepared dataset; run `reclora run --out {run.root}` first")
-    model_version(cfg, run, variant)  # raises when the adapter is missing
     if cfg.serve.max_ongoing_requests < cfg.serve.max_batch_size:
         log.warning(
             "serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches never fill",
             cfg.serve.max_ongoing_requests,
             cfg.serve.max_batch_size,
         )
-    return RecLoRAService.options(**deployment_options(cfg)).bind(cfg, str(run.root))
+    info = {
+        "variant": variant.name,
+        "model_version": model_version(cfg, run, variant),
+        "users": pq.ParquetFile(run.data / "users.parquet").metadata.num_rows,
+        "items": pq.ParquetFile(run.data / "items.parquet").metadata.num_rows,
+    }
+    model = RecLoRAModel.options(**deployment_options(cfg)).bind(cfg, str(run.root))
+    return RecLoRAService.options(**INGRESS_OPTIONS).bind(cfg.serve, info, model)
 
 
 def build_app(args: dict) -> Application:

@@ -41,11 +41,15 @@ from reclora_ray.variants import Variant
 
 
 class RequestError(ValueError):
-    """A request the data cannot answer; `status` is the HTTP status it maps to."""
+    """A request the data cannot answer; `status` is the HTTP status it maps to. Both are its
+    args, so it pickles whole from a model replica to the ingress."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass

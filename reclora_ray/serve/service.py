@@ -1,22 +1,27 @@
-"""The Ray Serve deployment: one replica holds the base LLM, the adapter and the CRM once.
+"""The Ray Serve application: an HTTP ingress in front of the model replicas.
 
     POST /score                      {"user_id", "candidates": [item_id, ...], "history"?, "timestamp"?,
                                       "as_of_position"?} -> candidates by P(yes), highest first
     GET  /users/{id}/adapter?item_id=I   the user's gate weights over the meta-LoRAs for target I
     POST /users/{id}/adapter/export  {"item_id", "history"?, ...} -> a zip of the user's PEFT LoRA adapter
-    GET  /healthz                    model version and dataset size
-    GET  /stats                      this replica's batching counters
+    GET  /healthz                    ok (200) while a model replica runs, else 503; model version, dataset size
+    GET  /stats                      a model replica's batching counters
+
+Two deployments. `RecLoRAModel` replicas each hold the base LLM, the adapter and the CRM once and
+admit serve.max_ongoing_requests requests, serve.max_queued_requests more waiting; beyond them
+the service answers 503 with Retry-After. `RecLoRAService`, the ingress, holds no model: it
+checks bodies, forwards them through a handle, and answers /healthz from Serve's own view of the
+model replicas, so a health probe never waits behind scoring.
 
 Ids are catalogue ids (the logs' own user and item ids, numbers or strings), in requests and
 responses; each score says whether its item is a cold start (in the items table, never
-interacted with: scored from its text). Concurrent /score requests, from any
-users, are gathered by `@serve.batch` (serve.max_batch_size requests, waiting at most
+interacted with: scored from its text). Concurrent /score requests, from any users, are
+gathered by `@serve.batch` (serve.max_batch_size requests, waiting at most
 serve.batch_wait_timeout_s) and scored in one `Scorer.score` call; each response says how many
 requests and candidates its batch held. A request that arrives while a batch runs joins the
 queue when that batch ends, so the next batch gathers everything that arrived meanwhile. Model
-work runs on one thread beside the event loop: requests keep being accepted and validated while
-a batch runs, and the adapter layers, which hold the running batch's gate weights, never see two
-batches at once.
+work runs on one thread beside the replica's event loop: the adapter layers, which hold the
+running batch's gate weights, never see two batches at once.
 
 Bad input is answered 4xx with a message naming the problem and never reaches the model:
 malformed JSON, wrong types, unknown fields, empty / oversized candidate lists or histories,
@@ -26,6 +31,7 @@ An unknown user is not an error: it is answered as a new user (known_user false)
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import asyncio
+import io
 import logging
 import shutil
 import tempfile
@@ -39,13 +45,16 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import metrics
-from starlette.background import BackgroundTask
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
-from reclora_ray.config import Config
+from reclora_ray.config import Config, ServeConfig
+from reclora_ray.serve.app import MODEL_DEPLOYMENT
 from reclora_ray.serve.online import OnlineScorer, RequestError, UserState, export_name
 from reclora_ray.serve.requests import ExportRequest, ScoreRequest, UserContext, describe
 
@@ -60,8 +69,10 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 
 @serve.deployment
-@serve.ingress(api)
-class RecLoRAService:
+class RecLoRAModel:
+    """One model replica: the base LLM, the adapter and the CRM. Raises `RequestError` for what
+    the data cannot answer (an unknown item, a history past its limit)."""
+
     def __init__(self, cfg: Config, out: str):
         if cfg.serve.num_gpus == 0:  # a CPU replica computes on as many threads as it reserves CPUs
             torch.set_num_threads(max(1, int(cfg.serve.num_cpus)))
@@ -83,46 +94,24 @@ class RecLoRAService:
         log.info("replica %s serves %s (%s)", self.replica, self.online.variant.name, self.online.version)
 
     async def _on_model_thread(self, fn, *args):
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
-        except RequestError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
-
-    async def _body(self, request: Request, model: type[BaseModel]) -> BaseModel:
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and not declared.isdigit():
-            raise HTTPException(400, f"Content-Length {declared!r} is not a byte count")
-        if declared is not None and int(declared) > limit:
-            raise HTTPException(413, f"body of {declared} bytes is over serve.max_body_bytes={limit}")
-        body = await request.body()
-        if len(body) > limit:
-            raise HTTPException(413, f"body of {len(body)} bytes is over serve.max_body_bytes={limit}")
-        try:
-            return model.model_validate_json(body)
-        except ValidationError as exc:
-            raise HTTPException(422, describe(exc)) from None
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
 
     def _state(self, user_id, context: UserContext, target_items: list, what: str) -> tuple[UserState, np.ndarray]:
-        """The user's state and the dense ids of the target items, after checking the request's
-        catalogue ids against the data (404 / 422)."""
+        """The user's state and the dense ids of the target items (catalogue ids checked)."""
         if len(context.history) > self.limits.max_history:
-            raise HTTPException(
+            raise RequestError(
                 422,
                 f"history: {len(context.history)} behaviours, more than serve.max_history={self.limits.max_history}",
             )
-        try:
-            targets = self.online.check_items(target_items, what)
-            state = self.online.user_state(
-                user_id,
-                [b.item_id for b in context.history],
-                [b.rating for b in context.history],
-                context.timestamp,
-                context.as_of_position,
-            )
-            return state, targets
-        except RequestError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+        targets = self.online.check_items(target_items, what)
+        state = self.online.user_state(
+            user_id,
+            [b.item_id for b in context.history],
+            [b.rating for b in context.history],
+            context.timestamp,
+            context.as_of_position,
+        )
+        return state, targets
 
     def _user(self, state: UserState) -> dict:
         return {
@@ -148,18 +137,7 @@ class RecLoRAService:
         self.batch_metric.observe(len(jobs))
         return [(p, batch) for p in probs]
 
-    @api.post("/score")
-    async def score(self, request: Request) -> dict:
-        body = await self._body(request, ScoreRequest)
-        if len(body.candidates) > self.limits.max_candidates:
-            raise HTTPException(
-                422,
-                f"candidates: {len(body.candidates)} items, more than "
-                f"serve.max_candidates={self.limits.max_candidates}",
-            )
-        duplicates = [item for item, n in Counter(str(c) for c in body.candidates).items() if n > 1]
-        if duplicates:
-            raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
+    async def score(self, body: ScoreRequest) -> dict:
         state, items = self._state(body.user_id, body, body.candidates, "candidates")
         # Serve forms batches eagerly (one per batch_wait_timeout_s, queued behind the running one):
         # joining the queue only when no batch runs puts all that arrived meanwhile into the next one.
@@ -180,17 +158,8 @@ class RecLoRAService:
             "batch": batch,
         }
 
-    @api.get("/users/{user_id}/adapter")
-    async def adapter(
-        self,
-        user_id: str,
-        item_id: str = Query(min_length=1, max_length=256, description="target item"),
-        timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
-        as_of_position: Optional[int] = Query(None, ge=0),
-    ) -> dict:
-        state, (item,) = self._state(
-            user_id, UserContext(timestamp=timestamp, as_of_position=as_of_position), [item_id], "item_id"
-        )
+    async def gate(self, user_id: str, context: UserContext, item_id: str) -> dict:
+        state, (item,) = self._state(user_id, context, [item_id], "item_id")
         gate = await self._on_model_thread(self.online.gate, state, int(item))
         return {
             **self._user(state),
@@ -200,46 +169,27 @@ class RecLoRAService:
             "gate": gate.tolist(),
         }
 
-    @api.post("/users/{user_id}/adapter/export")
-    async def export_adapter(self, user_id: str, request: Request) -> FileResponse:
-        body = await self._body(request, ExportRequest)
+    async def export_adapter(self, user_id: str, body: ExportRequest) -> tuple[str, bytes]:
+        """(file name, zip bytes) of the user's PEFT adapter: bytes, as the ingress may run elsewhere."""
         state, (item,) = self._state(user_id, body, [body.item_id], "item_id")
         name = export_name(self.online.variant.name, user_id, body.item_id)
         workdir = Path(tempfile.mkdtemp(prefix="reclora-export-"))
-        archive = workdir / f"{name}.zip"
         try:
             await self._on_model_thread(self.online.export_adapter, state, int(item), workdir / name)
+            archive = io.BytesIO()
             with zipfile.ZipFile(archive, "w") as zf:  # stored: safetensors do not compress
                 for path in sorted((workdir / name).iterdir()):
                     zf.write(path, f"{name}/{path.name}")
-        except BaseException:
+        finally:
             shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        return FileResponse(
-            archive,
-            media_type="application/zip",
-            filename=archive.name,
-            headers={"X-Model-Version": self.online.version},
-            background=BackgroundTask(shutil.rmtree, workdir, ignore_errors=True),
-        )
+        return f"{name}.zip", archive.getvalue()
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {
-            "status": "ok",
-            "variant": self.online.variant.name,
-            "model_version": self.online.version,
-            "users": self.online.n_users,
-            "items": self.online.n_items,
-            "replica": self.replica,
-        }
-
-    @api.get("/stats")
     async def stats(self) -> dict:
         batches = sum(self.batch_sizes.values())
         requests = sum(size * n for size, n in self.batch_sizes.items())
         return {
             "replica": self.replica,
+            "model_version": self.online.version,
             "batches": batches,
             "requests": requests,
             "candidates": self.scored_candidates,
@@ -248,3 +198,100 @@ class RecLoRAService:
             "batch_requests_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "torch_threads": torch.get_num_threads(),
         }
+
+
+def running_model_replicas() -> int:
+    """Serve's count of RUNNING replicas of this application's model deployment."""
+    app = serve.status().applications.get(serve.get_replica_context().app_name)
+    deployment = app.deployments.get(MODEL_DEPLOYMENT) if app is not None else None
+    return int(deployment.replica_states.get("RUNNING", 0)) if deployment is not None else 0
+
+
+@serve.deployment
+@serve.ingress(api)
+class RecLoRAService:
+    """The ingress: body checks that need no data, then the model through `model`."""
+
+    def __init__(self, limits: ServeConfig, info: dict, model: DeploymentHandle):
+        self.limits, self.info, self.model = limits, info, model
+
+    def _unavailable(self, why: str) -> HTTPException:
+        return HTTPException(503, why, headers={"Retry-After": str(self.limits.retry_after_s)})
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.model, method).remote(*args)
+        except BackPressureError:
+            raise self._unavailable(
+                f"every model replica is busy and {self.limits.max_queued_requests} requests wait; retry later"
+            ) from None
+        except RequestError as exc:  # raised in the replica; Ray re-raises it as a subclass of both
+            cause = getattr(exc, "cause", exc)
+            raise HTTPException(cause.status, str(cause)) from None
+        except RayActorError:
+            raise self._unavailable("the model replica is gone; Serve is starting another") from None
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> BaseModel:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise HTTPException(400, f"Content-Length {declared!r} is not a byte count")
+        if declared is not None and int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over serve.max_body_bytes={limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(413, f"body of {len(body)} bytes is over serve.max_body_bytes={limit}")
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise HTTPException(422, describe(exc)) from None
+
+    @api.post("/score")
+    async def score(self, request: Request) -> dict:
+        body = await self._body(request, ScoreRequest)
+        if len(body.candidates) > self.limits.max_candidates:
+            raise HTTPException(
+                422,
+                f"candidates: {len(body.candidates)} items, more than "
+                f"serve.max_candidates={self.limits.max_candidates}",
+            )
+        duplicates = [item for item, n in Counter(str(c) for c in body.candidates).items() if n > 1]
+        if duplicates:
+            raise HTTPException(422, f"candidates: duplicate item ids {duplicates}")
+        return await self._call("score", body)
+
+    @api.get("/users/{user_id}/adapter")
+    async def adapter(
+        self,
+        user_id: str,
+        item_id: str = Query(min_length=1, max_length=256, description="target item"),
+        timestamp: Optional[int] = Query(None, ge=0, lt=2**62),
+        as_of_position: Optional[int] = Query(None, ge=0),
+    ) -> dict:
+        context = UserContext(timestamp=timestamp, as_of_position=as_of_position)
+        return await self._call("gate", user_id, context, item_id)
+
+    @api.post("/users/{user_id}/adapter/export")
+    async def export_adapter(self, user_id: str, request: Request) -> Response:
+        body = await self._body(request, ExportRequest)
+        filename, archive = await self._call("export_adapter", user_id, body)
+        return Response(
+            archive,
+            media_type="application/zip",
+            headers={
+                "Content-Disposition": f'attachment; filename="{filename}"',
+                "X-Model-Version": self.info["model_version"],
+            },
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        replicas = await asyncio.to_thread(running_model_replicas)
+        status = "ok" if replicas else "unavailable"
+        return JSONResponse(
+            {"status": status, **self.info, "model_replicas": replicas}, status_code=200 if replicas else 503
+        )
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        return await self._call("stats")

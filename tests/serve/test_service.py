@@ -147,6 +147,19 @@ def test_concurrent_requests_from_many_users_are_batched(service):
     assert after["torch_threads"] == 1  # serve.num_cpus of the CPU replica
 
 
+def test_healthz_names_the_served_model_from_the_ingress(service, scorer):
+    _, client = service
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json() == {
+        "status": "ok",
+        "variant": "reclora",
+        "model_version": client.get("/stats").json()["model_version"],
+        "users": scorer.data.n_users,
+        "items": scorer.data.n_items,
+        "model_replicas": 1,
+    }
+
+
 def test_gate_weights_and_exported_peft_adapter_reproduce_the_user(service, samples, scorer, serve_config, tmp_path):
     from peft import PeftModel
 
@@ -220,7 +233,7 @@ BAD_SCORE_BODIES = [
 
 def test_bad_input_gets_a_4xx_naming_the_problem_and_the_replica_lives_on(service):
     _, client = service
-    replica = client.get("/healthz").json()["replica"]
+    replica = client.get("/stats").json()["replica"]
     for body, status, words in BAD_SCORE_BODIES:
         reply = client.post("/score", content=body, headers={"content-type": "application/json"})
         assert (reply.status_code, words in reply.json()["detail"]) == (status, True), (body[:80], reply.text)
@@ -241,8 +254,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_replica_lives_on(servic
     )
     reply = client.post("/users/12/adapter/export", json={})
     assert reply.status_code == 422 and "item_id" in reply.json()["detail"]
-    health = client.get("/healthz")
-    assert health.status_code == 200 and health.json()["replica"] == replica
+    assert client.get("/stats").json()["replica"] == replica
     assert client.post("/score", json={"user_id": 12, "candidates": [1]}).status_code == 200
 
 
