@@ -38,7 +38,7 @@ from reclora_ray.variants import get_variant
 log = logging.getLogger(__name__)
 
 APP_NAME = "reclora"
-MODEL_DEPLOYMENT = "RecLoRAModel"  # reclora_ray.serve.service reads its replicas' state by this name
+MODEL_DEPLOYMENT = "ScoringModel"  # reclora_ray.serve.service reads its replicas' state by this name
 # The ingress computes nothing and holds no model: many requests at once, no CPU reserved. The
 # model deployment's limits (deployment_options) decide what is admitted, queued or shed.
 INGRESS_OPTIONS = {
@@ -73,7 +73,7 @@ def deployment_options(cfg: Config) -> dict:
 
 def build(cfg: Config, out: str | Path) -> Application:
     """The Serve application for run directory `out`, after checking it holds what is served."""
-    from reclora_ray.serve.service import RecLoRAModel, RecLoRAService
+    from reclora_ray.serve.service import RecLoRAService, ScoringModel
 
     run = RunDir(Path(out).resolve())
     variant = get_variant(cfg.serve.variant)
@@ -91,7 +91,7 @@ def build(cfg: Config, out: str | Path) -> Application:
         "users": pq.ParquetFile(run.data / "users.parquet").metadata.num_rows,
         "items": pq.ParquetFile(run.data / "items.parquet").metadata.num_rows,
     }
-    model = RecLoRAModel.options(**deployment_options(cfg)).bind(cfg, str(run.root))
+    model = ScoringModel.options(**deployment_options(cfg)).bind(cfg, str(run.root))
     return RecLoRAService.options(**INGRESS_OPTIONS).bind(cfg.serve, info, model)
 
 

@@ -7,7 +7,7 @@
     GET  /healthz                    ok (200) while a model replica runs, else 503; model version, dataset size
     GET  /stats                      a model replica's batching counters
 
-Two deployments. `RecLoRAModel` replicas each hold the base LLM, the adapter and the CRM once and
+Two deployments. `ScoringModel` replicas each hold the base LLM, the adapter and the CRM once and
 admit serve.max_ongoing_requests requests, serve.max_queued_requests more waiting; beyond them
 the service answers 503 with Retry-After. `RecLoRAService`, the ingress, holds no model: it
 checks bodies, forwards them through a handle, and answers /healthz from Serve's own view of the
@@ -69,7 +69,7 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 
 @serve.deployment
-class RecLoRAModel:
+class ScoringModel:
     """One model replica: the base LLM, the adapter and the CRM. Raises `RequestError` for what
     the data cannot answer (an unknown item, a history past its limit)."""
 

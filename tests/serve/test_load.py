@@ -84,7 +84,7 @@ def replica_processes() -> list[psutil.Process]:
     return [
         p
         for p in psutil.Process(os.getpid()).children(recursive=True)
-        if "ServeReplica:reclora:RecLoRAModel" in " ".join(p.cmdline())
+        if "ServeReplica:reclora:ScoringModel" in " ".join(p.cmdline())
     ]
 
 
