@@ -38,7 +38,7 @@ from reclora_ray.variants import get_variant
 log = logging.getLogger(__name__)
 
 APP_NAME = "reclora"
-MODEL_DEPLOYMENT = "ScoringModel"  # reclora_ray.serve.service reads its replicas' state by this name
+MODEL_DEPLOYMENT = "ScoringModel"  # its class name too: the ingress counts its replicas by it
 # The ingress computes nothing and holds no model: many requests at once, no CPU reserved. The
 # model deployment's limits (deployment_options) decide what is admitted, queued or shed.
 INGRESS_OPTIONS = {

@@ -54,7 +54,6 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from reclora_ray.config import Config, ServeConfig
-from reclora_ray.serve.app import MODEL_DEPLOYMENT
 from reclora_ray.serve.online import OnlineScorer, RequestError, UserState, export_name
 from reclora_ray.serve.requests import ExportRequest, ScoreRequest, UserContext, describe
 
@@ -203,7 +202,7 @@ class ScoringModel:
 def running_model_replicas() -> int:
     """Serve's count of RUNNING replicas of this application's model deployment."""
     app = serve.status().applications.get(serve.get_replica_context().app_name)
-    deployment = app.deployments.get(MODEL_DEPLOYMENT) if app is not None else None
+    deployment = app.deployments.get(ScoringModel.name) if app is not None else None
     return int(deployment.replica_states.get("RUNNING", 0)) if deployment is not None else 0
 
 
