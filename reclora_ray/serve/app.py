@@ -38,7 +38,6 @@ from reclora_ray.variants import get_variant
 log = logging.getLogger(__name__)
 
 APP_NAME = "reclora"
-MODEL_DEPLOYMENT = "ScoringModel"  # its class name too: the ingress counts its replicas by it
 # The ingress computes nothing and holds no model: many requests at once, no CPU reserved. The
 # model deployment's limits (deployment_options) decide what is admitted, queued or shed.
 INGRESS_OPTIONS = {
@@ -50,10 +49,10 @@ INGRESS_OPTIONS = {
 
 
 def deployment_options(cfg: Config) -> dict:
-    """The model deployment's: its replicas, their resources and how many requests they admit."""
+    """The model deployment's (named after its class, ScoringModel, by which the ingress counts
+    its replicas): the replicas, their resources and how many requests they admit."""
     s = cfg.serve
     options = {
-        "name": MODEL_DEPLOYMENT,
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},

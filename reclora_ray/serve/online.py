@@ -126,14 +126,6 @@ class OnlineScorer:
         )
         self.version = model_version(cfg, run, self.variant)
 
-    @property
-    def n_users(self) -> int:
-        return self.data.n_users
-
-    @property
-    def n_items(self) -> int:
-        return self.data.n_items
-
     def check_items(self, raw_item_ids, what: str) -> np.ndarray:
         """The dense ids of catalogue item ids; 404 naming those the items table does not hold."""
         try:
