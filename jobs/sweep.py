@@ -15,8 +15,9 @@ import sys
 import _bootstrap  # noqa: F401  (this checkout's reclora_ray first on the path)
 
 from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep
-from reclora_ray.config import ConfigError
+from reclora_ray.config import ConfigError, load_config
 from reclora_ray.console import setup_logging
+from reclora_ray.runtime import init_ray
 
 
 def main(argv=None) -> int:
@@ -63,10 +64,9 @@ def main(argv=None) -> int:
         spec.search = args.search or spec.search
         spec.num_samples = args.num_samples or spec.num_samples
 
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()  # inside `ray job submit`, RAY_ADDRESS points at the cluster
+        # Inside `ray job submit`, RAY_ADDRESS points at the cluster; else a local Ray on 127.0.0.1
+        # with a private token, as every stage starts it.
+        init_ray(load_config(spec.config, spec.overrides))
         rows = run_sweep(spec, args.out)
     except ConfigError as exc:
         logging.getLogger("sweep").error("%s", exc)

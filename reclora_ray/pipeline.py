@@ -19,20 +19,23 @@ from reclora_ray.config import Config
 from reclora_ray.console import stage_line
 from reclora_ray.rundir import RunDir
 from reclora_ray.runtime import add_common_arguments, config_from_args, save_resolved_config
-from reclora_ray.stages import TASKS, execute, task_stages
+from reclora_ray.stages import STAGES, TASKS, Stage, execute, task_stages
 
 log = logging.getLogger(__name__)
 
 
-def run_task(cfg: Config, out: str | Path | RunDir, task: str = "ctr", overwrite: bool = False):
-    """Every stage instance of `task` in table order; returns the last one's result (the report's)."""
+def run_task(
+    cfg: Config, out: str | Path | RunDir, task: str = "ctr", overwrite: bool = False, stages: list[Stage] | None = None
+):
+    """Every stage instance of `task` in table order (or of `stages`, a part of it); returns the
+    last one's result (the report's)."""
     run = RunDir.of(out)
     run.root.mkdir(parents=True, exist_ok=True)
     run.upgrade()
     save_resolved_config(cfg, run.root)
     timings: dict[str, float] = {}
     result = None
-    for stage in task_stages(task):
+    for stage in stages or task_stages(task):
         for key in stage.instances(cfg, task):
             title = stage.title(key) if stage.title else stage.name
             start = time.perf_counter()
@@ -46,6 +49,19 @@ def run_task(cfg: Config, out: str | Path | RunDir, task: str = "ctr", overwrite
 def run_pipeline(cfg: Config, out: str, overwrite: bool = False) -> dict:
     """The CTR run; returns OUT/metrics.json: {"models": {name: {"auc", "logloss", ...}}}."""
     return run_task(cfg, out, "ctr", overwrite)
+
+
+def run_tuning(cfg: Config, out: str) -> dict:
+    """The CTR run up to tuning, nothing scored on test: a sweep's experiment when it selects
+    settings (`experiment: reclora_ray.pipeline:run_tuning`). Returns {"valid": {variant: {"auc",
+    "logloss", ...}}}, each tuned variant's validation figures at the epoch tuning kept."""
+    from reclora_ray.report import validation_metrics
+
+    run = RunDir.of(out)
+    last = task_stages("ctr").index(STAGES["tune"])
+    run_task(cfg, run, "ctr", stages=task_stages("ctr")[: last + 1])
+    found = validation_metrics(run)
+    return {"valid": {name: found[name] for name in cfg.tune.variants if name in found}}
 
 
 def run_next_item(cfg: Config, out: str, overwrite: bool = False) -> dict:

@@ -230,12 +230,29 @@ def plot_gates(run: RunDir, name: str, path: Path) -> bool:
     return True
 
 
+def validation_metrics(run: RunDir) -> dict[str, dict]:
+    """Each tuned adapter's validation figures at the epoch tuning kept (what a sweep selects on):
+    {variant: {"auc", "logloss", "epoch", "samples"}}, from OUT/adapter/<variant>/train_metrics.json."""
+    out = {}
+    for path in sorted((run.root / "adapter").glob("*/train_metrics.json")):
+        metrics = json.loads(path.read_text())
+        best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
+        out[path.parent.name] = {
+            "auc": best["val_auc"],
+            "logloss": best["val_logloss"],
+            "epoch": best["epoch"],
+            "samples": metrics["valid"],
+        }
+    return out
+
+
 def write_report(run: RunDir, notes: list[str] | None = None, rounds: int = BOOTSTRAP_ROUNDS) -> dict:
     preds = collect_scores(run)
     if not preds:
         raise FileNotFoundError(f"no scored models under {run.root / 'scores'}; run `reclora score` first")
     payload = evaluate(preds, rounds)
     payload["bootstrap"] = {"unit": "user", "rounds": rounds, "level": 0.95}
+    payload["valid"] = validation_metrics(run)
     write_json_atomic(run.root / "metrics.json", payload)
     first = next(iter(payload["models"].values()))
     parts = [

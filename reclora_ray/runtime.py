@@ -44,12 +44,21 @@ def save_resolved_config(cfg: Config, directory: Path) -> Path:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray once."""
+    """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray once. Inside a
+    Ray task (a sweep's experiment) Ray is up already: only this process's Ray Data is set."""
     import ray
     import ray.data
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_ray(cfg)
+    # Ray Data's progress bars where a terminal shows them; without one (a Ray worker's output
+    # included) they are multi-line dumps, and the stages log their own one-line progress.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty() or is_verbose()
+
+
+def _start_ray(cfg: Config) -> None:
+    import ray
+
     quiet_ray()
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -77,9 +86,6 @@ def init_ray(cfg: Config) -> None:
             },
         )
         quiet_ray()
-    # Ray Data's progress bars where a terminal shows them; without one they are multi-line
-    # dumps, and the stages log their own one-line progress.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty() or is_verbose()
 
 
 LOCAL_TOKEN_ENV = "RECLORA_RAY_TOKEN_FILE"  # default: ~/.config/reclora/ray_auth_token

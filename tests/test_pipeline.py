@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from reclora_ray.curves import CURVES_FILE, read_curves
-from reclora_ray.pipeline import run_pipeline
+from reclora_ray.pipeline import run_pipeline, run_tuning
 from reclora_ray.predictions import shard_files
 from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
@@ -17,9 +17,16 @@ pytestmark = pytest.mark.ray
 
 def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local, tiny_run):
     cfg = tiny_config("tune.variants=[reclora,tallrec]")
-    metrics = run_pipeline(cfg, str(tiny_run))
-
     run = RunDir(tiny_run)
+    # A sweep's selection experiment: the run up to tuning, nothing scored on test.
+    tuned = run_tuning(cfg, str(tiny_run))
+    assert set(tuned["valid"]) == {"reclora", "tallrec"} and not run.scores("reclora").exists()
+    for variant, row in tuned["valid"].items():
+        kept = json.loads((run.adapter(variant) / "train_metrics.json").read_text())
+        assert row["auc"] == kept["best_val_auc"] and row["samples"] == kept["valid"] > 0 and row["logloss"] > 0
+
+    metrics = run_pipeline(cfg, str(tiny_run))  # takes the adapters tuned above
+    assert metrics["valid"] == tuned["valid"]  # the figures selection used, beside the test's
     assert set(metrics["models"]) == {"crm-sim", "zero-shot", "reclora", "tallrec"}
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     n_test = len(pd.read_parquet(run.data / "samples" / "test.parquet"))
