@@ -287,6 +287,9 @@ class LoRAConfig:
     gate: Literal["shared", "per_layer"] = "shared"  # one gate for all wrapped layers, or one per layer
     # paper: Linear -> LayerNorm -> ReLU -> Linear (Eq. 13); authors: LayerNorm -> Linear -> ReLU -> Linear
     gate_arch: Literal["paper", "authors"] = "paper"
+    # R_c, the CRM layer the gate reads: the vector the CRM's head reads (head_input), or the head's
+    # last hidden layer (last_hidden, crm.mlp_hidden[-1] wide: the authors' code). The CRM is the same.
+    gate_input: Literal["head_input", "last_hidden"] = "head_input"
 
 
 @dataclass(frozen=True)

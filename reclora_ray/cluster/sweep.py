@@ -224,7 +224,12 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
 
     ordered = [rows[e.name] for e in experiments]
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(ordered, indent=2))
-    storage.write_text(storage.join(out, "sweep.md"), markdown_table(ordered, list(spec.grid)))
+    table = markdown_table(ordered, list(spec.grid))
+    with tempfile.TemporaryDirectory() as tmp:
+        if plot_sweep(ordered, list(spec.grid), Path(tmp) / "sweep.png"):
+            storage.write_bytes(storage.join(out, "sweep.png"), (Path(tmp) / "sweep.png").read_bytes())
+            table += "\n![Validation AUC of each experiment](sweep.png)\n"
+    storage.write_text(storage.join(out, "sweep.md"), table)
     return ordered
 
 
@@ -465,6 +470,60 @@ def markdown_table(rows: list[dict], grid_keys: list[str]) -> str:
         cells += [r["status"] if not r["error"] else f"{r['status']}: {r['error']}", f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict], grid_keys: list[str], path: Path) -> bool:
+    """sweep.png: each tuned variant's validation AUC (what a sweep selects on, `valid.<v>.auc`;
+    the test AUCs where no experiment has one) against a numeric grid axis, one panel per axis,
+    else one bar per experiment. False when no experiment has an AUC."""
+    done = [r for r in rows if r["status"] == "succeeded"]
+    keys = sorted({k for r in done for k in r["metrics"] if k.startswith("valid.") and k.endswith(".auc")})
+    keys = keys or sorted(
+        {k for r in done for k in r["metrics"] if k == "auc" or k.count(".") == 1 and k.endswith(".auc")}
+    )
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_keys = [k for k in grid_keys if all(isinstance(r["overrides"].get(k), (int, float)) for r in done)]
+    panels = axes_keys or [None]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels) if axes_keys else 7.5, 0.35 * len(done) + 2.5), squeeze=False
+    )
+    for ax, axis in zip(axes[0], panels):
+        for key in keys:
+            points = [(r["overrides"].get(axis), r["metrics"][key], r["name"]) for r in done if key in r["metrics"]]
+            label = key.removeprefix("valid.").removesuffix("auc").removesuffix(".") or "AUC"
+            if axis is None:  # one bar per experiment, in the spec's order, coloured by variant
+                where = [next(i for i, r in enumerate(done) if r["name"] == name) for _, _, name in points]
+                bars = ax.barh(where, [auc for _, auc, _ in points], label=label, alpha=0.7)
+                ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
+            else:
+                points.sort()
+                ax.plot([x for x, _, _ in points], [auc for _, auc, _ in points], "o-", label=label)
+                ax.set_xlabel(axis)
+                if min(x for x, _, _ in points) > 0 and max(x for x, _, _ in points) / min(x for x, _, _ in points) > 8:
+                    ax.set_xscale("log", base=2)
+        aucs = [r["metrics"][k] for r in done for k in keys if k in r["metrics"]]
+        low, high = min(aucs), max(aucs)
+        span = max(high - low, 0.01)
+        if axis is None:
+            ax.set_xlim(low - span, high + span / 2)
+            ax.set_yticks(range(len(done)), [r["name"] for r in done])
+            ax.set_xlabel("AUC")
+            ax.invert_yaxis()  # the spec's order, top to bottom
+        else:
+            ax.set_ylabel("AUC")
+        ax.set_title("validation AUC" if keys[0].startswith("valid.") else "test AUC")
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if axis is None else {}))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _fmt(value: Any) -> str:

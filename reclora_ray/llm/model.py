@@ -103,10 +103,11 @@ class RecLoRAModel(nn.Module):
     """forward(prompt tokens, CRM features) -> the LLM's output; R_c is computed on the fly from
     the long history by the frozen CRM (no gradient), then routed to the gate."""
 
-    def __init__(self, llm: nn.Module, crm: nn.Module | None = None):
+    def __init__(self, llm: nn.Module, crm: nn.Module | None = None, gate_input: str = "head_input"):
         super().__init__()
         self.llm = llm
         self.crm = crm
+        self.gate_input = gate_input  # the CRM layer the gate reads (lora.gate_input)
         if crm is not None:
             crm.eval()
             crm.requires_grad_(False)
@@ -123,7 +124,7 @@ class RecLoRAModel(nn.Module):
         if crm_features is None:
             raise ValueError("this model's gate reads R_c: pass crm_features for every sample")
         with torch.no_grad():
-            return self.crm.represent(crm_features)
+            return self.crm.representation(crm_features, self.gate_input)
 
     def forward(self, input_ids, attention_mask, position_ids=None, labels=None, crm_features=None, **kwargs):
         if self.crm is not None:
@@ -171,8 +172,10 @@ def build_model(
     elif adapter_dir is not None:
         llm = load_adapter(base, adapter_dir)
     else:
-        llm = PersonalizedLoRAModel(base, variant.lora_config(cfg.lora), crm_dim=crm.d_c if crm else 0)
-    model = RecLoRAModel(llm, crm)
+        lora = variant.lora_config(cfg.lora)
+        llm = PersonalizedLoRAModel(base, lora, crm_dim=crm.representation_dim(lora.gate_input) if crm else 0)
+    gate_input = llm.lora_config.gate_input if crm else "head_input"  # a loaded adapter's own
+    model = RecLoRAModel(llm, crm, gate_input)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = dtype_name(resolve_dtype(cfg.llm.dtype, torch.device(device)))
     log.info(

@@ -19,6 +19,7 @@ from reclora_ray.cluster.sweep import (
     expand,
     markdown_table,
     parse_grid_arg,
+    plot_sweep,
     run_sweep,
     shared_stages,
 )
@@ -163,7 +164,9 @@ def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
 
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[0] == "| experiment | crm.lr | auc | cpus | end | logloss | lr | pid | start | status | seconds |"
-    assert len(table) == 2 + 4 and table[2].startswith("| lr=0.0500 | 0.0500 | ")
+    assert len(table) == 2 + 4 + 2 and table[2].startswith("| lr=0.0500 | 0.0500 | ")
+    assert table[-1] == "![Validation AUC of each experiment](sweep.png)"  # AUC against the numeric axis
+    assert (tmp_path / "sweep.png").stat().st_size > 0
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     assert json.loads((tmp_path / "lr=0.0500" / "metrics.json").read_text())["auc"] == rows[0]["metrics"]["auc"]
 
@@ -315,6 +318,21 @@ def test_markdown_table_lists_every_metric_and_escapes_pipes():
         "| a | 1 | 0.5000 |  | succeeded | 1.0 |",
         "| b | 2 |  | 1.2500 | failed: E: a\\|b | 2.0 |",
     ]
+
+
+def test_sweep_plot_shows_validation_auc_per_experiment_and_skips_rows_without_one(tmp_path):
+    def row(name, metrics, status="succeeded"):
+        return {"name": name, "overrides": {}, "metrics": metrics, "status": status, "error": None, "seconds": 1.0}
+
+    rows = [
+        row("quickstart", {"valid.reclora.auc": 0.77, "valid.reclora.logloss": 0.57, "reclora.auc": 0.75}),
+        row("tallrec", {"valid.tallrec.auc": 0.74}),
+        row("broken", {}, status="failed"),
+    ]
+    assert plot_sweep(rows, [], tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert not plot_sweep([row("no auc", {"loss": 1.0})], [], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def ran(rows):

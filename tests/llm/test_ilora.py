@@ -11,7 +11,7 @@ from reclora_ray.crm.models.sasrec import SASRec
 from reclora_ray.data.prepared import PreparedData
 from reclora_ray.llm.inputs import InputBuilder
 from reclora_ray.llm.model import build_model
-from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear
+from reclora_ray.llm.plora import PersonalizedLoRAModel, PLoRALinear, save_adapter
 from reclora_ray.rundir import RunDir
 from reclora_ray.variants import ILORA_TARGETS, crm_config, crm_name, get_variant
 from tests.conftest import tiny_config
@@ -80,6 +80,31 @@ def test_the_gate_reads_sasrec_and_only_experts_and_gate_train(ilora_run):
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == trainable and all(g.abs().sum() > 0 for g in grads.values())
     assert all(p.grad is None for p in model.crm.parameters())
+
+
+def test_the_gate_may_read_the_crm_heads_last_hidden_layer_and_its_adapter_keeps_that(ilora_run, tmp_path):
+    root, _, data = ilora_run
+    cfg = tiny_config("lora.gate_input=last_hidden")
+    variant = get_variant("ilora")
+    model, tokenizer, spec = build_model(cfg, RunDir(root), variant)
+    crm, llm = model.crm, model.llm
+    assert llm.crm_dim == crm.cfg.mlp_hidden[-1] != crm.d_c
+    features = _batch(cfg, data, variant, tokenizer, spec)["crm_features"]
+    model.eval()
+    hidden = crm.head.last_hidden(crm.represent(features))  # what the CRM's output Linear reads
+    torch.testing.assert_close(crm.head[-1](hidden).squeeze(-1), crm(features))
+    with torch.no_grad():
+        for param in llm.gate.parameters():
+            param.normal_(std=0.5)  # a gate that tells R_c's apart
+    alpha = model.gate_weights(features)
+    torch.testing.assert_close(alpha, llm.gate(hidden))
+    assert not torch.allclose(alpha[0], alpha[1])
+
+    save_adapter(llm, tmp_path / "adapter")
+    loaded, _, _ = build_model(tiny_config(), RunDir(root), variant, adapter_dir=tmp_path / "adapter")
+    assert loaded.gate_input == "last_hidden"  # the adapter's, not the config's default
+    loaded.eval()
+    torch.testing.assert_close(loaded.gate_weights(features), alpha)
 
 
 def test_ilora_layer_equals_the_naive_sum_over_its_experts(make_llama):

@@ -137,6 +137,12 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.d_out = out if out is not None else d_in
 
+    def last_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer but the output Linear (of an MLP built with `out`): its last hidden layer."""
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """values (B, K, D), mask (B, K) -> (B, D); zero where the mask is empty."""
@@ -178,6 +184,17 @@ class CRM(nn.Module):
     def represent(self, batch: Batch) -> torch.Tensor:
         """R_c (B, d_c): the hidden vector the head reads."""
         raise NotImplementedError
+
+    def representation(self, batch: Batch, layer: str = "head_input") -> torch.Tensor:
+        """What a gate reads (`lora.gate_input`): `represent`, or the head's last hidden layer
+        (every layer of the head but its output Linear)."""
+        rep = self.represent(batch)
+        return rep if layer == "head_input" else self.head.last_hidden(rep)
+
+    def representation_dim(self, layer: str = "head_input") -> int:
+        if layer not in ("head_input", "last_hidden"):
+            raise ValueError(f"lora.gate_input: {layer!r} is not 'head_input' or 'last_hidden'")
+        return self.d_c if layer == "head_input" or not self.cfg.mlp_hidden else self.cfg.mlp_hidden[-1]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.represent(batch)).squeeze(-1)
