@@ -44,6 +44,16 @@ def execution(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.
     return field(default=default, default_factory=factory, metadata={EXECUTION: True})
 
 
+ADDED = "added"  # field metadata: a setting newer than outputs that may exist
+
+
+def added(default: Any) -> Any:
+    """A setting added after run directories were written, whose default is how those runs
+    behaved: left out of fingerprints while at its default, so their outputs stay valid; any
+    other value changes the fingerprint."""
+    return field(default=default, metadata={ADDED: True})
+
+
 def is_execution(cls: type, name: str) -> bool:
     return any(f.name == name and f.metadata.get(EXECUTION) for f in dataclasses.fields(cls))
 
@@ -289,7 +299,7 @@ class LoRAConfig:
     gate_arch: Literal["paper", "authors"] = "paper"
     # R_c, the CRM layer the gate reads: the vector the CRM's head reads (head_input), or the head's
     # last hidden layer (last_hidden, crm.mlp_hidden[-1] wide: the authors' code). The CRM is the same.
-    gate_input: Literal["head_input", "last_hidden"] = "head_input"
+    gate_input: Literal["head_input", "last_hidden"] = added("head_input")
 
 
 @dataclass(frozen=True)
@@ -407,7 +417,9 @@ def _result_fields(value: Any, path: str, ignore: set[str]) -> Any:
     return {
         f.name: _result_fields(getattr(value, f.name), f"{path}.{f.name}", ignore)
         for f in dataclasses.fields(value)
-        if not f.metadata.get(EXECUTION) and f"{path}.{f.name}" not in ignore
+        if not f.metadata.get(EXECUTION)
+        and f"{path}.{f.name}" not in ignore
+        and not (f.metadata.get(ADDED) and getattr(value, f.name) == f.default)
     }
 
 

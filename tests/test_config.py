@@ -58,6 +58,14 @@ def test_section_hash_tracks_only_named_sections():
     assert a.section_hash("crm") != b.section_hash("crm")
 
 
+def test_a_setting_added_later_keeps_older_fingerprints_while_at_its_default():
+    cfg = load_config("tiny")
+    assert "gate_input" not in cfg.fingerprint_payload("lora")["lora"]  # as outputs from before it
+    other = load_config("tiny", ["lora.gate_input=last_hidden"])
+    assert other.fingerprint_payload("lora")["lora"]["gate_input"] == "last_hidden"
+    assert other.section_hash("lora") != cfg.section_hash("lora")
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config("tiny", ["tune.few_shot=7"])
     path = tmp_path / "resolved.yaml"

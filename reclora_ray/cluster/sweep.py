@@ -224,7 +224,7 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
 
     ordered = [rows[e.name] for e in experiments]
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(ordered, indent=2))
-    table = markdown_table(ordered, list(spec.grid))
+    table = markdown_table(ordered, list(spec.grid)) + seed_summary(ordered)
     with tempfile.TemporaryDirectory() as tmp:
         if plot_sweep(ordered, list(spec.grid), Path(tmp) / "sweep.png"):
             storage.write_bytes(storage.join(out, "sweep.png"), (Path(tmp) / "sweep.png").read_bytes())
@@ -470,6 +470,44 @@ def markdown_table(rows: list[dict], grid_keys: list[str]) -> str:
         cells += [r["status"] if not r["error"] else f"{r['status']}: {r['error']}", f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SEED_KEY = "run.seed"
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Where experiments differ only in `run.seed`: each AUC-like metric's mean, standard deviation
+    and range over the seeds, per setting (the spread a chosen setting is reported with)."""
+    import numpy as np
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if SEED_KEY in r["overrides"] and r["status"] == "succeeded":
+            setting = {k: v for k, v in r["overrides"].items() if k != SEED_KEY}
+            groups.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(r)
+    lines = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        name = ",".join(p for p in group[0]["name"].split(",") if not p.startswith("seed=")) or "base"
+        seeds = ", ".join(str(r["overrides"][SEED_KEY]) for r in group)
+        shared = set.intersection(*(set(r["metrics"]) for r in group))
+        for key in sorted(k for k in shared if k.endswith("auc") and not k.startswith("own_samples.")):
+            values = np.array([r["metrics"][key] for r in group], dtype=float)
+            lines.append(
+                f"| {name} | {key} | {values.mean():.4f} | {values.std(ddof=1):.4f} | "
+                f"{values.min():.4f} | {values.max():.4f} | {seeds} |"
+            )
+    if not lines:
+        return ""
+    header = [
+        "",
+        "Over seeds:",
+        "",
+        "| setting | metric | mean | sd | min | max | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines) + "\n"
 
 
 def plot_sweep(rows: list[dict], grid_keys: list[str], path: Path) -> bool:
