@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,6 +30,7 @@ from reclora_ray.config import load_config  # noqa: E402
 from reclora_ray.llm.histories import fixed_subsample, load_samples  # noqa: E402
 from reclora_ray.llm.score import CRMScorer, Scorer  # noqa: E402
 from reclora_ray.metrics import binary_metrics, bootstrap_metrics, interval, paired_p_value  # noqa: E402
+from reclora_ray.predictions import read_predictions  # noqa: E402
 from reclora_ray.rundir import RunDir  # noqa: E402
 from reclora_ray.variants import crm_name, get_variant  # noqa: E402
 
@@ -81,25 +81,21 @@ def main() -> None:
     cfg = load_config(args.config or str(run.root / "config.yaml"))
     crm_variant = get_variant("reclora")
     crm_dir = run.crm(crm_name(cfg, crm_variant))
-    crm_test = pd.read_parquet(run.scores(f"crm-{crm_name(cfg, crm_variant)}") / "predictions.parquet")
+    crm_test = read_predictions(run.scores(f"crm-{crm_name(cfg, crm_variant)}"), ["sample_id", "p_yes"])
 
+    # The validation rows with the columns the CRM reads (RecLoRA's retrieved histories); each
+    # variant reads what it needs from the same rows.
+    valid = fixed_subsample(load_samples(run.data, "valid", crm_variant), cfg.tune.valid_subsample, cfg.run.seed)
+    crm_valid = CRMScorer(cfg, str(run.root), str(crm_dir), crm_variant.long_mode)(valid)["p_yes"].to_numpy()
+    labels_valid = valid["label"].to_numpy()
     results = {}
-    crm_valid_cache = {}
     for name in args.variants:
-        variant = get_variant(name)
-        valid = fixed_subsample(load_samples(run.data, "valid", variant), cfg.tune.valid_subsample, cfg.run.seed)
-        valid = valid.reset_index(drop=True)
-        key = variant.long_mode
-        if key not in crm_valid_cache:
-            crm_valid_cache[key] = CRMScorer(cfg, str(run.root), str(crm_dir), variant.long_mode)(valid)[
-                "p_yes"
-            ].to_numpy()
+        get_variant(name)  # an unknown name fails here, before any scoring
         log.info("scoring %s on %d validation samples", name, len(valid))
         llm_valid = Scorer(cfg, str(run.root), name)(valid)["p_yes"].to_numpy()
-        labels_valid = valid["label"].to_numpy()
-        blend = fit_blend(crm_valid_cache[key], llm_valid, labels_valid)
+        blend = fit_blend(crm_valid, llm_valid, labels_valid)
 
-        test = pd.read_parquet(run.scores(name) / "predictions.parquet")[["sample_id", "user_id", "label", "p_yes"]]
+        test = read_predictions(run.scores(name), ["sample_id", "user_id", "label", "p_yes"])
         test = test.merge(crm_test[["sample_id", "p_yes"]].rename(columns={"p_yes": "crm"}), on="sample_id")
         probs = {
             "crm": test["crm"].to_numpy(),
@@ -109,7 +105,7 @@ def main() -> None:
         results[name] = {
             "valid": {
                 "n": len(valid),
-                "crm_auc": binary_metrics(labels_valid, crm_valid_cache[key])["auc"],
+                "crm_auc": binary_metrics(labels_valid, crm_valid)["auc"],
                 "llm_auc": binary_metrics(labels_valid, llm_valid)["auc"],
                 "coef_crm_llm": blend.coef_[0].tolist(),
                 "intercept": float(blend.intercept_[0]),

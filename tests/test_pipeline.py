@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from reclora_ray.rundir import RunDir
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local, tiny_run):
@@ -57,6 +59,33 @@ def test_run_scores_every_model_into_one_report_and_reruns_as_a_no_op(ray_local,
     }
     assert run_pipeline(cfg, str(tiny_run)) == metrics  # everything done: nothing is redone
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # The upper-bound diagnostic (bench/blend_upper_bound.py) reads a finished run as it is.
+    blend = run_bench("blend_upper_bound", ["--run", str(tiny_run), "--variants", "tallrec"])["tallrec"]
+    assert blend["test"]["n"] == n_test and blend["valid"]["n"] == cfg.tune.valid_subsample
+    assert blend["test"]["crm"]["auc"] == pytest.approx(metrics["models"]["crm-sim"]["auc"])
+    assert blend["test"]["llm"]["auc"] == pytest.approx(metrics["models"]["tallrec"]["auc"])
+    assert 0 <= blend["test"]["blend"]["auc"] <= 1 and len(blend["valid"]["coef_crm_llm"]) == 2
+
+
+def run_bench(name: str, argv: list[str]) -> dict:
+    """A bench script's main() in this process; its last line of output, a JSON object."""
+    import contextlib
+    import importlib.util
+    import io
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, argv_before = io.StringIO(), sys.argv
+    sys.argv = [name, *argv]
+    try:
+        with contextlib.redirect_stdout(out):
+            module.main()
+    finally:
+        sys.argv = argv_before
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def test_reclora_run_ends_with_the_reports_table_not_the_metrics_json(tmp_path, capsys, monkeypatch):
