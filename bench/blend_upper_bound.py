@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["rella", "tallrec"], help="plain-LoRA variants to blend")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in args.variants:
+        get_variant(name)  # an unknown name fails before any scoring
     run = RunDir(args.run)
     cfg = load_config(args.config or str(run.root / "config.yaml"))
     crm_variant = get_variant("reclora")
@@ -90,7 +92,6 @@ def main() -> None:
     labels_valid = valid["label"].to_numpy()
     results = {}
     for name in args.variants:
-        get_variant(name)  # an unknown name fails here, before any scoring
         log.info("scoring %s on %d validation samples", name, len(valid))
         llm_valid = Scorer(cfg, str(run.root), name)(valid)["p_yes"].to_numpy()
         blend = fit_blend(crm_valid, llm_valid, labels_valid)

@@ -62,7 +62,8 @@ def synced(device) -> float:
 def model_for(cfg, base, data, spec_tables, variant):
     spec, tables = spec_tables
     crm = build_crm(spec, cfg.crm, tables)
-    llm = PersonalizedLoRAModel(base, variant.lora_config(cfg.lora), crm_dim=crm.d_c)
+    lora = variant.lora_config(cfg.lora)
+    llm = PersonalizedLoRAModel(base, lora, crm_dim=crm.representation_dim(lora.gate_input))
     return RecLoRAModel(llm, crm.to(next(base.parameters()).device))
 
 

@@ -83,7 +83,9 @@ def build(args, cfg, data, variant, device):
         crm = build_crm(spec, cfg.crm, tables).to(device)
     llm = base
     if variant.adapter:
-        llm = PersonalizedLoRAModel(base, variant.lora_config(cfg.lora), crm_dim=crm.d_c if crm else 0, dtype=dtype)
+        lora = variant.lora_config(cfg.lora)
+        crm_dim = crm.representation_dim(lora.gate_input) if crm else 0
+        llm = PersonalizedLoRAModel(base, lora, crm_dim=crm_dim, dtype=dtype)
         llm.requires_grad_(False)
     return RecLoRAModel(llm, crm).eval(), tokenizer, spec
 

@@ -14,7 +14,7 @@ import sys
 
 import _bootstrap  # noqa: F401  (this checkout's reclora_ray first on the path)
 
-from reclora_ray.cluster.sweep import SweepSpec, parse_grid_arg, run_sweep
+from reclora_ray.cluster.sweep import SweepSpec, expand, parse_grid_arg, run_sweep
 from reclora_ray.config import ConfigError, load_config
 from reclora_ray.console import setup_logging
 from reclora_ray.runtime import init_ray
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
 
         # Inside `ray job submit`, RAY_ADDRESS points at the cluster; else a local Ray on 127.0.0.1
         # with a private token, as every stage starts it.
+        expand(spec)  # every experiment's config is valid before a Ray starts
         init_ray(load_config(spec.config, spec.overrides))
         rows = run_sweep(spec, args.out)
     except ConfigError as exc:

@@ -395,7 +395,8 @@ class Config:
 
     def fingerprint_payload(self, *names: str, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         """The values of the named sections ("crm") or fields ("run.seed") a result depends on:
-        execution-only fields (`execution()`) and the dotted `ignore` paths left out."""
+        execution-only fields (`execution()`), settings added later (`added()`) at their default
+        and the dotted `ignore` paths left out."""
         payload: dict[str, Any] = {}
         for name in names:
             node: Any = self
@@ -411,7 +412,8 @@ class Config:
 
 
 def _result_fields(value: Any, path: str, ignore: set[str]) -> Any:
-    """A config value as plain data, without its execution-only and ignored fields."""
+    """A config value as plain data, without its execution-only and ignored fields and its
+    `added()` fields at their default."""
     if not dataclasses.is_dataclass(value):
         return value
     return {

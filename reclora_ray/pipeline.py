@@ -35,7 +35,7 @@ def run_task(
     save_resolved_config(cfg, run.root)
     timings: dict[str, float] = {}
     result = None
-    for stage in stages or task_stages(task):
+    for stage in task_stages(task) if stages is None else stages:
         for key in stage.instances(cfg, task):
             title = stage.title(key) if stage.title else stage.name
             start = time.perf_counter()

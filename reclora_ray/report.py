@@ -21,7 +21,7 @@ from reclora_ray import storage
 from reclora_ray.curves import plot_curves
 from reclora_ray.metrics import BOOTSTRAP_ROUNDS, binary_metrics, bootstrap_metrics, interval, paired_p_value, rel_impr
 from reclora_ray.predictions import has_predictions, read_predictions, scored_outputs, shard_files
-from reclora_ray.rundir import RunDir, write_json_atomic
+from reclora_ray.rundir import MARKER, RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,15 @@ def validation_metrics(run: RunDir) -> dict[str, dict]:
     {variant: {"auc", "logloss", "epoch", "samples"}}, from OUT/adapter/<variant>/train_metrics.json."""
     out = {}
     for path in sorted((run.root / "adapter").glob("*/train_metrics.json")):
+        if path.parent.name.startswith(".") or not (path.parent / MARKER).is_file():
+            continue  # a staging folder of a tuning that did not finish
         metrics = json.loads(path.read_text())
         best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
         out[path.parent.name] = {
             "auc": best["val_auc"],
             "logloss": best["val_logloss"],
             "epoch": best["epoch"],
-            "samples": metrics["valid"],
+            "samples": metrics.get("valid"),  # not kept by adapters tuned before it was
         }
     return out
 

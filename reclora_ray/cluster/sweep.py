@@ -52,6 +52,7 @@ from typing import Any, Callable
 import yaml
 
 from reclora_ray import stages, storage
+from reclora_ray.cluster.sweep_report import format_value, markdown_table, plot_sweep, seed_summary
 from reclora_ray.config import Config, ConfigError, load_config
 from reclora_ray.rundir import MARKER, RunDir, local_run_dir
 
@@ -132,7 +133,7 @@ def expand(spec: SweepSpec) -> list[Experiment]:
         for tag, point in search_points(spec):
             overrides = {**(variant_overrides or {}), **point}
             parts = ([variant] if variant else []) + ([tag] if tag else [])
-            parts += [f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in point.items()]
+            parts += [f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in point.items()]
             name = ",".join(parts) or "base"
             try:
                 cfg = load_config(spec.config, spec.overrides + [f"{k}={_yaml(v)}" for k, v in overrides.items()])
@@ -225,11 +226,12 @@ def run_sweep(spec: SweepSpec, out: str) -> list[dict]:
     ordered = [rows[e.name] for e in experiments]
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(ordered, indent=2))
     table = markdown_table(ordered, list(spec.grid)) + seed_summary(ordered)
-    with tempfile.TemporaryDirectory() as tmp:
-        if plot_sweep(ordered, list(spec.grid), Path(tmp) / "sweep.png"):
-            storage.write_bytes(storage.join(out, "sweep.png"), (Path(tmp) / "sweep.png").read_bytes())
-            table += "\n![Validation AUC of each experiment](sweep.png)\n"
     storage.write_text(storage.join(out, "sweep.md"), table)
+    with tempfile.TemporaryDirectory() as tmp:
+        title = plot_sweep(ordered, list(spec.grid), Path(tmp) / "sweep.png")
+        if title:
+            storage.write_bytes(storage.join(out, "sweep.png"), (Path(tmp) / "sweep.png").read_bytes())
+            storage.write_text(storage.join(out, "sweep.md"), f"{table}\n![{title} of each experiment](sweep.png)\n")
     return ordered
 
 
@@ -273,12 +275,14 @@ def _run_wave(
             e.overrides,
             _donors(e, experiments, rows, out) if spec.share_upstream else {},
             spec.resources,
-            _finished(e, out),
+            _finished(e, out, spec.experiment),
         )
         for e in wave
     }
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), _placement())
-    digest = hashlib.sha256(json.dumps([[e.name, _fingerprint(e.cfg)] for e in wave]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        json.dumps([[e.name, _fingerprint(e.cfg, spec.experiment)] for e in wave]).encode()
+    ).hexdigest()[:12]
     location = storage.join(out, ".tune", f"wave{index}-{digest}")
     if storage.exists(location) and tune.Tuner.can_restore(location):
         log.info("sweep: resuming the Tune experiment %s", location)
@@ -310,7 +314,7 @@ def _run_wave(
             row = {
                 "name": name,
                 "overrides": plan[name].overrides,
-                "fingerprint": _fingerprint(plan[name].cfg),
+                "fingerprint": _fingerprint(plan[name].cfg, spec.experiment),
                 "shared": {},
                 "status": "failed",
                 "metrics": {},
@@ -397,7 +401,7 @@ def _run_one(experiment: str, cfg: Config, out: str, name: str, overrides: dict,
     row = {
         "name": name,
         "overrides": overrides,
-        "fingerprint": _fingerprint(cfg),
+        "fingerprint": _fingerprint(cfg, experiment),
         "node_id": ray.get_runtime_context().get_node_id(),
         "started_at": started,
         "shared": {stage: donor.rsplit("/", 1)[-1] for stage, donor in donors.items()},
@@ -447,129 +451,19 @@ def flatten_metrics(result: dict) -> dict[str, Any]:
     return flat
 
 
-def _finished(exp: Experiment, out: str) -> dict | None:
+def _finished(exp: Experiment, out: str, experiment: str) -> dict | None:
     location = storage.join(out, exp.dirname, "experiment.json")
     if not storage.exists(location):
         return None
     row = json.loads(storage.read_text(location))
-    return row if row.get("fingerprint") == _fingerprint(exp.cfg) else None
+    return row if row.get("fingerprint") == _fingerprint(exp.cfg, experiment) else None
 
 
-def _fingerprint(cfg: Config) -> str:
-    return cfg.section_hash(*asdict(cfg).keys())
-
-
-def markdown_table(rows: list[dict], grid_keys: list[str]) -> str:
-    """One row per experiment: its grid values, status, seconds and every metric any row has."""
-    metric_keys = sorted({k for r in rows for k in r["metrics"]})
-    header = ["experiment", *grid_keys, *metric_keys, "status", "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [r["name"], *(_fmt(r["overrides"].get(k, "")) for k in grid_keys)]
-        cells += [_fmt(r["metrics"].get(k, "")) for k in metric_keys]
-        cells += [r["status"] if not r["error"] else f"{r['status']}: {r['error']}", f"{r['seconds']:.1f}"]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-SEED_KEY = "run.seed"
-
-
-def seed_summary(rows: list[dict]) -> str:
-    """Where experiments differ only in `run.seed`: each AUC-like metric's mean, standard deviation
-    and range over the seeds, per setting (the spread a chosen setting is reported with)."""
-    import numpy as np
-
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if SEED_KEY in r["overrides"] and r["status"] == "succeeded":
-            setting = {k: v for k, v in r["overrides"].items() if k != SEED_KEY}
-            groups.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(r)
-    lines = []
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        name = ",".join(p for p in group[0]["name"].split(",") if not p.startswith("seed=")) or "base"
-        seeds = ", ".join(str(r["overrides"][SEED_KEY]) for r in group)
-        shared = set.intersection(*(set(r["metrics"]) for r in group))
-        for key in sorted(k for k in shared if k.endswith("auc") and not k.startswith("own_samples.")):
-            values = np.array([r["metrics"][key] for r in group], dtype=float)
-            lines.append(
-                f"| {name} | {key} | {values.mean():.4f} | {values.std(ddof=1):.4f} | "
-                f"{values.min():.4f} | {values.max():.4f} | {seeds} |"
-            )
-    if not lines:
-        return ""
-    header = [
-        "",
-        "Over seeds:",
-        "",
-        "| setting | metric | mean | sd | min | max | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    return "\n".join(header + lines) + "\n"
-
-
-def plot_sweep(rows: list[dict], grid_keys: list[str], path: Path) -> bool:
-    """sweep.png: each tuned variant's validation AUC (what a sweep selects on, `valid.<v>.auc`;
-    the test AUCs where no experiment has one) against a numeric grid axis, one panel per axis,
-    else one bar per experiment. False when no experiment has an AUC."""
-    done = [r for r in rows if r["status"] == "succeeded"]
-    keys = sorted({k for r in done for k in r["metrics"] if k.startswith("valid.") and k.endswith(".auc")})
-    keys = keys or sorted(
-        {k for r in done for k in r["metrics"] if k == "auc" or k.count(".") == 1 and k.endswith(".auc")}
-    )
-    if not keys:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes_keys = [k for k in grid_keys if all(isinstance(r["overrides"].get(k), (int, float)) for r in done)]
-    panels = axes_keys or [None]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.5 * len(panels) if axes_keys else 7.5, 0.35 * len(done) + 2.5), squeeze=False
-    )
-    for ax, axis in zip(axes[0], panels):
-        for key in keys:
-            points = [(r["overrides"].get(axis), r["metrics"][key], r["name"]) for r in done if key in r["metrics"]]
-            label = key.removeprefix("valid.").removesuffix("auc").removesuffix(".") or "AUC"
-            if axis is None:  # one bar per experiment, in the spec's order, coloured by variant
-                where = [next(i for i, r in enumerate(done) if r["name"] == name) for _, _, name in points]
-                bars = ax.barh(where, [auc for _, auc, _ in points], label=label, alpha=0.7)
-                ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
-            else:
-                points.sort()
-                ax.plot([x for x, _, _ in points], [auc for _, auc, _ in points], "o-", label=label)
-                ax.set_xlabel(axis)
-                if min(x for x, _, _ in points) > 0 and max(x for x, _, _ in points) / min(x for x, _, _ in points) > 8:
-                    ax.set_xscale("log", base=2)
-        aucs = [r["metrics"][k] for r in done for k in keys if k in r["metrics"]]
-        low, high = min(aucs), max(aucs)
-        span = max(high - low, 0.01)
-        if axis is None:
-            ax.set_xlim(low - span, high + span / 2)
-            ax.set_yticks(range(len(done)), [r["name"] for r in done])
-            ax.set_xlabel("AUC")
-            ax.invert_yaxis()  # the spec's order, top to bottom
-        else:
-            ax.set_ylabel("AUC")
-        ax.set_title("validation AUC" if keys[0].startswith("valid.") else "test AUC")
-        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if axis is None else {}))
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return "[" + ",".join(map(_fmt, value)) + "]"
-    return str(value)
+def _fingerprint(cfg: Config, experiment: str) -> str:
+    """What an experiment's row stands for: every result setting, the experiment function and the
+    execution-only choice of what runs (the variants tuned, whether the zero-shot LLM is scored)."""
+    what = [cfg.section_hash(*asdict(cfg).keys()), experiment, list(cfg.tune.variants), cfg.score.zero_shot]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _yaml(value: Any) -> str:

@@ -1,6 +1,6 @@
 """A trained CRM's predictions on a prepared split, in batches, without Ray (its test metrics).
 
-R_c itself has one path: `CRM.represent(batch)` on the batch `features.FeatureEncoder` builds,
+R_c itself has one path: `CRM.representation(batch, lora.gate_input)` on the batch `features.FeatureEncoder` builds,
 called by the personalized LoRA's gate (llm/model.py `crm_repr`) for tuning, scoring and serving.
 """
 

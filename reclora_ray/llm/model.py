@@ -103,12 +103,15 @@ class RecLoRAModel(nn.Module):
     """forward(prompt tokens, CRM features) -> the LLM's output; R_c is computed on the fly from
     the long history by the frozen CRM (no gradient), then routed to the gate."""
 
-    def __init__(self, llm: nn.Module, crm: nn.Module | None = None, gate_input: str = "head_input"):
+    def __init__(self, llm: nn.Module, crm: nn.Module | None = None):
         super().__init__()
         self.llm = llm
         self.crm = crm
-        self.gate_input = gate_input  # the CRM layer the gate reads (lora.gate_input)
+        self.gate_input = "head_input"  # the CRM layer the gate reads: its adapter's lora.gate_input
         if crm is not None:
+            from reclora_ray.llm.plora import unwrap
+
+            self.gate_input = unwrap(llm).lora_config.gate_input
             crm.eval()
             crm.requires_grad_(False)
 
@@ -174,8 +177,7 @@ def build_model(
     else:
         lora = variant.lora_config(cfg.lora)
         llm = PersonalizedLoRAModel(base, lora, crm_dim=crm.representation_dim(lora.gate_input) if crm else 0)
-    gate_input = llm.lora_config.gate_input if crm else "head_input"  # a loaded adapter's own
-    model = RecLoRAModel(llm, crm, gate_input)
+    model = RecLoRAModel(llm, crm)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = dtype_name(resolve_dtype(cfg.llm.dtype, torch.device(device)))
     log.info(

@@ -201,7 +201,7 @@ class OnlineScorer:
 
     @torch.inference_mode()
     def crm_repr(self, state: UserState, item_id: int) -> torch.Tensor:
-        """R_c (1, d_c) of the user for one target item: what the gate reads."""
+        """R_c (1, gate input width) of the user for one target item: what the gate reads."""
         if not self.variant.uses_crm:
             raise RequestError(
                 409,

@@ -14,14 +14,14 @@ import pytest
 import ray
 
 from reclora_ray.cluster.sweep import (
+    DEFAULT_EXPERIMENT,
     Experiment,
     SweepSpec,
+    _fingerprint,
+    _finished,
     expand,
-    markdown_table,
     parse_grid_arg,
-    plot_sweep,
     run_sweep,
-    seed_summary,
     shared_stages,
 )
 from reclora_ray.config import ConfigError, load_config
@@ -120,6 +120,18 @@ def test_random_search_draws_validated_points_with_tunes_samplers():
         expand(SweepSpec(config="tiny", search="random", num_samples=1, grid={"crm.lr": {"normal": [0, 1]}}))
 
 
+def test_a_finished_row_is_reused_only_for_the_same_experiment_function_and_tuned_variants(tmp_path):
+    reclora = expand(SweepSpec(config="tiny", variants={"a": {"tune.variants": ["reclora"]}}))[0]
+    row = {"name": "a", "fingerprint": _fingerprint(reclora.cfg, DEFAULT_EXPERIMENT), "status": "succeeded"}
+    (tmp_path / reclora.dirname).mkdir()
+    (tmp_path / reclora.dirname / "experiment.json").write_text(json.dumps(row))
+    assert _finished(reclora, str(tmp_path), DEFAULT_EXPERIMENT) == row
+    assert _finished(reclora, str(tmp_path), "reclora_ray.pipeline:run_tuning") is None
+    tallrec = expand(SweepSpec(config="tiny", variants={"a": {"tune.variants": ["tallrec"]}}))[0]
+    assert tallrec.cfg.section_hash("tune") == reclora.cfg.section_hash("tune")  # variants: execution-only
+    assert _finished(tallrec, str(tmp_path), DEFAULT_EXPERIMENT) is None
+
+
 def test_bad_grid_key_fails_before_anything_runs():
     with pytest.raises(ConfigError, match=r"experiment n_mta=2: lora\.n_mta: unknown key"):
         expand(SweepSpec(config="tiny", grid={"lora.n_mta": [2]}))
@@ -166,7 +178,7 @@ def test_experiments_queue_on_their_resources_and_merge(local_ray, tmp_path):
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[0] == "| experiment | crm.lr | auc | cpus | end | logloss | lr | pid | start | status | seconds |"
     assert len(table) == 2 + 4 + 2 and table[2].startswith("| lr=0.0500 | 0.0500 | ")
-    assert table[-1] == "![Validation AUC of each experiment](sweep.png)"  # AUC against the numeric axis
+    assert table[-1] == "![Test AUC of each experiment](sweep.png)"  # the experiments' own AUC against crm.lr
     assert (tmp_path / "sweep.png").stat().st_size > 0
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     assert json.loads((tmp_path / "lr=0.0500" / "metrics.json").read_text())["auc"] == rows[0]["metrics"]["auc"]
@@ -292,67 +304,6 @@ def test_a_killed_driver_resumes_with_tuner_restore(local_ray, tmp_path, caplog)
         rows[1]["started_at"] > finished["started_at"] and rows[1]["metrics"]["end"] - rows[1]["metrics"]["start"] >= 12
     )
     assert len(started.read_text().split()) == 2  # interrupted once, then run to the end
-
-
-def test_markdown_table_lists_every_metric_and_escapes_pipes():
-    rows = [
-        {
-            "name": "a",
-            "overrides": {"x": 1},
-            "metrics": {"auc": 0.5},
-            "status": "succeeded",
-            "error": None,
-            "seconds": 1.0,
-        },
-        {
-            "name": "b",
-            "overrides": {"x": 2},
-            "metrics": {"loss": 1.25},
-            "status": "failed",
-            "error": "E: a|b",
-            "seconds": 2.0,
-        },
-    ]
-    assert markdown_table(rows, ["x"]).splitlines() == [
-        "| experiment | x | auc | loss | status | seconds |",
-        "|---|---|---|---|---|---|",
-        "| a | 1 | 0.5000 |  | succeeded | 1.0 |",
-        "| b | 2 |  | 1.2500 | failed: E: a\\|b | 2.0 |",
-    ]
-
-
-def test_seed_summary_gives_the_spread_of_each_auc_over_the_seeds_of_one_setting():
-    def row(seed, n_meta, auc, delta, status="succeeded"):
-        return {
-            "name": f"n_meta={n_meta},seed={seed}",
-            "overrides": {"lora.n_meta": n_meta, "run.seed": seed},
-            "metrics": {"reclora.auc": auc, "vs_reclora.crm-sim.delta_auc": delta, "reclora.logloss": 0.6},
-            "status": status,
-        }
-
-    rows = [row(1, 8, 0.74, -0.01), row(2, 8, 0.76, 0.01), row(3, 8, 0.5, 0.2, "failed"), row(1, 16, 0.7, 0.0)]
-    assert seed_summary(rows).splitlines()[3:] == [
-        "| setting | metric | mean | sd | min | max | seeds |",
-        "|---|---|---|---|---|---|---|",
-        "| n_meta=8 | reclora.auc | 0.7500 | 0.0141 | 0.7400 | 0.7600 | 1, 2 |",
-        "| n_meta=8 | vs_reclora.crm-sim.delta_auc | 0.0000 | 0.0141 | -0.0100 | 0.0100 | 1, 2 |",
-    ]  # the failed seed and the single-seed setting left out; LogLoss is not an AUC
-    assert seed_summary([row(1, 8, 0.74, 0.0)]) == ""
-
-
-def test_sweep_plot_shows_validation_auc_per_experiment_and_skips_rows_without_one(tmp_path):
-    def row(name, metrics, status="succeeded"):
-        return {"name": name, "overrides": {}, "metrics": metrics, "status": status, "error": None, "seconds": 1.0}
-
-    rows = [
-        row("quickstart", {"valid.reclora.auc": 0.77, "valid.reclora.logloss": 0.57, "reclora.auc": 0.75}),
-        row("tallrec", {"valid.tallrec.auc": 0.74}),
-        row("broken", {}, status="failed"),
-    ]
-    assert plot_sweep(rows, [], tmp_path / "sweep.png")
-    assert (tmp_path / "sweep.png").stat().st_size > 0
-    assert not plot_sweep([row("no auc", {"loss": 1.0})], [], tmp_path / "none.png")
-    assert not (tmp_path / "none.png").exists()
 
 
 def ran(rows):

@@ -188,13 +188,20 @@ class CRM(nn.Module):
     def representation(self, batch: Batch, layer: str = "head_input") -> torch.Tensor:
         """What a gate reads (`lora.gate_input`): `represent`, or the head's last hidden layer
         (every layer of the head but its output Linear)."""
+        self.representation_dim(layer)  # checks the layer
         rep = self.represent(batch)
         return rep if layer == "head_input" else self.head.last_hidden(rep)
 
     def representation_dim(self, layer: str = "head_input") -> int:
-        if layer not in ("head_input", "last_hidden"):
+        if layer == "head_input":
+            return self.d_c
+        if layer != "last_hidden":
             raise ValueError(f"lora.gate_input: {layer!r} is not 'head_input' or 'last_hidden'")
-        return self.d_c if layer == "head_input" or not self.cfg.mlp_hidden else self.cfg.mlp_hidden[-1]
+        if not self.cfg.mlp_hidden:
+            raise ValueError(
+                "lora.gate_input: last_hidden needs a CRM head with hidden layers (crm.mlp_hidden is empty)"
+            )
+        return self.cfg.mlp_hidden[-1]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.represent(batch)).squeeze(-1)
