@@ -107,6 +107,7 @@ VARIANTS: dict[str, Variant] = {
                 "gate": "shared",
                 "temperature": 1.0,
                 "target_modules": list(ILORA_TARGETS),
+                "gate_input": "head_input",  # SASRec's sequence representation itself
             },
             crm_model="sasrec",
             lr=8e-4,

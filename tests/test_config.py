@@ -59,7 +59,7 @@ def test_section_hash_tracks_only_named_sections():
 
 
 def test_a_setting_added_later_keeps_older_fingerprints_while_at_its_default():
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["lora.gate_input=head_input"])
     assert "gate_input" not in cfg.fingerprint_payload("lora")["lora"]  # as outputs from before it
     other = load_config("tiny", ["lora.gate_input=last_hidden"])
     assert other.fingerprint_payload("lora")["lora"]["gate_input"] == "last_hidden"

@@ -1,5 +1,7 @@
 """iLoRA as a variant: rank-split experts on every projection, one gate fed by SASRec's R_c."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,9 +85,9 @@ def test_the_gate_reads_sasrec_and_only_experts_and_gate_train(ilora_run):
 
 
 def test_the_gate_may_read_the_crm_heads_last_hidden_layer_and_its_adapter_keeps_that(ilora_run, tmp_path):
-    root, _, data = ilora_run
-    cfg = tiny_config("lora.gate_input=last_hidden")
-    variant = get_variant("ilora")
+    root, cfg, data = ilora_run
+    ilora = get_variant("ilora")
+    variant = dataclasses.replace(ilora, lora={**ilora.lora, "gate_input": "last_hidden"})
     model, tokenizer, spec = build_model(cfg, RunDir(root), variant)
     crm, llm = model.crm, model.llm
     assert llm.crm_dim == crm.cfg.mlp_hidden[-1] != crm.d_c
@@ -101,7 +103,7 @@ def test_the_gate_may_read_the_crm_heads_last_hidden_layer_and_its_adapter_keeps
     assert not torch.allclose(alpha[0], alpha[1])
 
     save_adapter(llm, tmp_path / "adapter")
-    loaded, _, _ = build_model(tiny_config(), RunDir(root), variant, adapter_dir=tmp_path / "adapter")
+    loaded, _, _ = build_model(cfg, RunDir(root), ilora, adapter_dir=tmp_path / "adapter")
     assert loaded.gate_input == "last_hidden"  # the adapter's, not the config's default
     loaded.eval()
     torch.testing.assert_close(loaded.gate_weights(features), alpha)
