@@ -58,8 +58,8 @@ def run_tuning(cfg: Config, out: str) -> dict:
     from reclora_ray.report import validation_metrics
 
     run = RunDir.of(out)
-    last = task_stages("ctr").index(STAGES["tune"])
-    run_task(cfg, run, "ctr", stages=task_stages("ctr")[: last + 1])
+    ctr = task_stages("ctr")
+    run_task(cfg, run, "ctr", stages=ctr[: ctr.index(STAGES["tune"]) + 1])
     found = validation_metrics(run)
     return {"valid": {name: found[name] for name in cfg.tune.variants if name in found}}
 
